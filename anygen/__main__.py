@@ -1,0 +1,5 @@
+import sys
+
+from anygen.cli import main
+
+sys.exit(main())

@@ -1,0 +1,351 @@
+"""The ``anygen`` command line.
+
+Each subcommand imports what it needs when it runs, so ``anygen --help`` and a bad
+argument answer at once. Errors meant for the user (``AnygenError``) are one line on
+stderr and exit status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from anygen import __version__
+from anygen.errors import AnygenError, UserInputError
+
+log = logging.getLogger("anygen")
+
+TASKS = ("t2i", "story", "edit", "subject", "vqa")
+SUITES = ("t2i", "caption", "story", "edit", "subject")
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from anygen.data.export import write_shapes
+
+    out = write_shapes(
+        args.task,
+        n=args.n,
+        seed=args.seed,
+        output_dir=args.output_dir,
+        size=args.size,
+        split=args.split,
+        overwrite=args.overwrite,
+        require_held_out=args.held_out,
+    )
+    print(f"wrote {args.n} {args.task} samples to {out} (metadata in {out / 'metadata.jsonl'})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from anygen.eval.suites import score_folder
+
+    if args.images is not None:
+        report = score_folder(args.images)
+    else:
+        from anygen.eval.run import evaluate_model
+
+        report = evaluate_model(
+            args.model,
+            args.suite,
+            n=args.n,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            device=args.device,
+        )
+    print(report.table())
+    if args.output is not None:
+        _write_text_atomic(Path(args.output), json.dumps(report.to_json(), indent=2) + "\n")
+        print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from anygen.hub import bundled_models
+
+    models = bundled_models()
+    if args.json:
+        print(json.dumps({name: str(path) for name, path in models.items()}, indent=2))
+        return 0
+    if not models:
+        print("no bundled models are installed")
+        return 0
+    width = max(len(name) for name in models)
+    for name, path in sorted(models.items()):
+        print(f"{name:<{width}}  {path}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from anygen.training import run_recipe
+
+    run_recipe(args.recipe, list(args.recipe_args))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from anygen.output import check_writable, save_png
+    from anygen.pipelines import Options, load_generator
+
+    if args.prompts is None and args.prompt is None:
+        raise UserInputError("give a PROMPT, or --prompts FILE with one prompt a line")
+    if args.prompts is not None and args.prompt is not None:
+        raise UserInputError("give either a PROMPT or --prompts FILE, not both")
+    if args.prompts is not None:
+        if args.output_dir is None:
+            raise UserInputError("--prompts needs --output-dir DIR")
+        jobs = _read_prompts(args.prompts)
+    else:
+        if not args.prompt.strip():
+            raise UserInputError("the prompt is empty")
+        jobs = [(0, args.prompt)]
+    seed = args.seed if args.seed is not None else _fresh_seed()
+    options = Options(
+        seed=seed,
+        num_images=args.n,
+        guidance_scale=args.guidance,
+        negative_prompt=args.negative,
+        steps=args.steps,
+        width=args.width,
+        height=args.height,
+        scheduler=args.scheduler,
+        progress=not args.json,
+    ).validate()
+
+    # Plan every file first, so that a bad path fails before minutes of generation.
+    plan = []  # (file, prompt, seed)
+    for line, prompt in jobs:
+        for i in range(args.n):
+            image_seed = seed + line * args.n + i
+            if args.prompts is not None:
+                suffix = f"-{i}" if args.n > 1 else ""
+                file = args.output_dir / f"{line + 1:04d}{suffix}.png"
+            else:
+                file = _single_output(args.output, prompt, image_seed, i, args.n)
+            plan.append((file, prompt, image_seed))
+    if args.prompts is not None:
+        check_writable(args.output_dir / "index.jsonl", overwrite=args.overwrite, make_parent=True)
+    for file, _, _ in plan:
+        check_writable(file, overwrite=args.overwrite, make_parent=args.prompts is not None)
+
+    generator = load_generator(args.model, device=args.device, dtype=args.dtype)
+    print(f"anygen: model {generator.name}", file=sys.stderr)
+    unknown = generator.unknown_words(" ".join(p for _, p in jobs))
+    if unknown:
+        log.warning(
+            "the model %s has never seen: %s. It knows: %s",
+            generator.name,
+            ", ".join(unknown),
+            " ".join(sorted(generator.known_words or ())),
+        )
+
+    records = []
+    batch = max(1, args.batch_size)
+    for start in range(0, len(plan), batch):
+        chunk = plan[start : start + batch]
+        out = generator.generate_batch([p for _, p, _ in chunk], [s for _, _, s in chunk], options)
+        settings = {k: v for k, v in out.settings.items() if k != "seeds"}
+        for (file, prompt, image_seed), image in zip(chunk, out.images, strict=True):
+            record = {
+                "file": str(file),
+                "prompt": prompt,
+                "seed": image_seed,
+                "model": generator.name,
+                **{k: v for k, v in settings.items() if v is not None},
+            }
+            save_png(image, file, metadata=record, overwrite=args.overwrite)
+            records.append(record)
+            if args.json:
+                print(json.dumps(record), flush=True)
+            else:
+                print(f"wrote {file} (seed {image_seed})")
+    if args.prompts is not None:
+        index = "".join(
+            json.dumps({"prompt": r["prompt"], "seed": r["seed"], "file": Path(r["file"]).name})
+            + "\n"
+            for r in records
+        )
+        _write_text_atomic(args.output_dir / "index.jsonl", index)
+    return 0
+
+
+def _fresh_seed() -> int:
+    from anygen.pipelines.base import resolve_seed
+
+    return resolve_seed(None)
+
+
+def _read_prompts(path: Path) -> list[tuple[int, str]]:
+    """(line number from 0, prompt) for each non-blank line."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise UserInputError(f"cannot read prompts file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserInputError(f"prompts file {path} is not UTF-8 text") from None
+    jobs = [(i, line.strip()) for i, line in enumerate(text.splitlines()) if line.strip()]
+    if not jobs:
+        raise UserInputError(f"prompts file {path} has no prompts")
+    return jobs
+
+
+def _single_output(output: Path | None, prompt: str, seed: int, index: int, n: int) -> Path:
+    if output is None:
+        slug = "-".join(prompt.lower().split())[:48].strip("-") or "image"
+        slug = "".join(c for c in slug if c.isalnum() or c == "-")
+        return Path(f"{slug}-{seed}.png")
+    if output.suffix.lower() != ".png":
+        raise UserInputError(f"output {output} must be a .png file")
+    return output if n == 1 else output.with_name(f"{output.stem}-{index}{output.suffix}")
+
+
+def cmd_not_yet(args: argparse.Namespace) -> int:
+    raise UserInputError(
+        f"'anygen {args.command}' needs a model path that is not in this version of anygen yet"
+    )
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        tmp.write_text(text)
+    except OSError as e:
+        raise UserInputError(f"cannot write {path}: {e.strerror}") from None
+    tmp.replace(path)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="anygen",
+        description="Generate between text and images, and interleave them.",
+    )
+    parser.add_argument("--version", action="version", version=f"anygen {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "generate",
+        help="text to image",
+        description="Generate images from a text prompt (or one prompt a line from a file).",
+    )
+    p.add_argument(
+        "prompt", nargs="?", help="what to draw, e.g. 'a red circle above a blue square'"
+    )
+    p.add_argument("--model", help="bundled name, directory or hub id (default: shapes-ldm)")
+    p.add_argument("--seed", type=int, help="random seed (default: a fresh one, recorded)")
+    p.add_argument("--steps", type=int, help="denoising steps")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    p.add_argument("--negative", help="negative prompt")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("-n", type=_positive_int, default=1, help="images per prompt")
+    p.add_argument("--scheduler", help="sampler: ddim, dpm++, euler, ddpm")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", help="fp32, fp16 or bf16 (default: fp32 on CPU, fp16 on CUDA)")
+    p.add_argument("-o", "--output", type=Path, help="output .png (default: from the prompt)")
+    p.add_argument("--prompts", type=Path, help="a file with one prompt a line")
+    p.add_argument("--output-dir", type=Path, help="folder for --prompts outputs")
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward pass")
+    p.add_argument("--overwrite", action="store_true", help="replace existing files")
+    p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("caption", help="image to text")
+    p.add_argument("images", nargs="+", help="image files")
+    p.set_defaults(func=cmd_not_yet)
+
+    p = sub.add_parser("story", help="an interleaved story of text and pictures")
+    p.add_argument("prompt")
+    p.set_defaults(func=cmd_not_yet)
+
+    p = sub.add_parser("edit", help="edit an image by an instruction")
+    p.add_argument("image")
+    p.add_argument("instruction")
+    p.set_defaults(func=cmd_not_yet)
+
+    p = sub.add_parser(
+        "train",
+        help="run a training recipe",
+        description="Run a training recipe file; arguments after RECIPE go to the recipe "
+        "(try `anygen train RECIPE.py --help`).",
+    )
+    p.add_argument("recipe", help="path to a recipe .py file (see recipes/)")
+    p.add_argument("recipe_args", nargs=argparse.REMAINDER, help="arguments for the recipe")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "eval",
+        help="score a model or a folder of images with shapes-eval",
+        description="Score a model on a shapes-eval suite, or score a folder of images "
+        "written by `anygen data shapes` or `anygen generate --prompts`.",
+    )
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="model name, directory or hub id")
+    what.add_argument("--images", type=Path, help="folder with metadata.jsonl or index.jsonl")
+    p.add_argument("--suite", choices=SUITES, default="t2i")
+    p.add_argument("--n", type=_positive_int, default=100, help="number of prompts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: best)")
+    p.add_argument("-o", "--output", type=Path, help="write the report as JSON here")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("data", help="write shapes-world samples to a folder")
+    data_sub = p.add_subparsers(dest="dataset", metavar="DATASET", required=True)
+    s = data_sub.add_parser("shapes", help="the shapes world (PNGs + metadata.jsonl)")
+    s.add_argument("--task", choices=TASKS, default="t2i")
+    s.add_argument("--n", type=_positive_int, default=16)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", type=_positive_int, default=64, help="canvas side in pixels")
+    s.add_argument("--split", choices=("train", "test"), default="test")
+    s.add_argument("--output-dir", type=Path, required=True)
+    s.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
+    s.add_argument(
+        "--held-out", action="store_true", help="every sample names a held-out pair (test split)"
+    )
+    s.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("models", help="list the models anygen can load by name")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except AnygenError as e:
+        print(f"anygen {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

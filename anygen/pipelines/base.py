@@ -1,0 +1,148 @@
+"""The one generator interface every path implements (DESIGN.md, "Contracts").
+
+``generate(prompt_or_segments, options) -> Output``: ``Options`` holds what a user
+chooses per call (seed, guidance, steps or sampling settings, size, count); ``Output``
+holds what came back (images, text segments, the seed used, timings).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from typing import Protocol, runtime_checkable
+
+import torch
+from PIL import Image
+
+from anygen.errors import UserInputError
+
+Segment = str | Image.Image
+# callback(step, total_steps, info) after each denoising / decoding step
+StepCallback = Callable[[int, int, dict], None]
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclass
+class Options:
+    """Per-call generation settings. ``None`` means "the model's default"."""
+
+    seed: int | None = None  # None: a fresh seed is drawn and recorded in the Output
+    num_images: int = 1
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    steps: int | None = None  # diffusion steps; meaningless for autoregressive paths
+    width: int | None = None
+    height: int | None = None
+    scheduler: str | None = None  # diffusion sampler name
+    temperature: float | None = None  # autoregressive sampling
+    top_k: int | None = None
+    top_p: float | None = None
+    max_new_tokens: int | None = None  # text generation budget
+    callback: StepCallback | None = None
+    progress: bool = True
+
+    def validate(self) -> Options:
+        """Raise ``UserInputError`` naming the first bad value; return self."""
+        if self.seed is not None and not (0 <= self.seed <= MAX_SEED):
+            raise UserInputError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
+        if self.num_images < 1:
+            raise UserInputError(f"number of images must be at least 1, got {self.num_images}")
+        if self.guidance_scale is not None and self.guidance_scale < 0:
+            raise UserInputError(f"guidance scale must be >= 0, got {self.guidance_scale}")
+        if self.steps is not None and self.steps < 1:
+            raise UserInputError(f"steps must be at least 1, got {self.steps}")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserInputError(f"{name} must be a positive number of pixels, got {value}")
+        if self.temperature is not None and self.temperature < 0:
+            raise UserInputError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 0:
+            raise UserInputError(f"top-k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.top_p is not None and not (0 < self.top_p <= 1):
+            raise UserInputError(f"top-p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise UserInputError(f"max new tokens must be at least 1, got {self.max_new_tokens}")
+        return self
+
+    def to_dict(self) -> dict:
+        """The settings worth recording (no callback)."""
+        skip = {"callback", "progress"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+
+
+@dataclass
+class Output:
+    """What a generator returns: images and text, in order, with the seed that made them."""
+
+    segments: list[Segment] = field(default_factory=list)
+    seed: int = 0
+    model: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)  # resolved options (steps, guidance, ...)
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [s for s in self.segments if isinstance(s, Image.Image)]
+
+    @property
+    def texts(self) -> list[str]:
+        return [s for s in self.segments if isinstance(s, str)]
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """Every path (``ldm``, ``parti``, ``fusion``) implements this."""
+
+    name: str
+
+    def generate(
+        self, prompt: str | Sequence[Segment], options: Options | None = None
+    ) -> Output: ...
+
+
+def resolve_seed(seed: int | None) -> int:
+    """The seed to use: the given one, or a fresh one drawn from the OS (then recorded)."""
+    if seed is None:
+        return random.SystemRandom().randrange(0, 2**31)
+    return int(seed)
+
+
+def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """The only source of randomness in a generation call."""
+    device = torch.device(device)
+    return torch.Generator(device=device.type if device.type != "mps" else "cpu").manual_seed(seed)
+
+
+def check_prompt(prompt: str | Sequence[Segment]) -> None:
+    """Empty prompts and empty segment lists are errors, not silent blank images."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise UserInputError("the prompt is empty")
+        return
+    if not prompt:
+        raise UserInputError("the prompt has no segments")
+    for i, segment in enumerate(prompt):
+        if not isinstance(segment, (str, Image.Image)):
+            raise UserInputError(
+                f"segment {i} is a {type(segment).__name__}; segments are str or PIL.Image"
+            )
+
+
+class Timer:
+    """Collects named wall-clock timings: ``with timer("denoise"): ...``."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
