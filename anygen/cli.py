@@ -67,18 +67,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from anygen.hub import bundled_models
+    from anygen.hub import bundled_models, card_metadata
 
-    models = bundled_models()
+    rows = []
+    for kind in ("model", "tokenizer"):
+        for name, path in sorted(bundled_models(kind).items()):
+            meta = card_metadata(path)
+            rows.append({"name": name, "kind": kind, "path": str(path), **meta})
     if args.json:
-        print(json.dumps({name: str(path) for name, path in models.items()}, indent=2))
+        print(json.dumps(rows, indent=2, default=str))
         return 0
-    if not models:
+    if not rows:
         print("no bundled models are installed")
         return 0
-    width = max(len(name) for name in models)
-    for name, path in sorted(models.items()):
-        print(f"{name:<{width}}  {path}")
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        summary = r.get("summary") or r.get("pipeline_tag") or ""
+        print(f"{r['name']:<{width}}  {r['kind']:<9}  {summary}".rstrip())
     return 0
 
 

@@ -66,7 +66,7 @@ def _prepare_dir(output_dir: Path, overwrite: bool) -> None:
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
         raise UserInputError(
             f"output directory {output_dir} is not empty; choose an empty one or pass "
-            "overwrite=True"
+            "--overwrite (overwrite=True)"
         )
     output_dir.mkdir(parents=True, exist_ok=True)
 

@@ -171,7 +171,9 @@ class Scene:
     def is_valid(self) -> bool:
         """All pairs of bounding boxes at least 1 px apart (the spec's spacing rule)."""
         objs = self.objects
-        return all(boxes_apart(objs[i], objs[j]) for i in range(len(objs)) for j in range(i + 1, len(objs)))
+        return all(
+            boxes_apart(objs[i], objs[j]) for i in range(len(objs)) for j in range(i + 1, len(objs))
+        )
 
     def find(self, colour: str, shape: str) -> list[Obj]:
         return [o for o in self.objects if o.colour == colour and o.shape == shape]
@@ -206,7 +208,16 @@ def obj_to_dict(o: Obj) -> dict:
 
 def obj_from_dict(d: dict) -> Obj:
     subject = Subject(d["pattern"], d["secondary"]) if d.get("pattern") else None
-    return Obj(d["shape"], d["colour"], d["size"], d["col"], d["row"], d.get("dx", 0), d.get("dy", 0), subject)
+    return Obj(
+        d["shape"],
+        d["colour"],
+        d["size"],
+        d["col"],
+        d["row"],
+        d.get("dx", 0),
+        d.get("dy", 0),
+        subject,
+    )
 
 
 EVENT_KINDS: tuple[str, ...] = ("move", "recolour", "grow", "shrink", "appear", "disappear")

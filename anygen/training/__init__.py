@@ -1,0 +1,72 @@
+"""Training: one accelerate-driven loop (`train`) and recipes loaded by path.
+
+A recipe is a Python file with ``main(argv: list[str]) -> None`` that builds a model, a
+dataset and a `TrainConfig` and calls `train`; ``anygen train RECIPE.py [args...]`` runs
+it through `run_recipe`. Losses live with their models, not here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+from anygen.errors import UserInputError
+from anygen.training.checkpoint import latest_checkpoint, list_checkpoints
+from anygen.training.loop import (
+    StepInfo,
+    TrainConfig,
+    TrainingDivergedError,
+    TrainResult,
+    train,
+)
+
+__all__ = [
+    "StepInfo",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDivergedError",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_recipe",
+    "run_recipe",
+    "train",
+]
+
+
+def load_recipe(path: str | os.PathLike) -> ModuleType:
+    """Import the recipe file at `path` as a module; it must define a callable `main`."""
+    path = Path(path)
+    if not path.exists():
+        raise UserInputError(f"recipe file not found: {path}")
+    if not path.is_file() or path.suffix != ".py":
+        raise UserInputError(f"a recipe is a Python file ending in .py, got {path}")
+    module_name = "anygen_recipe_" + re.sub(r"\W", "_", path.stem)
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise UserInputError(f"cannot load recipe {path} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    # Registered before running so that dataclasses and pickling inside the recipe resolve it.
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(module_name, None)
+        raise
+    main = getattr(module, "main", None)
+    if not callable(main):
+        sys.modules.pop(module_name, None)
+        raise UserInputError(
+            f"recipe {path} has no main(argv) function; a recipe defines "
+            "`def main(argv: list[str]) -> None`"
+        )
+    return module
+
+
+def run_recipe(path: str | os.PathLike, argv: Sequence[str] = ()) -> None:
+    """Load the recipe at `path` and call its ``main(list(argv))``."""
+    load_recipe(path).main(list(argv))

@@ -1,0 +1,422 @@
+"""The training loop: exact resume, crash-safe checkpoints, accumulation, EMA, launch, recipes.
+
+Models and data come from tests/_train_script.py, which also runs as a subprocess (a run
+killed after a checkpoint, and a 2-process `accelerate launch` on gloo).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _train_script import make_dataset, make_model, mse_loss
+from accelerate.state import AcceleratorState, GradientState
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from anygen.errors import CheckpointError, UserInputError
+from anygen.training import (
+    TrainConfig,
+    latest_checkpoint,
+    list_checkpoints,
+    load_recipe,
+    run_recipe,
+    train,
+)
+from anygen.training.checkpoint import COMPLETE_MARKER, read_marker
+
+TESTS_DIR = Path(__file__).parent
+REPO_ROOT = TESTS_DIR.parent
+TRAIN_SCRIPT = TESTS_DIR / "_train_script.py"
+
+
+def _reset_accelerate() -> None:
+    # accelerate keeps one shared state per process (state.py: _reset_state in 1.15).
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    _reset_accelerate()
+    yield
+    _reset_accelerate()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny matmuls: threads only add contention on a shared 2-core machine, and the same
+    # thread count as the subprocesses (OMP_NUM_THREADS=1) keeps float results identical.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _subprocess_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def _metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _load_pickle(path: Path):
+    return torch.load(path, weights_only=False)
+
+
+def _assert_same_tree(a, b, where: str = "") -> None:
+    """Nested dicts/lists/tensors equal exactly (tensors by torch.equal)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), f"tensors differ at {where}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"keys differ at {where}"
+        for key in a:
+            _assert_same_tree(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), f"lengths differ at {where}"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same_tree(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+        pass  # both NaN
+    else:
+        assert a == b, f"{a!r} != {b!r} at {where}"
+
+
+# 40 samples / batch 4 = 10 micro-batches per epoch; 8 steps x 2 = 16 micro-batches, so the
+# run crosses an epoch, and the checkpoint at step 4 sits mid-epoch (8 micro-batches in).
+RESUME_CONFIG = dict(
+    max_steps=8,
+    batch_size=4,
+    gradient_accumulation_steps=2,
+    learning_rate=0.01,
+    lr_schedule="cosine",
+    warmup_steps=2,
+    ema_decay=0.9,
+    checkpoint_every=4,
+    keep_last_checkpoints=None,
+    log_every=2,
+    seed=3,
+)
+
+
+def test_killed_and_resumed_run_equals_straight_run(tmp_path):
+    straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
+    straight = train(
+        make_model(),
+        mse_loss,
+        make_dataset(),
+        TrainConfig(output_dir=straight_dir, **RESUME_CONFIG),
+    )
+
+    config_json = json.dumps({"output_dir": str(resumed_dir), **RESUME_CONFIG})
+    killed = subprocess.run(
+        [sys.executable, str(TRAIN_SCRIPT), "--config", config_json, "--kill-at-step", "4"],
+        env=_subprocess_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert killed.returncode == 1, killed.stderr[-3000:]
+    assert [step for step, _ in list_checkpoints(resumed_dir)] == [4]
+
+    _reset_accelerate()
+    resumed = train(
+        make_model(),
+        mse_loss,
+        make_dataset(),
+        TrainConfig(output_dir=resumed_dir, resume="latest", **RESUME_CONFIG),
+    )
+    assert resumed.resumed_from == resumed_dir / "checkpoints" / "step-00000004"
+    assert resumed.step == straight.step == 8
+
+    # Returned models (EMA weights) are identical.
+    for (name, p), q in zip(
+        straight.model.named_parameters(), resumed.model.parameters(), strict=True
+    ):
+        assert torch.equal(p, q), name
+    # Raw weights, optimizer, LR scheduler, EMA and RNG states of the final checkpoints too.
+    final_a = straight_dir / "checkpoints" / "step-00000008"
+    final_b = resumed_dir / "checkpoints" / "step-00000008"
+    _assert_same_tree(
+        load_file(final_a / "model.safetensors"), load_file(final_b / "model.safetensors")
+    )
+    optimizer_a = _load_pickle(final_a / "optimizer.bin")
+    assert optimizer_a["state"], "the optimizer state is empty: nothing was compared"
+    _assert_same_tree(optimizer_a, _load_pickle(final_b / "optimizer.bin"), "optimizer")
+    scheduler_a = _load_pickle(final_a / "scheduler.bin")
+    assert scheduler_a["last_epoch"] == 8
+    _assert_same_tree(scheduler_a, _load_pickle(final_b / "scheduler.bin"), "scheduler")
+    _assert_same_tree(
+        load_file(final_a / "ema.safetensors"), load_file(final_b / "ema.safetensors")
+    )
+    assert not list(final_a.glob("custom_checkpoint_*")), "EMA must not be pickled"
+    with safe_open(str(final_b / "ema.safetensors"), framework="pt") as f:
+        assert f.metadata()["optimization_step"] == "8"
+    rng_a = _load_pickle(final_a / "random_states_0.pkl")
+    rng_b = _load_pickle(final_b / "random_states_0.pkl")
+    assert torch.equal(rng_a["torch_manual_seed"], rng_b["torch_manual_seed"])
+
+    # The metrics log holds each step once, with the same losses as the straight run.
+    rows_a, rows_b = _metrics(straight_dir), _metrics(resumed_dir)
+    assert [r["step"] for r in rows_b] == [2, 4, 6, 8]
+    assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
+    assert {"lr", "mae", "samples_per_s", "time", "grad_norm"} <= rows_b[-1].keys()
+
+
+def _complete_run(output_dir: Path, max_steps: int, **overrides) -> None:
+    config = TrainConfig(
+        output_dir=output_dir,
+        max_steps=max_steps,
+        batch_size=4,
+        checkpoint_every=2,
+        keep_last_checkpoints=None,
+        **overrides,
+    )
+    train(make_model(), mse_loss, make_dataset(), config)
+    _reset_accelerate()
+
+
+def test_interrupted_checkpoints_are_ignored_and_cleaned(tmp_path):
+    out = tmp_path / "run"
+    _complete_run(out, max_steps=4)
+    root = out / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000002", "step-00000004"]
+
+    # A write killed before the rename, and a step dir that lacks its completion marker.
+    partial = root / ".tmp-step-00000006"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"truncated")
+    unmarked = root / "step-00000008"
+    shutil.copytree(root / "step-00000004", unmarked)
+    (unmarked / COMPLETE_MARKER).unlink()
+
+    assert latest_checkpoint(out) == root / "step-00000004"
+    with pytest.raises(CheckpointError, match="incomplete"):
+        read_marker(unmarked)
+    with pytest.raises(CheckpointError, match="incomplete"):
+        train(
+            make_model(),
+            mse_loss,
+            make_dataset(),
+            TrainConfig(output_dir=out, resume=str(unmarked)),
+        )
+    _reset_accelerate()
+
+    config = TrainConfig(
+        output_dir=out,
+        max_steps=6,
+        batch_size=4,
+        checkpoint_every=2,
+        keep_last_checkpoints=2,
+        resume="latest",
+    )
+    result = train(make_model(), mse_loss, make_dataset(), config)
+    assert result.resumed_from == root / "step-00000004"
+    assert result.step == 6
+    assert not partial.exists() and not unmarked.exists()
+    # keep_last_checkpoints=2 pruned step 2.
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000004", "step-00000006"]
+    assert read_marker(root / "step-00000006")["step"] == 6
+
+
+def test_fresh_start_refuses_an_output_dir_with_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    _complete_run(out, max_steps=2)
+    with pytest.raises(UserInputError, match="resume='latest'"):
+        train(make_model(), mse_loss, make_dataset(), TrainConfig(output_dir=out, batch_size=4))
+
+
+def test_resume_at_max_steps_trains_nothing(tmp_path):
+    out = tmp_path / "run"
+    _complete_run(out, max_steps=2)
+    model = make_model()
+    config = TrainConfig(output_dir=out, max_steps=2, batch_size=4, resume="latest")
+    result = train(model, mse_loss, make_dataset(), config)
+    assert result.step == 2 and result.metrics is None
+    saved = load_file(out / "checkpoints" / "step-00000002" / "model.safetensors")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+
+
+def _launch_two_cpu_processes(tmp_path: Path, config: dict, reports: Path) -> str:
+    """Run _train_script.py on 2 CPU processes (DDP on gloo); returns its stderr."""
+    reports.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = _subprocess_env(tmp_path)
+    # `--cpu --num_processes 2` alone starts one process in accelerate 1.15 (several CPU
+    # processes need MPI there); torchrun's launcher with ACCELERATE_USE_CPU gives gloo.
+    env["ACCELERATE_USE_CPU"] = "1"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(port),
+        str(TRAIN_SCRIPT), "--config", json.dumps(config), "--report-dir", str(reports),
+    ]  # fmt: skip
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stderr
+
+
+def test_accelerate_launch_two_cpu_processes(tmp_path):
+    out = tmp_path / "run"
+    config = {
+        "output_dir": str(out),
+        "max_steps": 30,
+        "batch_size": 4,
+        "learning_rate": 0.03,
+        "checkpoint_every": 15,
+        "log_every": 5,
+    }
+    stderr = _launch_two_cpu_processes(tmp_path, config, tmp_path / "reports")
+
+    ranks = [json.loads((tmp_path / "reports" / f"rank-{i}.json").read_text()) for i in range(2)]
+    for rank in ranks:
+        assert rank["num_processes"] == 2
+        assert rank["steps"] == list(range(1, 31))
+    assert ranks[0]["params"] == ranks[1]["params"]  # DDP kept the replicas equal
+
+    losses = [row["loss"] for row in _metrics(out)]
+    assert len(losses) == 6 and losses[-1] < 0.5 * losses[0], losses
+    assert [step for step, _ in list_checkpoints(out)] == [15, 30]
+    for step in (15, 30):
+        path = out / "checkpoints" / f"step-{step:08d}"
+        assert (path / "random_states_0.pkl").is_file() and (path / "random_states_1.pkl").is_file()
+        assert read_marker(path)["num_processes"] == 2
+        assert stderr.count(f"saved checkpoint {path}") == 1
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+
+    # Both ranks resume from the same checkpoint and go on.
+    stderr = _launch_two_cpu_processes(
+        tmp_path, {**config, "max_steps": 40, "resume": "latest"}, tmp_path / "reports-resumed"
+    )
+    for i in range(2):
+        rank = json.loads((tmp_path / "reports-resumed" / f"rank-{i}.json").read_text())
+        assert rank["steps"] == list(range(31, 41))
+    assert [row["step"] for row in _metrics(out)] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert [step for step, _ in list_checkpoints(out)] == [15, 30, 40]
+
+
+def test_fp16_on_cpu_is_refused(tmp_path):
+    config = TrainConfig(output_dir=tmp_path / "run", batch_size=4, mixed_precision="fp16")
+    with pytest.raises(UserInputError, match="fp16.*GPU"):
+        train(make_model(), mse_loss, make_dataset(), config)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    def run(batch_size: int, accumulation: int) -> nn.Module:
+        _reset_accelerate()
+        model = make_model(dropout=0.0)
+        config = TrainConfig(
+            output_dir=tmp_path / f"b{batch_size}x{accumulation}",
+            max_steps=3,
+            batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            max_grad_norm=None,
+        )
+        # SGD: unlike Adam, its update scales with the gradient, so a wrong loss
+        # scaling under accumulation shows.
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        return train(model, mse_loss, make_dataset(), config, optimizer=optimizer).model
+
+    accumulated, big_batch = run(batch_size=4, accumulation=2), run(batch_size=8, accumulation=1)
+    untrained = make_model(dropout=0.0)
+    for p, q, p0 in zip(
+        accumulated.parameters(), big_batch.parameters(), untrained.parameters(), strict=True
+    ):
+        assert not torch.allclose(p, p0)
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_ema_follows_the_decay_formula(tmp_path):
+    decay, steps = 0.5, 12
+    raw_history: list[list[torch.Tensor]] = []
+
+    def record(info) -> None:
+        raw_history.append([p.detach().clone() for p in info.model.parameters()])
+
+    config = TrainConfig(
+        output_dir=tmp_path / "run",
+        max_steps=steps,
+        batch_size=4,
+        learning_rate=0.02,
+        ema_decay=decay,
+    )
+    model = make_model(dropout=0.0)
+    initial = [p.detach().clone() for p in model.parameters()]
+    result = train(model, mse_loss, make_dataset(), config, callbacks=[record])
+
+    # diffusers' EMAModel: at optimizer step t the decay is min(decay, (1 + s) / (10 + s))
+    # with s = t - 1, and 0 at t = 1 (the average starts at the first updated weights).
+    expected = initial
+    for t, raw in enumerate(raw_history, start=1):
+        s = t - 1
+        d = 0.0 if s == 0 else min(decay, (1 + s) / (10 + s))
+        expected = [d * e + (1 - d) * p for e, p in zip(expected, raw, strict=True)]
+    assert result.ema is not None and result.ema.optimization_step == steps
+    for ema_p, expected_p, raw_p in zip(
+        result.model.parameters(), expected, raw_history[-1], strict=True
+    ):
+        torch.testing.assert_close(ema_p, expected_p, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(ema_p, raw_p, atol=1e-4)
+
+
+def test_config_is_checked():
+    with pytest.raises(UserInputError, match="lr_schedule"):
+        TrainConfig(output_dir="x", lr_schedule="cosine_annealing")
+    with pytest.raises(UserInputError, match="mixed_precision"):
+        TrainConfig(output_dir="x", mixed_precision="fp8")
+    with pytest.raises(UserInputError, match="max_steps"):
+        TrainConfig(output_dir="x", max_steps=0)
+    with pytest.raises(UserInputError, match="ema_decay"):
+        TrainConfig(output_dir="x", ema_decay=1.0)
+
+
+def test_bad_loss_outputs_and_datasets_are_refused(tmp_path):
+    config = TrainConfig(output_dir=tmp_path / "run", batch_size=4, max_steps=1)
+    with pytest.raises(UserInputError, match="'loss'"):
+        train(make_model(), lambda m, b: {"mse": mse_loss(m, b)["loss"]}, make_dataset(), config)
+    _reset_accelerate()
+    with pytest.raises(UserInputError, match="scalar"):
+        train(make_model(), lambda m, b: m(b[0]), make_dataset(), config)
+    _reset_accelerate()
+    with pytest.raises(UserInputError, match="fewer than batch_size"):
+        train(make_model(), mse_loss, make_dataset(num_samples=3), config)
+
+
+def test_load_recipe_errors(tmp_path):
+    with pytest.raises(UserInputError, match="not found"):
+        load_recipe(tmp_path / "missing.py")
+    no_main = tmp_path / "no_main.py"
+    no_main.write_text("X = 1\n")
+    with pytest.raises(UserInputError, match="no main"):
+        load_recipe(no_main)
+    not_python = tmp_path / "recipe.txt"
+    not_python.write_text("")
+    with pytest.raises(UserInputError, match=r"\.py"):
+        load_recipe(not_python)
+
+
+def test_example_recipe_learns_and_saves(tmp_path):
+    out = tmp_path / "regression"
+    run_recipe(REPO_ROOT / "recipes" / "example_regression.py", ["--output-dir", str(out)])
+    scores = json.loads((out / "final" / "eval.json").read_text())
+    assert scores["step"] == 300
+    assert scores["heldout_mse"] < 0.05 * scores["constant_mse"], scores
+    weights = load_file(out / "final" / "model.safetensors")
+    assert weights["net.0.weight"].shape == (64, 2)
+    assert json.loads((out / "final" / "config.json").read_text())["hidden"] == 64
