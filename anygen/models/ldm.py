@@ -1,0 +1,325 @@
+"""Latent diffusion (the ``ldm`` path) from diffusers and transformers parts.
+
+Nothing here rewrites a model or a scheduler: the VAE is diffusers' ``AutoencoderKL``,
+the denoiser diffusers' ``UNet2DConditionModel`` (or ``PixArtTransformer2DModel`` for
+the DiT option), the text encoder transformers' ``CLIPTextModel`` built from a config,
+the noise process diffusers' schedulers. This file holds the config with its size
+presets, the builders, and the two training losses (VAE, then denoiser).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    PixArtTransformer2DModel,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from anygen.errors import UserInputError
+
+# Samplers a user may pick with --scheduler; all share the training noise schedule.
+SCHEDULERS = {
+    "ddim": DDIMScheduler,
+    "dpm++": DPMSolverMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+    "ddpm": DDPMScheduler,
+}
+DEFAULT_SCHEDULER = "dpm++"
+
+
+@dataclass
+class LdmConfig:
+    image_size: int = 64
+    latent_channels: int = 4
+    # VAE: one entry per level; each level after the first halves the resolution.
+    vae_channels: tuple[int, ...] = (32, 64, 64)
+    vae_layers_per_block: int = 1
+    vae_groups: int = 16
+    # denoiser over the latents
+    denoiser: str = "unet"  # "unet" | "dit"
+    unet_channels: tuple[int, ...] = (64, 128, 128)
+    unet_layers_per_block: int = 1
+    unet_groups: int = 16
+    attention_head_dim: int = 32
+    dit_layers: int = 6
+    dit_heads: int = 4
+    dit_patch_size: int = 2
+    # text encoder
+    text_hidden: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    text_max_length: int = 24
+    # noise process
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    prediction_type: str = "epsilon"
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae_channels) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.vae_factor
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LdmConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise UserInputError(f"unknown ldm config fields: {sorted(unknown)}")
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**d)
+
+
+LDM_PRESETS: dict[str, LdmConfig] = {
+    # for tests: a few hundred thousand parameters, 32 px
+    "tiny": LdmConfig(
+        image_size=32,
+        vae_channels=(8, 16),
+        vae_groups=4,
+        unet_channels=(16, 32),
+        unet_groups=4,
+        attention_head_dim=8,
+        dit_layers=2,
+        dit_heads=2,
+        text_hidden=32,
+        text_layers=1,
+        text_heads=2,
+        text_max_length=24,
+    ),
+    # the bundled shapes-ldm: 64 px images, 16 x 16 x 4 latents
+    "shapes": LdmConfig(),
+    "shapes-dit": LdmConfig(denoiser="dit"),
+}
+
+
+@dataclass
+class LdmComponents:
+    """The parts of a latent diffusion model, named as diffusers names them."""
+
+    vae: AutoencoderKL
+    denoiser: torch.nn.Module  # UNet2DConditionModel | PixArtTransformer2DModel
+    text_encoder: CLIPTextModel
+    tokenizer: object  # a transformers tokenizer
+    scheduler: object  # the training scheduler (DDPM); samplers are made from its config
+    extras: dict = field(default_factory=dict)
+
+
+def build_vae(cfg: LdmConfig) -> AutoencoderKL:
+    n = len(cfg.vae_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.vae_channels,
+        layers_per_block=cfg.vae_layers_per_block,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=cfg.vae_groups,
+        sample_size=cfg.image_size,
+    )
+
+
+def build_unet(cfg: LdmConfig) -> UNet2DConditionModel:
+    n = len(cfg.unet_channels)
+    # cross-attention at every level but the lowest-resolution down block's mirror,
+    # as in SD: CrossAttnDown..., then plain Down at the bottom.
+    down = ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",)
+    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1)
+    return UNet2DConditionModel(
+        sample_size=cfg.latent_size,
+        in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=cfg.unet_channels,
+        layers_per_block=cfg.unet_layers_per_block,
+        cross_attention_dim=cfg.text_hidden,
+        attention_head_dim=cfg.attention_head_dim,
+        norm_num_groups=cfg.unet_groups,
+    )
+
+
+def build_dit(cfg: LdmConfig) -> PixArtTransformer2DModel:
+    inner = cfg.dit_heads * cfg.attention_head_dim
+    return PixArtTransformer2DModel(
+        num_attention_heads=cfg.dit_heads,
+        attention_head_dim=cfg.attention_head_dim,
+        in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels,
+        num_layers=cfg.dit_layers,
+        cross_attention_dim=inner,
+        caption_channels=cfg.text_hidden,
+        sample_size=cfg.latent_size,
+        patch_size=cfg.dit_patch_size,
+        norm_num_groups=1,
+        use_additional_conditions=False,
+    )
+
+
+def build_text_encoder(cfg: LdmConfig, tokenizer) -> CLIPTextModel:
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.text_hidden,
+            intermediate_size=4 * cfg.text_hidden,
+            num_hidden_layers=cfg.text_layers,
+            num_attention_heads=cfg.text_heads,
+            max_position_embeddings=cfg.text_max_length,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+
+
+def build_scheduler(cfg: LdmConfig) -> DDPMScheduler:
+    return DDPMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=cfg.beta_schedule,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        prediction_type=cfg.prediction_type,
+        clip_sample=False,
+        steps_offset=1,  # as SD's schedulers; DDIM warns without it
+        # Explicit, not defaulted: diffusers passes only explicit values on to the
+        # samplers made from this config, and a saved config makes every value explicit.
+        # "trailing" starts sampling at the last training timestep (Lin et al. 2023).
+        timestep_spacing="trailing",
+        variance_type="fixed_small",
+    )
+
+
+def build_components(cfg: LdmConfig, tokenizer) -> LdmComponents:
+    """Fresh, randomly initialised components for ``cfg`` around ``tokenizer``."""
+    if cfg.denoiser not in ("unet", "dit"):
+        raise UserInputError(f"unknown denoiser {cfg.denoiser!r}; expected 'unet' or 'dit'")
+    tokenizer.model_max_length = cfg.text_max_length
+    denoiser = build_unet(cfg) if cfg.denoiser == "unet" else build_dit(cfg)
+    return LdmComponents(
+        vae=build_vae(cfg),
+        denoiser=denoiser,
+        text_encoder=build_text_encoder(cfg, tokenizer),
+        tokenizer=tokenizer,
+        scheduler=build_scheduler(cfg),
+    )
+
+
+def make_sampler(name: str, training_scheduler) -> object:
+    """A sampling scheduler by name, sharing the training scheduler's noise schedule."""
+    try:
+        cls = SCHEDULERS[name]
+    except KeyError:
+        raise UserInputError(
+            f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}"
+        ) from None
+    return cls.from_config(training_scheduler.config)
+
+
+# --------------------------------------------------------------------------- text
+
+
+def tokenize(tokenizer, texts: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
+    """(B, L) token ids padded to the tokenizer's max length, as SD pipelines do."""
+    ids = tokenizer(
+        texts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    return ids.to(device)
+
+
+def denoise(denoiser: torch.nn.Module, latents, t, text_states) -> torch.Tensor:
+    """One denoiser call with either family: (B, C, h, w) -> predicted noise (B, C, h, w)."""
+    if isinstance(denoiser, PixArtTransformer2DModel):
+        if not torch.is_tensor(t) or t.ndim == 0:
+            t = torch.as_tensor(t, device=latents.device).expand(latents.shape[0])
+        added = {"resolution": None, "aspect_ratio": None}
+        return denoiser(
+            latents,
+            encoder_hidden_states=text_states,
+            timestep=t,
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]
+    return denoiser(latents, t, encoder_hidden_states=text_states, return_dict=False)[0]
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def vae_loss(
+    vae: AutoencoderKL,
+    images: torch.Tensor,
+    generator: torch.Generator | None = None,
+    kl_weight: float = 1e-4,
+) -> dict:
+    """Reconstruction (l1 + l2, per pixel) plus a small KL term per latent element.
+
+    The KL keeps the latents near unit scale so that one scaling factor serves the
+    denoiser; SD trains its VAE the same way (plus perceptual and GAN terms that the
+    flat-coloured shapes world does not need). images: (B, 3, H, W) in [-1, 1].
+    """
+    posterior = vae.encode(images).latent_dist
+    z = posterior.sample(generator)  # (B, C, h, w)
+    recon = vae.decode(z).sample  # (B, 3, H, W)
+    l1 = F.l1_loss(recon, images)
+    l2 = F.mse_loss(recon, images)
+    kl = posterior.kl().mean() / z[0].numel()
+    return {"loss": l1 + l2 + kl_weight * kl, "l1": l1, "l2": l2, "kl": kl}
+
+
+def denoiser_loss(
+    denoiser: torch.nn.Module,
+    text_encoder: CLIPTextModel,
+    scheduler: DDPMScheduler,
+    latents: torch.Tensor,
+    input_ids: torch.Tensor,
+    generator: torch.Generator | None = None,
+    snr_gamma: float | None = 5.0,
+) -> dict:
+    """DDPM noise-prediction loss on scaled latents (B, C, h, w) given caption ids (B, L).
+
+    ``snr_gamma`` weights each timestep by min(SNR, gamma) / SNR (Min-SNR, Hang et al.
+    2023), which converges several times faster than the plain loss; None disables it.
+    Captions dropped for classifier-free guidance are the empty caption, tokenised like
+    any other: the recipe decides which rows are dropped.
+    """
+    b = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+    t = torch.randint(
+        0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=latents.device
+    )
+    noisy = scheduler.add_noise(latents, noise, t)
+    text_states = text_encoder(input_ids)[0]  # (B, L, D)
+    pred = denoise(denoiser, noisy, t, text_states)
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, t)
+    else:
+        target = noise
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma is None:
+        return {"loss": per_sample.mean()}
+    alphas = scheduler.alphas_cumprod.to(latents.device)[t]  # (B,)
+    snr = alphas / (1 - alphas)
+    weight = snr.clamp(max=snr_gamma) / snr
+    if scheduler.config.prediction_type == "v_prediction":
+        weight = snr.clamp(max=snr_gamma) / (snr + 1)
+    return {"loss": (weight * per_sample).mean(), "mse": per_sample.mean().detach()}

@@ -1,0 +1,369 @@
+"""Text to image by latent diffusion (the ``ldm`` path).
+
+``LatentDiffusion`` holds diffusers/transformers components (a VAE, a UNet or PixArt
+transformer, a CLIP text encoder, a scheduler) and runs the denoising loop of
+diffusers' Stable Diffusion pipeline step for step: classifier-free guidance with the
+unconditional and conditional rows in one batch, the scheduler's own
+``scale_model_input``/``step``, the VAE's scaling factor. It saves as a diffusers
+pipeline directory and loads any Stable-Diffusion-family directory or hub id.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import logging
+import re
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from tqdm.auto import tqdm
+
+from anygen.errors import CheckpointError, ModelNotFoundError, UserInputError
+from anygen.models.ldm import (
+    DEFAULT_SCHEDULER,
+    SCHEDULERS,
+    LdmComponents,
+    denoise,
+    make_sampler,
+    tokenize,
+)
+from anygen.pipelines.base import (
+    Options,
+    Output,
+    Segment,
+    Timer,
+    check_prompt,
+    make_generator,
+    resolve_seed,
+)
+
+log = logging.getLogger(__name__)
+
+# Written beside model_index.json: anygen's own defaults and facts about the model.
+ANYGEN_FILE = "anygen.json"
+MAX_SIDE = 4096
+
+
+class LatentDiffusion:
+    """Text to image by latent diffusion, behind ``generate(prompt, options) -> Output``."""
+
+    family = "ldm"
+
+    def __init__(
+        self,
+        components: LdmComponents,
+        *,
+        name: str = "ldm",
+        defaults: dict | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.components = components
+        self.name = name
+        self.defaults = {
+            "steps": 25,
+            "guidance_scale": 7.5,
+            "scheduler": DEFAULT_SCHEDULER,
+            **(defaults or {}),
+        }
+        self.device = torch.device(device)
+        self.dtype = dtype
+        for module in (components.vae, components.denoiser, components.text_encoder):
+            param = next(module.parameters())
+            if param.device != self.device:
+                module.to(self.device)
+            if param.dtype != self.dtype:
+                module.to(dtype=self.dtype)
+            module.eval()
+        self._samplers: dict[str, object] = {}
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.components.vae.config.block_out_channels) - 1)
+
+    @property
+    def default_size(self) -> int:
+        return int(self.components.denoiser.config.sample_size) * self.vae_factor
+
+    @property
+    def known_words(self) -> set[str] | None:
+        """Words the model saw in training, when its card recorded them."""
+        words = self.defaults.get("known_words")
+        return set(words) if words else None
+
+    # ------------------------------------------------------------------ generation
+
+    def check_size(self, width: int, height: int) -> None:
+        f = self.vae_factor
+        for label, value in (("width", width), ("height", height)):
+            if value % f:
+                raise UserInputError(
+                    f"{label} {value} is not a multiple of {f}, the VAE's downsampling factor"
+                )
+            if not (f <= value <= MAX_SIDE):
+                raise UserInputError(f"{label} {value} is out of range [{f}, {MAX_SIDE}]")
+
+    def sampler(self, name: str):
+        if name not in self._samplers:
+            self._samplers[name] = make_sampler(name, self.components.scheduler)
+        return self._samplers[name]
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """(B, L, D) text states from the text encoder."""
+        ids = tokenize(self.components.tokenizer, texts, self.device)  # (B, L)
+        return self.components.text_encoder(ids)[0].to(self.dtype)
+
+    def unknown_words(self, text: str) -> list[str]:
+        """Words of ``text`` the model never saw in training (empty when it did not record)."""
+        known = self.known_words
+        if not known:
+            return []
+        words = re.findall(r"[a-z]+", text.lower())
+        return sorted({w for w in words if w not in known})
+
+    def generate(self, prompt: str | Sequence[Segment], options: Options | None = None) -> Output:
+        """``options.num_images`` images of one prompt; image i is made from seed + i."""
+        if not isinstance(prompt, str):
+            check_prompt(prompt)
+            texts = [s for s in prompt if isinstance(s, str)]
+            if len(texts) != len(prompt):
+                raise UserInputError(
+                    f"model {self.name!r} (ldm) takes a text prompt; images in the prompt need "
+                    "a fusion model"
+                )
+            prompt = " ".join(texts)
+        opts = (options or Options()).validate()
+        check_prompt(prompt)
+        seed = resolve_seed(opts.seed)
+        out = self.generate_batch(
+            [prompt] * opts.num_images, [seed + i for i in range(opts.num_images)], opts
+        )
+        out.seed = seed
+        return out
+
+    def generate_batch(
+        self, prompts: list[str], seeds: list[int], options: Options | None = None
+    ) -> Output:
+        """One image per (prompt, seed) in one batch; image i depends on prompt i and seed i
+        only (each row draws its noise from its own generator)."""
+        if len(prompts) != len(seeds):
+            raise UserInputError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        for p in prompts:
+            check_prompt(p)
+        opts = (options or Options()).validate()
+        generators = [make_generator(s, self.device) for s in seeds]
+        images, settings, timings = self.sample(prompts, generators, opts)
+        settings["seeds"] = list(seeds)
+        return Output(
+            segments=images, seed=seeds[0], model=self.name, timings=timings, settings=settings
+        )
+
+    @torch.no_grad()
+    def sample(
+        self, prompts: list[str], generators: list[torch.Generator], opts: Options
+    ) -> tuple[list[Image.Image], dict, dict]:
+        c = self.components
+        timer = Timer()
+        steps = opts.steps if opts.steps is not None else self.defaults["steps"]
+        guidance = (
+            opts.guidance_scale
+            if opts.guidance_scale is not None
+            else self.defaults["guidance_scale"]
+        )
+        scheduler_name = opts.scheduler or self.defaults["scheduler"]
+        width = opts.width or self.default_size
+        height = opts.height or self.default_size
+        self.check_size(width, height)
+        scheduler = self.sampler(scheduler_name)
+        do_cfg = guidance > 1.0
+        b = len(prompts)
+
+        with timer("text"):
+            states = self.encode_text(prompts)  # (B, L, D)
+            if do_cfg:
+                negative = [opts.negative_prompt or ""] * b
+                states = torch.cat([self.encode_text(negative), states])  # (2B, L, D)
+
+        shape = (
+            b,
+            c.vae.config.latent_channels,
+            height // self.vae_factor,
+            width // self.vae_factor,
+        )
+        gen = generators  # one generator per row
+        latents = randn_tensor(shape, generator=gen, device=self.device, dtype=self.dtype)
+        scheduler.set_timesteps(steps, device=self.device)
+        latents = latents * scheduler.init_noise_sigma
+        # Schedulers that add noise of their own (DDPM, DDIM with eta, SDE solvers) take
+        # the generator, as diffusers' pipelines pass it.
+        step_params = inspect.signature(scheduler.step).parameters
+        step_kwargs = {"generator": gen} if "generator" in step_params else {}
+        if "eta" in step_params:
+            step_kwargs["eta"] = 0.0
+
+        timesteps = scheduler.timesteps
+        with timer("denoise"):
+            for i, t in enumerate(
+                tqdm(
+                    timesteps, desc=f"{self.name} denoising", disable=not opts.progress, leave=False
+                )
+            ):
+                model_in = torch.cat([latents] * 2) if do_cfg else latents
+                model_in = scheduler.scale_model_input(model_in, t)
+                eps = denoise(c.denoiser, model_in, t, states)
+                if do_cfg:
+                    eps_uncond, eps_text = eps.chunk(2)
+                    eps = eps_uncond + guidance * (eps_text - eps_uncond)
+                latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
+                if opts.callback is not None:
+                    opts.callback(i + 1, len(timesteps), {"latents": latents, "timestep": t})
+
+        with timer("decode"):
+            images = c.vae.decode(latents / c.vae.config.scaling_factor, return_dict=False)[0]
+            images = to_pil(images)
+        settings = {
+            "steps": steps,
+            "guidance_scale": guidance,
+            "scheduler": scheduler_name,
+            "width": width,
+            "height": height,
+            "negative_prompt": opts.negative_prompt,
+        }
+        return images, settings, timer.timings
+
+    # ------------------------------------------------------------------ save / load
+
+    def save_pretrained(
+        self, directory: str | Path, card: str | None = None, dtype: torch.dtype | None = None
+    ) -> Path:
+        """Save as a diffusers pipeline directory (plus ``anygen.json``), atomically.
+
+        ``dtype`` (e.g. fp16 for bundled weights) converts a copy; this model is unchanged.
+        """
+        directory = Path(directory)
+        pipe = self.to_diffusers()
+        if dtype is not None and dtype != self.dtype:
+            pipe = copy.deepcopy(pipe).to(dtype=dtype)
+        tmp = directory.with_name(f".tmp-{directory.name}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        defaults = {k: v for k, v in self.defaults.items()}
+        (tmp / ANYGEN_FILE).write_text(json.dumps({"family": "ldm", **defaults}, indent=2) + "\n")
+        if card is not None:
+            (tmp / "README.md").write_text(card)
+        if directory.exists():
+            old = directory.with_name(f".old-{directory.name}")
+            directory.rename(old)
+            tmp.rename(directory)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(directory)
+        return directory
+
+    def to_diffusers(self):
+        """The equivalent diffusers pipeline over the same component objects."""
+        c = self.components
+        if c.denoiser.__class__.__name__ == "PixArtTransformer2DModel":
+            from diffusers import PixArtAlphaPipeline
+
+            return PixArtAlphaPipeline(
+                tokenizer=c.tokenizer,
+                text_encoder=c.text_encoder,
+                vae=c.vae,
+                transformer=c.denoiser,
+                scheduler=c.scheduler,
+            )
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(
+            vae=c.vae,
+            text_encoder=c.text_encoder,
+            tokenizer=c.tokenizer,
+            unet=c.denoiser,
+            scheduler=c.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        name: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> LatentDiffusion:
+        """Load a diffusers pipeline directory of the Stable Diffusion family (or PixArt)."""
+        path = Path(path)
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise ModelNotFoundError(f"{path} is not a diffusers pipeline (no model_index.json)")
+        try:
+            meta = json.loads(index.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{index} is not valid JSON: {e}") from None
+        denoiser_key = (
+            "unet" if "unet" in meta else "transformer" if "transformer" in meta else None
+        )
+        missing = [k for k in ("vae", "text_encoder", "tokenizer", "scheduler") if k not in meta]
+        if denoiser_key is None or missing:
+            raise ModelNotFoundError(
+                f"{path} is a {meta.get('_class_name', 'diffusers')} pipeline, which the ldm path "
+                "cannot run (it needs vae, text_encoder, tokenizer, scheduler and a unet or "
+                "transformer)"
+            )
+        from diffusers import DiffusionPipeline
+
+        try:
+            pipe = DiffusionPipeline.from_pretrained(
+                path, dtype=dtype, safety_checker=None, requires_safety_checker=False
+            )
+        except (OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"cannot load the pipeline in {path}: {e}") from None
+        scheduler = pipe.scheduler
+        components = LdmComponents(
+            vae=pipe.vae,
+            denoiser=getattr(pipe, denoiser_key),
+            text_encoder=pipe.text_encoder,
+            tokenizer=pipe.tokenizer,
+            scheduler=scheduler,
+        )
+        defaults = {}
+        extra = path / ANYGEN_FILE
+        if extra.is_file():
+            defaults = json.loads(extra.read_text())
+            defaults.pop("family", None)
+        else:
+            # a diffusers checkpoint: sample with the scheduler it ships with
+            defaults["scheduler"] = _scheduler_name(scheduler)
+        return cls(
+            components, name=name or path.name, defaults=defaults, device=device, dtype=dtype
+        )
+
+
+def _scheduler_name(scheduler) -> str:
+    for name, klass in SCHEDULERS.items():
+        if isinstance(scheduler, klass):
+            return name
+    return DEFAULT_SCHEDULER
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> PIL images, exactly as diffusers' VaeImageProcessor."""
+    images = (images / 2 + 0.5).clamp(0, 1)
+    array = images.cpu().permute(0, 2, 3, 1).float().numpy()
+    array = (array * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in array]

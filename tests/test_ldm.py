@@ -1,0 +1,281 @@
+"""The ldm path with tiny random components: parity with diffusers, save/load, CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from anygen.cli import main as cli
+from anygen.errors import UserInputError
+from anygen.models.ldm import LDM_PRESETS, SCHEDULERS, build_components
+from anygen.output import read_png_metadata
+from anygen.pipelines import Options, load_generator
+from anygen.pipelines.text_to_image import LatentDiffusion
+from anygen.tokenizers.text import load_text_tokenizer
+
+OPTS = dict(steps=3, guidance_scale=3.0, progress=False)
+
+
+def tiny(denoiser: str = "unet", seed: int = 0) -> LatentDiffusion:
+    torch.manual_seed(seed)
+    cfg = dataclasses.replace(LDM_PRESETS["tiny"], denoiser=denoiser)
+    components = build_components(cfg, load_text_tokenizer("shapes-bpe"))
+    return LatentDiffusion(
+        components, name="tiny", defaults={"known_words": ["a", "red", "circle"]}
+    )
+
+
+@pytest.fixture(scope="module")
+def model() -> LatentDiffusion:
+    return tiny()
+
+
+@pytest.fixture(scope="module")
+def saved(model, tmp_path_factory):
+    return model.save_pretrained(tmp_path_factory.mktemp("ldm") / "tiny-ldm")
+
+
+def pixels(images: list[Image.Image]) -> np.ndarray:
+    return np.stack([np.asarray(i) for i in images]).astype(np.int16)
+
+
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
+def test_equals_diffusers_stable_diffusion_pipeline(model, scheduler):
+    """Same components, scheduler and seeds: the same pixels as diffusers' own pipeline."""
+    ours = model.generate(
+        "a red circle",
+        Options(seed=5, num_images=2, negative_prompt="blue", scheduler=scheduler, **OPTS),
+    )
+    pipe = model.to_diffusers()
+    pipe.scheduler = model.sampler(scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(
+        "a red circle",
+        negative_prompt="blue",
+        num_images_per_prompt=2,
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        height=32,
+        width=32,
+        generator=[torch.Generator().manual_seed(5 + i) for i in range(2)],
+        output_type="pil",
+    ).images
+    assert np.array_equal(pixels(ours.images), pixels(ref))
+
+
+def test_same_seed_same_images_other_seed_other_images(model):
+    a = model.generate("a red circle", Options(seed=1, **OPTS))
+    b = model.generate("a red circle", Options(seed=1, **OPTS))
+    c = model.generate("a red circle", Options(seed=2, **OPTS))
+    assert np.array_equal(pixels(a.images), pixels(b.images))
+    assert not np.array_equal(pixels(a.images), pixels(c.images))
+    assert a.seed == 1 and a.settings["seeds"] == [1]
+
+
+def test_batch_equals_items_one_by_one(model):
+    prompts, seeds = ["a red circle", "two blue squares", "a green star"], [3, 4, 5]
+    batch = model.generate_batch(prompts, seeds, Options(**OPTS)).images
+    single = [
+        model.generate_batch([p], [s], Options(**OPTS)).images[0]
+        for p, s in zip(prompts, seeds, strict=True)
+    ]
+    assert np.abs(pixels(batch) - pixels(single)).max() <= 1
+
+
+def test_num_images_reproduce_alone(model):
+    """Image i of a call with num_images=n is the image of seed + i alone."""
+    many = model.generate("a red circle", Options(seed=10, num_images=3, **OPTS))
+    third = model.generate("a red circle", Options(seed=12, **OPTS))
+    assert np.abs(pixels(many.images[2:]) - pixels(third.images)).max() <= 1
+
+
+def test_output_fields_and_callback(model):
+    seen = []
+    out = model.generate(
+        "a red circle",
+        Options(
+            seed=0, width=48, height=16, callback=lambda i, n, info: seen.append((i, n)), **OPTS
+        ),
+    )
+    assert out.images[0].size == (48, 16) and out.images[0].mode == "RGB"
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    assert {"text", "denoise", "decode"} <= out.timings.keys()
+    assert out.settings["steps"] == 3 and out.settings["scheduler"] == "dpm++"
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (Options(width=33), "multiple of 2"),
+        (Options(height=8192), "out of range"),
+        (Options(steps=0), "steps must be at least 1"),
+        (Options(guidance_scale=-1), "guidance scale must be >= 0"),
+        (Options(num_images=0), "at least 1"),
+        (Options(scheduler="plms"), "unknown scheduler 'plms'"),
+    ],
+)
+def test_bad_options_name_the_problem(model, options, message):
+    options.progress = False
+    with pytest.raises(UserInputError, match=message):
+        model.generate("a red circle", options)
+
+
+def test_empty_prompt_is_refused(model):
+    with pytest.raises(UserInputError, match="prompt is empty"):
+        model.generate("   ")
+
+
+def test_unknown_words(model):
+    assert model.unknown_words("a red giraffe circle, a Zebra") == ["giraffe", "zebra"]
+
+
+def test_save_load_round_trip_and_diffusers_loads_it(model, saved):
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    assert (saved / "model_index.json").is_file()
+    assert list(saved.glob("unet/*.safetensors")) and not list(saved.rglob("*.bin"))
+    loaded = LatentDiffusion.from_pretrained(saved)
+    a = model.generate("a red circle", Options(seed=7, **OPTS))
+    b = loaded.generate("a red circle", Options(seed=7, **OPTS))
+    assert np.array_equal(pixels(a.images), pixels(b.images))
+    assert loaded.known_words == {"a", "red", "circle"}
+    pipe = DiffusionPipeline.from_pretrained(saved)
+    assert isinstance(pipe, StableDiffusionPipeline)
+
+
+def test_fp16_save_keeps_model_and_loads_as_fp32(model, tmp_path):
+    path = model.save_pretrained(tmp_path / "half", dtype=torch.float16)
+    assert next(model.components.denoiser.parameters()).dtype == torch.float32
+    loaded = LatentDiffusion.from_pretrained(path)
+    assert next(loaded.components.denoiser.parameters()).dtype == torch.float32
+    a = model.generate("a red circle", Options(seed=7, **OPTS))
+    b = loaded.generate("a red circle", Options(seed=7, **OPTS))
+    assert np.abs(pixels(a.images) - pixels(b.images)).max() <= 8
+
+
+def test_dit_denoiser_generates_and_saves(tmp_path):
+    from diffusers import DiffusionPipeline, PixArtAlphaPipeline
+
+    dit = tiny("dit")
+    out = dit.generate("a red circle", Options(seed=0, num_images=2, **OPTS))
+    assert [i.size for i in out.images] == [(32, 32)] * 2
+    path = dit.save_pretrained(tmp_path / "dit")
+    assert isinstance(DiffusionPipeline.from_pretrained(path), PixArtAlphaPipeline)
+    again = LatentDiffusion.from_pretrained(path).generate(
+        "a red circle", Options(seed=0, num_images=2, **OPTS)
+    )
+    assert np.array_equal(pixels(out.images), pixels(again.images))
+
+
+def test_load_generator_resolves_a_directory(saved):
+    gen = load_generator(str(saved), device="cpu")
+    assert isinstance(gen, LatentDiffusion) and gen.name == str(saved)
+
+
+def test_cli_generate_writes_png_with_metadata(saved, tmp_path, capsys):
+    out = tmp_path / "x.png"
+    args = ["generate", "a red circle", "--model", str(saved), "--seed", "4", "--steps", "2"]
+    assert cli([*args, "-o", str(out)]) == 0
+    meta = read_png_metadata(out)
+    assert meta["prompt"] == "a red circle" and meta["seed"] == 4 and meta["steps"] == 2
+    with Image.open(out) as image:
+        assert image.text["seed"] == "4" and image.text["model"] == str(saved)
+        first = np.asarray(image.convert("RGB"))
+    # never overwritten without --overwrite; with it, the same seed gives the same file
+    assert cli([*args, "-o", str(out)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert cli([*args, "-o", str(out), "--overwrite"]) == 0
+    with Image.open(out) as image:
+        assert np.array_equal(first, np.asarray(image.convert("RGB")))
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_cli_generate_prompts_file_and_json(saved, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\ntwo blue squares\n")
+    out_dir = tmp_path / "out"
+    code = cli(
+        [
+            "generate",
+            "--prompts",
+            str(prompts),
+            "--output-dir",
+            str(out_dir),
+            "--model",
+            str(saved),
+            "--seed",
+            "0",
+            "--steps",
+            "1",
+            "--json",
+            "--batch-size",
+            "2",
+        ]
+    )
+    assert code == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in lines] == ["a red circle", "two blue squares"]
+    index = [json.loads(x) for x in (out_dir / "index.jsonl").read_text().splitlines()]
+    assert index == [
+        {"prompt": "a red circle", "seed": 0, "file": "0001.png"},
+        {"prompt": "two blue squares", "seed": 2, "file": "0003.png"},
+    ]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["0001.png", "0003.png", "index.jsonl"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--width", "31"], "width 31 is not a multiple of 2"),
+        (["--steps", "0"], "steps must be at least 1"),
+        (["--guidance", "-2"], "guidance scale must be >= 0"),
+        (["-o", "/nonexistent-dir/x.png"], "folder /nonexistent-dir does not exist"),
+        (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+        (["--dtype", "fp16", "--device", "cpu"], "fp16 is not supported on CPU"),
+    ],
+)
+def test_cli_generate_bad_input_is_one_line(saved, tmp_path, capsys, extra, message):
+    args = [
+        "generate",
+        "a red circle",
+        "--model",
+        str(saved),
+        "-o",
+        str(tmp_path / "y.png"),
+        *extra,
+    ]
+    assert cli(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_cli_generate_empty_prompt_and_unreadable_prompts(tmp_path, capsys):
+    assert cli(["generate", " "]) == 2
+    assert "the prompt is empty" in capsys.readouterr().err
+    assert (
+        cli(["generate", "--prompts", str(tmp_path / "missing.txt"), "--output-dir", str(tmp_path)])
+        == 2
+    )
+    assert "cannot read prompts file" in capsys.readouterr().err
+
+
+def test_cli_warns_on_unknown_words(saved, tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        cli(
+            [
+                "generate",
+                "a red giraffe",
+                "--model",
+                str(saved),
+                "--steps",
+                "1",
+                "-o",
+                str(tmp_path / "g.png"),
+            ]
+        )
+    assert "never seen: giraffe" in caplog.text and "It knows: a circle red" in caplog.text
