@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,7 +62,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     print(report.table())
     if args.output is not None:
-        _write_text_atomic(Path(args.output), json.dumps(report.to_json(), indent=2) + "\n")
+        _write_text_atomic(Path(args.output), report.to_json() + "\n")
         print(f"wrote {args.output}")
     return 0
 
@@ -263,7 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("-n", type=_positive_int, default=1, help="images per prompt")
-    p.add_argument("--scheduler", help="sampler: ddim, dpm++, euler, ddpm")
+    p.add_argument(
+        "--scheduler", help="sampler: dpm++, ddim, euler, euler-a, heun, unipc, pndm, ddpm"
+    )
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", help="fp32, fp16 or bf16 (default: fp32 on CPU, fp16 on CUDA)")
     p.add_argument("-o", "--output", type=Path, help="output .png (default: from the prompt)")
@@ -335,6 +338,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """diffusers and transformers log loading details and draw loading bars; the CLI
+    shows its own progress, so it keeps only their errors (unless --verbose)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # libraries imported before main() ran (by a host program, or tests) read those
+    # variables already: tell them directly
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+    if "diffusers" in sys.modules:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
+        diffusers_logging.disable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -342,6 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        _quiet_libraries()
     try:
         return args.func(args)
     except AnygenError as e:

@@ -310,9 +310,10 @@ def save_pretrained(
     *,
     dtype: torch.dtype | None = None,
     card: str | None = None,
+    extra_files: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` (and ``card`` as ``README.md``) to
-    ``directory``, atomically.
+    """Write ``config.json`` and ``model.safetensors`` (and ``card`` as ``README.md``, and
+    each of ``extra_files``, name -> text) to ``directory``, atomically.
 
     ``dtype`` casts floating-point tensors (e.g. ``torch.float16`` for bundled models).
     ``config.json`` also records ``_anygen_version`` and, for a module, ``_class_name``.
@@ -335,6 +336,8 @@ def save_pretrained(
         (tmp / CONFIG_NAME).write_text(config_text)
         if card is not None:
             (tmp / CARD_NAME).write_text(card)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     logger.info("saved %d tensors to %s", len(state), directory)
     return directory
 

@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from anygen.hub import save_pretrained
 from anygen.training import TrainConfig, train
 
 logger = logging.getLogger(__name__)
@@ -127,13 +127,14 @@ def main(argv: list[str]) -> None:
         "constant_mse": y.var(unbiased=False).item(),  # the best constant predicts the mean
     }
     final_dir = Path(args.output_dir) / "final"
-    final_dir.mkdir(parents=True, exist_ok=True)
-    state = {
-        name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()
-    }
-    save_file(state, final_dir / "model.safetensors")
-    (final_dir / "config.json").write_text(json.dumps(asdict(model_config), indent=2) + "\n")
-    (final_dir / "eval.json").write_text(json.dumps(scores, indent=2) + "\n")
+    card = f"# regression MLP\n\nHeld-out scores:\n\n```json\n{json.dumps(scores, indent=2)}\n```\n"
+    save_pretrained(
+        model,
+        final_dir,
+        asdict(model_config),
+        card=card,
+        extra_files={"eval.json": json.dumps(scores, indent=2) + "\n"},
+    )
     logger.info(
         "step %d: held-out MSE %.4f (constant predictor %.4f); saved %s",
         scores["step"],

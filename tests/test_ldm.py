@@ -226,6 +226,9 @@ def test_cli_generate_prompts_file_and_json(saved, tmp_path, capsys):
         {"prompt": "two blue squares", "seed": 2, "file": "0003.png"},
     ]
     assert sorted(p.name for p in out_dir.iterdir()) == ["0001.png", "0003.png", "index.jsonl"]
+    # shapes-eval reads the folder back (a random model: it runs, it does not score)
+    assert cli(["eval", "--images", str(out_dir)]) == 0
+    assert "overall" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -279,3 +282,138 @@ def test_cli_warns_on_unknown_words(saved, tmp_path, caplog):
             ]
         )
     assert "never seen: giraffe" in caplog.text and "It knows: a circle red" in caplog.text
+
+
+def _copy(saved, tmp_path):
+    import shutil
+
+    return shutil.copytree(saved, tmp_path / "copy")
+
+
+def test_truncated_weights_are_a_clear_error(saved, tmp_path, capsys):
+    broken = _copy(saved, tmp_path)
+    weights = next((broken / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert (
+        cli(["generate", "a red circle", "--model", str(broken), "-o", str(tmp_path / "z.png")])
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot load unet" in err[0] and not (tmp_path / "z.png").exists()
+
+
+def test_foreign_component_library_is_refused(saved, tmp_path):
+    from anygen.errors import CheckpointError
+
+    broken = _copy(saved, tmp_path)
+    index = json.loads((broken / "model_index.json").read_text())
+    index["unet"] = ["my_remote_code", "EvilUNet"]
+    (broken / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="loads only diffusers and transformers"):
+        LatentDiffusion.from_pretrained(broken)
+
+
+def test_missing_component_folder_is_a_clear_error(saved, tmp_path):
+    import shutil
+
+    from anygen.errors import CheckpointError
+
+    broken = _copy(saved, tmp_path)
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(CheckpointError, match="has no vae/ folder"):
+        LatentDiffusion.from_pretrained(broken)
+
+
+def _tiny_clip_tokenizer(folder):
+    """A real CLIPTokenizer (BPE files on disk), as SD checkpoints ship, with a tiny vocab."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir()
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for c in "abcdefghijklmnopqrstuvwxyz":
+            vocab[c + suffix] = len(vocab)
+    vocab.update({"re": len(vocab), "red</w>": len(vocab) + 1})
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\nr e\nre d</w>\n")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>"}
+    config = {"model_max_length": 16, "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, **special}))
+    return CLIPTokenizer.from_pretrained(folder)
+
+
+def test_loads_a_stable_diffusion_checkpoint_saved_by_diffusers(tmp_path):
+    """SD-1.x layout as diffusers writes it: CLIPTokenizer, PNDM scheduler, safety checker
+    slot; anygen runs it with the scheduler it ships with, and matches diffusers."""
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    tokenizer = _tiny_clip_tokenizer(tmp_path / "tok")
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    scheduler = PNDMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        skip_prk_steps=True,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(tmp_path / "sd")
+    pipe.set_progress_bar_config(disable=True)
+
+    gen = load_generator(str(tmp_path / "sd"), device="cpu")
+    assert gen.defaults["scheduler"] == "pndm" and gen.default_size == 16
+    ours = gen.generate("a red circle", Options(seed=3, **OPTS)).images
+    ref = pipe(
+        "a red circle",
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        generator=[torch.Generator().manual_seed(3)],
+    ).images
+    assert np.array_equal(pixels(ours), pixels(ref))

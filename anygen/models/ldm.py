@@ -18,9 +18,13 @@ from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
     PixArtTransformer2DModel,
+    PNDMScheduler,
     UNet2DConditionModel,
+    UniPCMultistepScheduler,
 )
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -31,9 +35,15 @@ SCHEDULERS = {
     "ddim": DDIMScheduler,
     "dpm++": DPMSolverMultistepScheduler,
     "euler": EulerDiscreteScheduler,
+    "euler-a": EulerAncestralDiscreteScheduler,
+    "heun": HeunDiscreteScheduler,
+    "unipc": UniPCMultistepScheduler,
+    "pndm": PNDMScheduler,
     "ddpm": DDPMScheduler,
 }
 DEFAULT_SCHEDULER = "dpm++"
+# settings a sampler made from our DDPM config needs (SD's PNDM configs skip PRK steps)
+SAMPLER_SETTINGS = {"pndm": {"skip_prk_steps": True}}
 
 
 @dataclass
@@ -228,7 +238,7 @@ def make_sampler(name: str, training_scheduler) -> object:
         raise UserInputError(
             f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}"
         ) from None
-    return cls.from_config(training_scheduler.config)
+    return cls.from_config(training_scheduler.config, **SAMPLER_SETTINGS.get(name, {}))
 
 
 # --------------------------------------------------------------------------- text

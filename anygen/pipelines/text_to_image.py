@@ -15,7 +15,6 @@ import inspect
 import json
 import logging
 import re
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from anygen.errors import CheckpointError, ModelNotFoundError, UserInputError
+from anygen.hub import atomic_directory
 from anygen.models.ldm import (
     DEFAULT_SCHEDULER,
     SCHEDULERS,
@@ -254,21 +254,14 @@ class LatentDiffusion:
         pipe = self.to_diffusers()
         if dtype is not None and dtype != self.dtype:
             pipe = copy.deepcopy(pipe).to(dtype=dtype)
-        tmp = directory.with_name(f".tmp-{directory.name}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        defaults = {k: v for k, v in self.defaults.items()}
-        (tmp / ANYGEN_FILE).write_text(json.dumps({"family": "ldm", **defaults}, indent=2) + "\n")
-        if card is not None:
-            (tmp / "README.md").write_text(card)
-        if directory.exists():
-            old = directory.with_name(f".old-{directory.name}")
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(directory)
+        with atomic_directory(directory, marker="model_index.json") as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            defaults = dict(self.defaults)
+            (tmp / ANYGEN_FILE).write_text(
+                json.dumps({"family": "ldm", **defaults}, indent=2) + "\n"
+            )
+            if card is not None:
+                (tmp / "README.md").write_text(card)
         return directory
 
     def to_diffusers(self):
@@ -325,20 +318,16 @@ class LatentDiffusion:
                 "cannot run (it needs vae, text_encoder, tokenizer, scheduler and a unet or "
                 "transformer)"
             )
-        from diffusers import DiffusionPipeline
-
-        try:
-            pipe = DiffusionPipeline.from_pretrained(
-                path, dtype=dtype, safety_checker=None, requires_safety_checker=False
-            )
-        except (OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"cannot load the pipeline in {path}: {e}") from None
-        scheduler = pipe.scheduler
+        parts = {
+            key: _load_component(path, key, meta[key], dtype)
+            for key in ("vae", "text_encoder", "tokenizer", denoiser_key, "scheduler")
+        }
+        scheduler = parts["scheduler"]
         components = LdmComponents(
-            vae=pipe.vae,
-            denoiser=getattr(pipe, denoiser_key),
-            text_encoder=pipe.text_encoder,
-            tokenizer=pipe.tokenizer,
+            vae=parts["vae"],
+            denoiser=parts[denoiser_key],
+            text_encoder=parts["text_encoder"],
+            tokenizer=parts["tokenizer"],
             scheduler=scheduler,
         )
         defaults = {}
@@ -352,6 +341,40 @@ class LatentDiffusion:
         return cls(
             components, name=name or path.name, defaults=defaults, device=device, dtype=dtype
         )
+
+
+# model_index.json names each component's library; only these two are ever imported.
+COMPONENT_LIBRARIES = ("diffusers", "transformers")
+
+
+def _load_component(path: Path, key: str, spec: list, dtype: torch.dtype):
+    """One component of a diffusers pipeline directory, by the class model_index.json names.
+
+    Loading the parts directly (rather than through ``DiffusionPipeline``) imports only
+    the classes needed, and never code from outside diffusers and transformers.
+    """
+    import importlib
+
+    if not isinstance(spec, list) or len(spec) != 2 or spec[0] not in COMPONENT_LIBRARIES:
+        raise CheckpointError(
+            f"{path / 'model_index.json'}: component {key!r} is {spec!r}; anygen loads only "
+            f"{' and '.join(COMPONENT_LIBRARIES)} classes"
+        )
+    library, class_name = spec
+    klass = getattr(importlib.import_module(library), class_name, None)
+    if klass is None:
+        raise CheckpointError(
+            f"{library} has no class {class_name!r} (component {key!r} of {path})"
+        )
+    folder = path / key
+    if not folder.is_dir():
+        raise CheckpointError(f"{path} has no {key}/ folder, which model_index.json lists")
+    try:
+        if key == "tokenizer" or key == "scheduler":
+            return klass.from_pretrained(folder)
+        return klass.from_pretrained(folder, dtype=dtype)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise CheckpointError(f"cannot load {key} from {folder}: {e}") from None
 
 
 def _scheduler_name(scheduler) -> str:

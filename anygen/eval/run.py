@@ -1,0 +1,66 @@
+"""``anygen eval --model M --suite S``: plug a loaded generator into a shapes-eval suite.
+
+The suites take plain callables (``anygen.eval.suites``); this module makes those
+callables from a generator's capabilities and says clearly when a model lacks one.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from anygen.errors import UserInputError
+from anygen.eval.suites import Report, run_caption, run_edit, run_story, run_subject, run_t2i
+from anygen.pipelines import Options, load_generator
+
+log = logging.getLogger(__name__)
+
+# suite -> the generator method it needs
+NEEDS = {
+    "t2i": "generate_batch",
+    "caption": "caption",
+    "story": "story",
+    "edit": "edit",
+    "subject": "generate_subject",
+}
+
+
+def evaluate_model(
+    model: str,
+    suite: str,
+    *,
+    n: int = 100,
+    seed: int = 0,
+    batch_size: int = 16,
+    device: str | None = None,
+    dtype: str | None = None,
+    options: Options | None = None,
+    progress: bool = True,
+) -> Report:
+    """Load ``model`` and score it on ``suite`` (t2i, caption, story, edit, subject)."""
+    if suite not in NEEDS:
+        raise UserInputError(f"unknown suite {suite!r}; choose one of {', '.join(NEEDS)}")
+    gen = load_generator(model, device=device, dtype=dtype)
+    if not hasattr(gen, NEEDS[suite]):
+        raise UserInputError(
+            f"model {model!r} ({getattr(gen, 'family', type(gen).__name__)}) cannot run the "
+            f"{suite} suite: it has no {NEEDS[suite]}()"
+        )
+    opts = options or Options()
+    opts.progress = False
+    log.info("evaluating %s on the %s suite (n=%d, seed=%d)", model, suite, n, seed)
+    if suite == "t2i":
+
+        def generate_fn(prompts, seeds):
+            return gen.generate_batch(prompts, seeds, opts).images
+
+        report = run_t2i(generate_fn, n=n, seed=seed, batch_size=batch_size, progress=progress)
+    elif suite == "caption":
+        report = run_caption(gen.caption, getattr(gen, "answer", None), n=n, seed=seed)
+    elif suite == "story":
+        report = run_story(gen.story, n=n, seed=seed)
+    elif suite == "edit":
+        report = run_edit(gen.edit, n=n, seed=seed)
+    else:
+        report = run_subject(gen.generate_subject, n=n, seed=seed)
+    report.meta = {"model": model, "suite": suite, "n": n, "seed": seed, **opts.to_dict()}
+    return report
