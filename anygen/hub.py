@@ -195,17 +195,22 @@ def _download(repo_id: str, kind: str | None) -> Path:
 # writing checkpoints
 
 
-def _fsync_tree(folder: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Flush a written file to disk, so that a rename after it never exposes a partial one."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
     for file in folder.rglob("*"):
         if file.is_file():
-            fd = os.open(file, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(file)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Make a rename in ``folder`` durable; not possible on every platform (Windows)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -247,7 +252,7 @@ def atomic_directory(
     tmp.mkdir()
     try:
         yield tmp
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -262,7 +267,7 @@ def atomic_directory(
             os.replace(old, target)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -278,7 +278,7 @@ def test_mixin_refuses_unknown_fields_and_other_classes(tmp_path):
 # packaging: a non-editable install finds its bundled files from anywhere
 
 
-def test_non_editable_install_resolves_bundled_tokenizer(tmp_path):
+def test_non_editable_install_resolves_bundled_tokenizer_and_models(tmp_path):
     src = tmp_path / "src"
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", ".*")
     for name in ("anygen", "tokenizers"):
@@ -300,6 +300,7 @@ def test_non_editable_install_resolves_bundled_tokenizer(tmp_path):
         "print(resolve('shapes-bpe'))\n"
         "print(len(load_text_tokenizer('shapes-bpe')))\n"
         "print(hasattr(tokenizers, 'Tokenizer'))\n"
+        "print(','.join(sorted(bundled_models('model'))) or '-')\n"
     )
     run = subprocess.run(
         [sys.executable, "-c", code],
@@ -310,11 +311,18 @@ def test_non_editable_install_resolves_bundled_tokenizer(tmp_path):
         timeout=120,
     )
     assert run.returncode == 0, run.stderr
-    module_file, tokenizer_dir, size, hf_tokenizers = run.stdout.split()
+    module_file, tokenizer_dir, size, hf_tokenizers, models = run.stdout.split()
     assert Path(module_file).is_relative_to(site)
     assert Path(tokenizer_dir) == site / "anygen" / "_tokenizers" / "shapes-bpe"
     assert int(size) == card_metadata("shapes-bpe")["vocab_size"]
     assert hf_tokenizers == "True"
+    # every bundled model ships too, weights and all
+    here = bundled_models("model")
+    assert models == (",".join(sorted(here)) or "-")
+    for name, folder in here.items():
+        shipped = site / "anygen" / "assets" / "models" / name
+        for file in folder.rglob("*.safetensors"):
+            assert (shipped / file.relative_to(folder)).is_file(), file
 
 
 def test_checkout_fallback_is_never_huggingface_tokenizers(monkeypatch, tmp_path):

@@ -417,3 +417,48 @@ def test_loads_a_stable_diffusion_checkpoint_saved_by_diffusers(tmp_path):
         generator=[torch.Generator().manual_seed(3)],
     ).images
     assert np.array_equal(pixels(ours), pixels(ref))
+
+
+# ------------------------------------------------------------------ the bundled default
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return load_generator(None, device="cpu")  # the default model: shapes-ldm
+
+
+def test_bundled_default_is_shapes_ldm_and_deterministic(bundled):
+    assert bundled.name == "shapes-ldm" and bundled.default_size == 64
+    assert next(bundled.components.denoiser.parameters()).dtype == torch.float32
+    a = bundled.generate("a red circle", Options(seed=0, steps=2, progress=False))
+    b = bundled.generate("a red circle", Options(seed=0, steps=2, progress=False))
+    assert a.images[0].size == (64, 64) and np.array_equal(pixels(a.images), pixels(b.images))
+    assert bundled.unknown_words("a red circle above two blue squares") == []
+    assert bundled.unknown_words("a red giraffe") == ["giraffe"]
+
+
+def test_bundled_card_records_recipe_and_score():
+    from anygen.hub import card_metadata
+
+    meta = card_metadata("shapes-ldm")
+    assert meta["recipe"] == "recipes/ldm_shapes.py" and "seed" in meta
+    assert 0.0 <= meta["shapes_eval_t2i_overall"] <= 1.0
+
+
+@pytest.mark.slow
+def test_bundled_shapes_ldm_meets_its_quality_bar(bundled):
+    """Issue 3's bar, on 300 held-out prompts: overall >= 0.85, single object >= 0.95,
+    held-out pairs >= 0.70."""
+    from anygen.eval.suites import run_t2i
+
+    report = run_t2i(
+        lambda p, s: bundled.generate_batch(p, s, Options(progress=False)).images,
+        n=300,
+        seed=0,
+        batch_size=32,
+        progress=False,
+    )
+    scores = {k: s for k, (_, s) in report.categories.items()}
+    assert report.overall >= 0.85, report.table()
+    assert scores["single_object"] >= 0.95, report.table()
+    assert scores["held_out"] >= 0.70, report.table()

@@ -244,9 +244,14 @@ class LatentDiffusion:
     # ------------------------------------------------------------------ save / load
 
     def save_pretrained(
-        self, directory: str | Path, card: str | None = None, dtype: torch.dtype | None = None
+        self,
+        directory: str | Path,
+        card: str | None = None,
+        dtype: torch.dtype | None = None,
+        extra_files: dict[str, str] | None = None,
     ) -> Path:
-        """Save as a diffusers pipeline directory (plus ``anygen.json``), atomically.
+        """Save as a diffusers pipeline directory (plus ``anygen.json``, the ``card`` as
+        README.md and ``extra_files``, name -> text), atomically.
 
         ``dtype`` (e.g. fp16 for bundled weights) converts a copy; this model is unchanged.
         """
@@ -262,6 +267,8 @@ class LatentDiffusion:
             )
             if card is not None:
                 (tmp / "README.md").write_text(card)
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
         return directory
 
     def to_diffusers(self):

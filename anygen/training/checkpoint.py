@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from anygen.errors import CheckpointError
+from anygen.hub import fsync_dir, fsync_file
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -202,7 +203,7 @@ def save_checkpoint(
             save_ema(ema, tmp)
         for path in sorted(tmp.rglob("*")):
             if path.is_file():
-                _fsync_file(path)
+                fsync_file(path)
         marker = {"format": MARKER_FORMAT, "step": step, "saved_at": time.time(), **info}
         _write_durably(tmp / COMPLETE_MARKER, json.dumps(marker, indent=2, sort_keys=True) + "\n")
         if final.exists():
@@ -216,7 +217,7 @@ def save_checkpoint(
             _remove(old)
         else:
             os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         logger.info("saved checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final
@@ -234,25 +235,3 @@ def _write_durably(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform (e.g. Windows).
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
