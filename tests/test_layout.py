@@ -89,6 +89,15 @@ def test_every_subpackage_is_packaged():
     }
     missing = sorted(on_disk - listed)
     assert missing == [], f"add {missing} to [tool.setuptools] packages in pyproject.toml"
+    # and the other way: a listed package with no Python file in it (an empty folder,
+    # which git does not keep) breaks the install of a clean clone
+    dirs = setuptools.get("package-dir", {})
+    empty = sorted(
+        name
+        for name in listed - on_disk
+        if not any((REPO / dirs.get(name, name.replace(".", "/"))).glob("*"))
+    )
+    assert empty == [], f"{empty} listed in pyproject.toml but have no files"
     assert setuptools["package-dir"]["anygen._tokenizers"] == "tokenizers"
 
 
