@@ -118,6 +118,32 @@ def latent_scaling_factor(vae: nn.Module, dataset: Dataset, n: int = 512) -> flo
     return float(1.0 / latents.flatten().std())
 
 
+def stage_config(
+    args: argparse.Namespace,
+    output_dir: Path,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    warmup: int,
+    **extra,
+) -> TrainConfig:
+    """One stage's loop settings: cosine schedule, checkpoints, resume as asked."""
+    return TrainConfig(
+        output_dir=output_dir,
+        max_steps=steps,
+        batch_size=batch_size,
+        learning_rate=lr,
+        lr_schedule="cosine",
+        warmup_steps=warmup,
+        checkpoint_every=args.checkpoint_every,
+        keep_last_checkpoints=2,
+        mixed_precision=args.mixed_precision,
+        seed=args.seed,
+        resume="latest" if args.resume else None,
+        **extra,
+    )
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="anygen train recipes/ldm_shapes.py", description=__doc__)
     p.add_argument("--output-dir", type=Path, required=True)
@@ -151,7 +177,6 @@ def main(argv: list[str]) -> None:
     torch.manual_seed(args.seed)
     tokenizer = load_text_tokenizer(args.tokenizer)
     components = build_components(cfg, tokenizer)
-    resume = "latest" if args.resume else None
     started = time.time()
     out = args.output_dir
 
@@ -163,19 +188,7 @@ def main(argv: list[str]) -> None:
         VaeTrainer(components.vae),
         lambda model, batch: model(batch["image"]),
         images,
-        TrainConfig(
-            output_dir=out / "vae",
-            max_steps=args.vae_steps,
-            batch_size=args.vae_batch_size,
-            learning_rate=args.vae_lr,
-            lr_schedule="cosine",
-            warmup_steps=100,
-            checkpoint_every=args.checkpoint_every,
-            keep_last_checkpoints=2,
-            mixed_precision=args.mixed_precision,
-            seed=args.seed,
-            resume=resume,
-        ),
+        stage_config(args, out / "vae", args.vae_steps, args.vae_batch_size, args.vae_lr, 100),
         collate_fn=collate,
     )
     components.vae = vae_result.model.vae
@@ -212,19 +225,14 @@ def main(argv: list[str]) -> None:
         trainer,
         lambda model, batch: model(batch["image"], batch["input_ids"]),
         texts,
-        TrainConfig(
-            output_dir=out / "denoiser",
-            max_steps=args.steps,
-            batch_size=args.batch_size,
-            learning_rate=args.lr,
-            lr_schedule="cosine",
-            warmup_steps=200,
+        stage_config(
+            args,
+            out / "denoiser",
+            args.steps,
+            args.batch_size,
+            args.lr,
+            200,
             ema_decay=args.ema_decay,
-            checkpoint_every=args.checkpoint_every,
-            keep_last_checkpoints=2,
-            mixed_precision=args.mixed_precision,
-            seed=args.seed,
-            resume=resume,
         ),
         collate_fn=collate_text,
         trainable_parameters=list(trainer.denoiser.parameters())
@@ -246,18 +254,8 @@ def main(argv: list[str]) -> None:
         ShapesT2IDataset(
             args.decoder_steps * args.vae_batch_size, seed=args.seed + 2, size=cfg.image_size
         ),
-        TrainConfig(
-            output_dir=out / "decoder",
-            max_steps=args.decoder_steps,
-            batch_size=args.vae_batch_size,
-            learning_rate=args.decoder_lr,
-            lr_schedule="cosine",
-            warmup_steps=50,
-            checkpoint_every=args.checkpoint_every,
-            keep_last_checkpoints=2,
-            mixed_precision=args.mixed_precision,
-            seed=args.seed,
-            resume=resume,
+        stage_config(
+            args, out / "decoder", args.decoder_steps, args.vae_batch_size, args.decoder_lr, 50
         ),
         collate_fn=collate,
         trainable_parameters=decoder_params,
