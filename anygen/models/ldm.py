@@ -147,8 +147,8 @@ def build_vae(cfg: LdmConfig) -> AutoencoderKL:
 
 def build_unet(cfg: LdmConfig) -> UNet2DConditionModel:
     n = len(cfg.unet_channels)
-    # cross-attention at every level but the lowest-resolution down block's mirror,
-    # as in SD: CrossAttnDown..., then plain Down at the bottom.
+    # as in SD: cross-attention blocks at every resolution but the lowest, which has
+    # plain down/up blocks (the mid block keeps its own cross-attention).
     down = ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",)
     up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1)
     return UNet2DConditionModel(
