@@ -21,7 +21,7 @@ from anygen.errors import AnygenError, UserInputError
 log = logging.getLogger("anygen")
 
 TASKS = ("t2i", "story", "edit", "subject", "vqa")
-SUITES = ("t2i", "caption", "story", "edit", "subject")
+SUITES = ("t2i", "caption", "story", "edit", "subject", "reconstruction")
 
 
 # ---------------------------------------------------------------------------- commands
@@ -121,6 +121,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         width=args.width,
         height=args.height,
         scheduler=args.scheduler,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
         progress=not args.json,
     ).validate()
 
@@ -258,15 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", help="bundled name, directory or hub id (default: shapes-ldm)")
     p.add_argument("--seed", type=int, help="random seed (default: a fresh one, recorded)")
-    p.add_argument("--steps", type=int, help="denoising steps")
+    p.add_argument("--steps", type=int, help="denoising steps (ldm models)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     p.add_argument("--negative", help="negative prompt")
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("-n", type=_positive_int, default=1, help="images per prompt")
     p.add_argument(
-        "--scheduler", help="sampler: dpm++, ddim, euler, euler-a, heun, unipc, pndm, ddpm"
+        "--scheduler",
+        help="diffusion sampler (ldm): dpm++, ddim, euler, euler-a, heun, unipc, pndm, ddpm",
     )
+    p.add_argument("--temperature", type=float, help="code sampling temperature (parti; 0: greedy)")
+    p.add_argument("--top-k", type=int, help="sample among the k likeliest codes (parti; 0: off)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (parti; 1: off)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", help="fp32, fp16 or bf16 (default: fp32 on CPU, fp16 on CUDA)")
     p.add_argument("-o", "--output", type=Path, help="output .png (default: from the prompt)")

@@ -44,6 +44,30 @@ def tensor_to_uint8(image: torch.Tensor) -> np.ndarray:
     return arr.to(torch.uint8).permute(1, 2, 0).numpy()
 
 
+def images_to_tensor(images: list, size: int | None = None) -> torch.Tensor:
+    """PIL images (RGB, all one size, or resized to ``size``) -> (B, 3, S, S) in [-1, 1]."""
+    arrays = []
+    for im in images:
+        im = im.convert("RGB")
+        if size is not None and im.size != (size, size):
+            im = im.resize((size, size), resample=3)  # bicubic
+        arrays.append(np.asarray(im, dtype=np.uint8))
+    if len({a.shape for a in arrays}) > 1:
+        raise UserInputError(f"images differ in size: {sorted({a.shape[:2] for a in arrays})}")
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
+    return batch / 127.5 - 1.0
+
+
+def tensor_to_images(images: torch.Tensor) -> list:
+    """(B, 3, H, W) in [-1, 1] -> PIL images, rounded exactly as diffusers' VaeImageProcessor."""
+    from PIL import Image
+
+    images = (images / 2 + 0.5).clamp(0, 1)
+    array = images.detach().cpu().permute(0, 2, 3, 1).float().numpy()
+    array = (array * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in array]
+
+
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
     """Batch items: tensors of one shape are stacked (B, ...), all else becomes a list."""
     out: dict[str, Any] = {}

@@ -9,7 +9,15 @@ from __future__ import annotations
 import logging
 
 from anygen.errors import UserInputError
-from anygen.eval.suites import Report, run_caption, run_edit, run_story, run_subject, run_t2i
+from anygen.eval.suites import (
+    Report,
+    run_caption,
+    run_edit,
+    run_reconstruction,
+    run_story,
+    run_subject,
+    run_t2i,
+)
 from anygen.pipelines import Options, load_generator
 
 log = logging.getLogger(__name__)
@@ -21,6 +29,7 @@ NEEDS = {
     "story": "story",
     "edit": "edit",
     "subject": "generate_subject",
+    "reconstruction": "encode",  # image tokenizers: decode(encode(x))
 }
 
 
@@ -36,9 +45,14 @@ def evaluate_model(
     options: Options | None = None,
     progress: bool = True,
 ) -> Report:
-    """Load ``model`` and score it on ``suite`` (t2i, caption, story, edit, subject)."""
+    """Load ``model`` and score it on ``suite`` (t2i, caption, story, edit, subject; or
+    reconstruction, for an image tokenizer)."""
     if suite not in NEEDS:
         raise UserInputError(f"unknown suite {suite!r}; choose one of {', '.join(NEEDS)}")
+    if suite == "reconstruction":
+        report = _reconstruction(model, n=n, seed=seed, batch_size=batch_size, device=device)
+        report.meta = {"model": model, "suite": suite, "n": n, "seed": seed}
+        return report
     gen = load_generator(model, device=device, dtype=dtype)
     if not hasattr(gen, NEEDS[suite]):
         raise UserInputError(
@@ -64,3 +78,19 @@ def evaluate_model(
         report = run_subject(gen.generate_subject, n=n, seed=seed)
     report.meta = {"model": model, "suite": suite, "n": n, "seed": seed, **opts.to_dict()}
     return report
+
+
+def _reconstruction(
+    model: str, *, n: int, seed: int, batch_size: int, device: str | None
+) -> Report:
+    from anygen.data.datasets import images_to_tensor, tensor_to_images
+    from anygen.pipelines import pick_device
+    from anygen.tokenizers.vq import load_image_tokenizer
+
+    dev = pick_device(device)
+    tok = load_image_tokenizer(model, device=dev)
+
+    def roundtrip(images):
+        return tensor_to_images(tok.decode(tok.encode(images_to_tensor(images).to(dev))))
+
+    return run_reconstruction(roundtrip, n=n, seed=seed, batch_size=batch_size, size=tok.image_size)

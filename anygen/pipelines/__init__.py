@@ -79,7 +79,14 @@ def load_generator(
     config = path / "config.json"
     family = None
     if config.is_file():
-        family = json.loads(config.read_text()).get("_class_name")
+        try:
+            family = json.loads(config.read_text()).get("_class_name")
+        except (json.JSONDecodeError, AttributeError):
+            raise ModelNotFoundError(f"{config} is not a valid JSON config") from None
+    if family == "PartiTransformer":
+        from anygen.pipelines.parti import Parti
+
+        return Parti.from_pretrained(path, name=name, device=dev, dtype=torch_dtype)
     raise ModelNotFoundError(
         f"{name} ({path}) is not a model anygen can generate with"
         + (f": model class {family!r} cannot generate in by this version" if family else "")

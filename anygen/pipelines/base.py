@@ -8,6 +8,7 @@ holds what came back (images, text segments, the seed used, timings).
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -146,3 +147,51 @@ class Timer:
             yield
         finally:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+
+class TextToImage:
+    """What the text-to-image paths (``ldm``, ``parti``) share: ``generate`` over their own
+    ``generate_batch(prompts, seeds, options)``, and the words the model knows."""
+
+    name: str
+    family: str
+    defaults: dict
+
+    def generate_batch(
+        self, prompts: list[str], seeds: list[int], options: Options | None = None
+    ) -> Output:
+        raise NotImplementedError
+
+    @property
+    def known_words(self) -> set[str] | None:
+        """Words the model saw in training, when its card recorded them."""
+        words = self.defaults.get("known_words")
+        return set(words) if words else None
+
+    def unknown_words(self, text: str) -> list[str]:
+        """Words of ``text`` the model never saw in training (empty when it did not record)."""
+        known = self.known_words
+        if not known:
+            return []
+        words = re.findall(r"[a-z]+", text.lower())
+        return sorted({w for w in words if w not in known})
+
+    def generate(self, prompt: str | Sequence[Segment], options: Options | None = None) -> Output:
+        """``options.num_images`` images of one prompt; image i is made from seed + i."""
+        if not isinstance(prompt, str):
+            check_prompt(prompt)
+            texts = [s for s in prompt if isinstance(s, str)]
+            if len(texts) != len(prompt):
+                raise UserInputError(
+                    f"model {self.name!r} ({self.family}) takes a text prompt; images in the "
+                    "prompt need a fusion model"
+                )
+            prompt = " ".join(texts)
+        opts = (options or Options()).validate()
+        check_prompt(prompt)
+        seed = resolve_seed(opts.seed)
+        out = self.generate_batch(
+            [prompt] * opts.num_images, [seed + i for i in range(opts.num_images)], opts
+        )
+        out.seed = seed
+        return out

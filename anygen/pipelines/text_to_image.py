@@ -14,16 +14,14 @@ import copy
 import inspect
 import json
 import logging
-import re
-from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from tqdm.auto import tqdm
 
+from anygen.data.datasets import tensor_to_images
 from anygen.errors import CheckpointError, ModelNotFoundError, UserInputError
 from anygen.hub import atomic_directory
 from anygen.models.ldm import (
@@ -37,11 +35,10 @@ from anygen.models.ldm import (
 from anygen.pipelines.base import (
     Options,
     Output,
-    Segment,
+    TextToImage,
     Timer,
     check_prompt,
     make_generator,
-    resolve_seed,
 )
 
 log = logging.getLogger(__name__)
@@ -51,7 +48,7 @@ ANYGEN_FILE = "anygen.json"
 MAX_SIDE = 4096
 
 
-class LatentDiffusion:
+class LatentDiffusion(TextToImage):
     """Text to image by latent diffusion, behind ``generate(prompt, options) -> Output``."""
 
     family = "ldm"
@@ -94,14 +91,6 @@ class LatentDiffusion:
     def default_size(self) -> int:
         return int(self.components.denoiser.config.sample_size) * self.vae_factor
 
-    @property
-    def known_words(self) -> set[str] | None:
-        """Words the model saw in training, when its card recorded them."""
-        words = self.defaults.get("known_words")
-        return set(words) if words else None
-
-    # ------------------------------------------------------------------ generation
-
     def check_size(self, width: int, height: int) -> None:
         f = self.vae_factor
         for label, value in (("width", width), ("height", height)):
@@ -122,34 +111,6 @@ class LatentDiffusion:
         """(B, L, D) text states from the text encoder."""
         ids = tokenize(self.components.tokenizer, texts, self.device)  # (B, L)
         return self.components.text_encoder(ids)[0].to(self.dtype)
-
-    def unknown_words(self, text: str) -> list[str]:
-        """Words of ``text`` the model never saw in training (empty when it did not record)."""
-        known = self.known_words
-        if not known:
-            return []
-        words = re.findall(r"[a-z]+", text.lower())
-        return sorted({w for w in words if w not in known})
-
-    def generate(self, prompt: str | Sequence[Segment], options: Options | None = None) -> Output:
-        """``options.num_images`` images of one prompt; image i is made from seed + i."""
-        if not isinstance(prompt, str):
-            check_prompt(prompt)
-            texts = [s for s in prompt if isinstance(s, str)]
-            if len(texts) != len(prompt):
-                raise UserInputError(
-                    f"model {self.name!r} (ldm) takes a text prompt; images in the prompt need "
-                    "a fusion model"
-                )
-            prompt = " ".join(texts)
-        opts = (options or Options()).validate()
-        check_prompt(prompt)
-        seed = resolve_seed(opts.seed)
-        out = self.generate_batch(
-            [prompt] * opts.num_images, [seed + i for i in range(opts.num_images)], opts
-        )
-        out.seed = seed
-        return out
 
     def generate_batch(
         self, prompts: list[str], seeds: list[int], options: Options | None = None
@@ -173,6 +134,16 @@ class LatentDiffusion:
         self, prompts: list[str], generators: list[torch.Generator], opts: Options
     ) -> tuple[list[Image.Image], dict, dict]:
         c = self.components
+        for label, value in (
+            ("temperature", opts.temperature),
+            ("top-k", opts.top_k),
+            ("top-p", opts.top_p),
+        ):
+            if value is not None:
+                raise UserInputError(
+                    f"{label} means nothing to {self.name!r}: a diffusion model samples no "
+                    "tokens; use --steps, --scheduler and --guidance"
+                )
         timer = Timer()
         steps = opts.steps if opts.steps is not None else self.defaults["steps"]
         guidance = (
@@ -230,7 +201,7 @@ class LatentDiffusion:
 
         with timer("decode"):
             images = c.vae.decode(latents / c.vae.config.scaling_factor, return_dict=False)[0]
-            images = to_pil(images)
+            images = tensor_to_images(images)
         settings = {
             "steps": steps,
             "guidance_scale": guidance,
@@ -389,11 +360,3 @@ def _scheduler_name(scheduler) -> str:
         if isinstance(scheduler, klass):
             return name
     return DEFAULT_SCHEDULER
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [-1, 1] -> PIL images, exactly as diffusers' VaeImageProcessor."""
-    images = (images / 2 + 0.5).clamp(0, 1)
-    array = images.cpu().permute(0, 2, 3, 1).float().numpy()
-    array = (array * 255).round().astype(np.uint8)
-    return [Image.fromarray(a) for a in array]

@@ -1,0 +1,269 @@
+"""Image tokenizers: the ViT-VQGAN's quantizer, losses, save/load; diffusers' VQModel behind
+the same interface; the bundled shapes-vq."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from anygen.data.datasets import ShapesT2IDataset, images_to_tensor, tensor_to_images
+from anygen.errors import CheckpointError, UserInputError
+from anygen.eval.suites import run_reconstruction
+from anygen.hub import bundled_models
+from anygen.tokenizers.vq import (
+    VQ_PRESETS,
+    DiffusersVQ,
+    FactorizedQuantizer,
+    ImageTokenizer,
+    PatchDiscriminator,
+    VitVQGAN,
+    load_image_tokenizer,
+    psnr,
+    vq_loss,
+)
+
+TINY = VQ_PRESETS["tiny"]
+
+
+def tiny(seed: int = 0, **changes) -> VitVQGAN:
+    torch.manual_seed(seed)
+    return VitVQGAN(dataclasses.replace(TINY, **changes))
+
+
+def images(n: int = 4, size: int = 32) -> torch.Tensor:
+    data = ShapesT2IDataset(n, seed=3, size=size)
+    return torch.stack([data[i]["image"] for i in range(n)])
+
+
+def test_codes_have_the_grid_shape_and_decode_back_to_images():
+    tok = tiny().eval()
+    assert isinstance(tok, ImageTokenizer)
+    codes = tok.encode(images())
+    assert codes.shape == (4, 4, 4) and codes.dtype == torch.long
+    assert 0 <= codes.min() and codes.max() < TINY.codebook_size
+    out = tok.decode(codes)
+    assert out.shape == (4, 3, 32, 32) and out.min() >= -1 and out.max() <= 1
+    assert torch.equal(tok.decode(codes.flatten(1)), out)  # (B, N) codes work too
+
+
+def test_lookup_is_the_euclidean_nearest_normalised_code():
+    q = FactorizedQuantizer(dim=8, codebook_size=40, code_dim=5)
+    z = q.project(torch.randn(3, 7, 8))
+    ref = torch.cdist(z.reshape(-1, 5), q.normalized_codebook()).argmin(-1).reshape(3, 7)
+    assert torch.equal(q.lookup(z), ref)
+
+
+def test_straight_through_gradients_reach_the_encoder_and_the_codebook():
+    tok = tiny().train()
+    vq_loss(tok, images())["loss"].backward()
+    assert tok.patch_in.weight.grad.abs().sum() > 0
+    assert tok.quantizer.codebook.grad.abs().sum() > 0
+
+
+def test_ema_codebook_moves_without_gradients():
+    tok = tiny(codebook_ema_decay=0.9).train()
+    before = tok.quantizer.codebook.detach().clone()
+    out = vq_loss(tok, images())
+    out["loss"].backward()
+    assert tok.quantizer.codebook.grad is None
+    assert not torch.equal(before, tok.quantizer.codebook)
+    assert torch.allclose(tok.quantizer.codebook.norm(dim=-1), torch.ones(TINY.codebook_size))
+
+
+def test_dead_codes_restart_from_batch_vectors():
+    q = FactorizedQuantizer(dim=8, codebook_size=16, code_dim=4, dead_code_threshold=0.5).train()
+    q.usage[:] = 10.0
+    q.usage[[3, 7]] = 0.0
+    before = q.codebook.detach().clone()
+    h = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        q(h)
+    changed = (q.codebook != before).any(-1).nonzero().flatten().tolist()
+    assert set(changed) >= {3, 7}
+    # each restarted code is (up to the jitter) one of the batch's projected vectors
+    z = q.project(h).reshape(-1, 4)
+    for i in (3, 7):
+        assert (z @ q.codebook[i]).max() > 0.99
+    assert q.usage[3] > 0.5 and q.usage[7] > 0.5
+
+
+def test_eval_mode_never_changes_the_codebook():
+    tok = tiny(dead_code_threshold=1e9).eval()
+    before = tok.quantizer.codebook.detach().clone()
+    tok.encode(images())
+    tok(images())
+    assert torch.equal(before, tok.quantizer.codebook)
+
+
+def test_gan_terms_train_each_side_only():
+    """The generator term must not train the discriminator, nor the discriminator term the
+    tokenizer: D's gradient equals that of its own hinge loss alone."""
+    tok, disc = tiny().train(), PatchDiscriminator(width=8, layers=2)
+    x = images()
+    torch.manual_seed(1)
+    out = vq_loss(tok, x, discriminator=disc, gan_weight=0.5)
+    out["loss"].backward()
+    got = [p.grad.clone() for p in disc.parameters()]
+    disc.zero_grad()
+    tok.quantizer.usage.fill_(1.0)
+    with torch.no_grad():
+        recon, _, _ = tok(x)
+    d_only = 0.5 * (torch.relu(1 - disc(x)).mean() + torch.relu(1 + disc(recon)).mean())
+    d_only.backward()
+    for a, p in zip(got, disc.parameters(), strict=True):
+        assert torch.allclose(a, p.grad, atol=1e-6)
+    assert {"g", "d", "l1", "l2", "vq"} <= out.keys()
+
+
+def test_perceptual_loss_is_the_users_module():
+    calls = []
+
+    def perceptual(a, b):
+        calls.append(a.shape)
+        return (a - b).abs().mean(dim=(1, 2, 3))
+
+    out = vq_loss(tiny(), images(), perceptual=perceptual, perceptual_weight=2.0)
+    assert calls == [(4, 3, 32, 32)] and "perceptual" in out
+
+
+def test_a_few_steps_reduce_the_reconstruction_loss():
+    tok = tiny().train()
+    x = images(16)
+    opt = torch.optim.AdamW(tok.parameters(), lr=3e-3)
+    first = None
+    for _ in range(40):
+        out = vq_loss(tok, x)
+        first = first if first is not None else out["l2"].item()
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    assert float(out["l2"]) < 0.5 * first
+
+
+def test_save_and_load_round_trip(tmp_path):
+    tok = tiny().eval()
+    tok.save_pretrained(tmp_path / "vq")
+    assert json.loads((tmp_path / "vq" / "config.json").read_text())["_class_name"] == "VitVQGAN"
+    again = load_image_tokenizer(tmp_path / "vq")
+    x = images()
+    assert torch.equal(tok.encode(x), again.encode(x))
+    assert torch.equal(tok.decode(tok.encode(x)), again.decode(tok.encode(x)))
+
+
+def test_bad_inputs_are_named(tmp_path):
+    tok = tiny().eval()
+    with pytest.raises(UserInputError, match=r"shape \(B, 3, 32, 32\)"):
+        tok.encode(torch.zeros(1, 3, 64, 64))
+    with pytest.raises(UserInputError, match=r"codes must be in \[0, 32\)"):
+        tok.decode(torch.full((1, 4, 4), 32))
+    with pytest.raises(UserInputError, match="decodes"):
+        tok.decode(torch.zeros(1, 5, 5, dtype=torch.long))
+    with pytest.raises(UserInputError, match="not a multiple of patch_size"):
+        dataclasses.replace(TINY, image_size=30)
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_image_tokenizer(tmp_path)
+    (tmp_path / "config.json").write_text('{"_class_name": "UNet2DModel"}')
+    with pytest.raises(CheckpointError, match="UNet2DModel"):
+        load_image_tokenizer(tmp_path)
+
+
+def tiny_vqmodel():
+    from diffusers import VQModel
+
+    torch.manual_seed(0)
+    return VQModel(
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        num_vq_embeddings=24,
+        norm_num_groups=8,
+        sample_size=32,
+    ).eval()
+
+
+def test_diffusers_vqmodel_behind_the_same_interface(tmp_path):
+    vq = tiny_vqmodel()
+    tok = DiffusersVQ(vq)
+    assert isinstance(tok, ImageTokenizer)
+    assert (tok.grid_size, tok.codebook_size) == (16, 24)
+    x = images()
+    codes = tok.encode(x)
+    assert codes.shape == (4, 16, 16) and codes.max() < 24
+    with torch.no_grad():
+        ref = vq(x).sample.clamp(-1, 1)  # diffusers' own encode -> quantize -> decode
+    assert torch.allclose(tok.decode(codes), ref, atol=1e-5)
+    vq.save_pretrained(tmp_path / "vqmodel")
+    again = load_image_tokenizer(tmp_path / "vqmodel")
+    assert isinstance(again, DiffusersVQ) and torch.equal(again.encode(x), codes)
+
+
+def test_psnr_of_known_errors():
+    a = torch.zeros(2, 3, 4, 4)
+    b = a.clone()
+    b[1] += 0.2  # mse 0.04 on a peak-to-peak of 2: 10 log10(4 / 0.04) = 20 dB
+    assert psnr(a, b)[1].item() == pytest.approx(20.0, abs=1e-4)
+    assert psnr(a, a)[0] > 90
+
+
+def test_reconstruction_suite_scores_identity_and_noise():
+    perfect = run_reconstruction(lambda ims: ims, n=12, seed=0, progress=False)
+    assert perfect.overall == 1.0 and perfect.metrics["exact_state"] == 1.0
+    assert perfect.metrics["psnr_db"] > 90
+    blank = run_reconstruction(
+        lambda ims: tensor_to_images(torch.full((len(ims), 3, 64, 64), -0.8)), n=12, progress=False
+    )
+    assert blank.overall == 0.0 and blank.metrics["psnr_db"] < 25
+
+
+@pytest.mark.skipif("shapes-vq" not in bundled_models("tokenizer"), reason="not bundled yet")
+def test_bundled_shapes_vq_keeps_held_out_scenes():
+    tok = load_image_tokenizer("shapes-vq")
+    assert (tok.image_size, tok.grid_size, tok.codebook_size) == (64, 8, 512)
+    report = run_reconstruction(
+        lambda ims: tensor_to_images(tok.decode(tok.encode(images_to_tensor(ims)))),
+        n=50,
+        seed=7,
+        progress=False,
+    )
+    assert report.overall >= 0.94, report.table()
+
+
+@pytest.mark.slow
+def test_bundled_shapes_vq_meets_its_bar():
+    """Issue 4's bar: decode(encode(x)) satisfies x's caption for >= 99% of 1,000 held-out
+    scenes."""
+    tok = load_image_tokenizer("shapes-vq")
+    report = run_reconstruction(
+        lambda ims: tensor_to_images(tok.decode(tok.encode(images_to_tensor(ims)))),
+        n=1000,
+        progress=False,
+    )
+    assert report.overall >= 0.99, report.table()
+
+
+def test_eval_cli_scores_a_tokenizer(tmp_path, capsys):
+    from anygen.cli import main as cli
+
+    tiny(image_size=64).save_pretrained(tmp_path / "vq")
+    code = cli(
+        [
+            "eval",
+            "--model",
+            str(tmp_path / "vq"),
+            "--suite",
+            "reconstruction",
+            "--n",
+            "6",
+            "-o",
+            str(tmp_path / "r.json"),
+        ]
+    )
+    assert code == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["task"] == "reconstruction" and report["n"] == 6
+    assert {"psnr_db", "exact_state"} <= report["metrics"].keys()
+    assert "psnr_db" in capsys.readouterr().out
