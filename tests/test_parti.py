@@ -254,3 +254,38 @@ def test_bundled_shapes_parti_meets_its_bar():
     report = evaluate_model("shapes-parti", "t2i", n=300, batch_size=50, progress=False)
     cats = report.categories
     assert report.overall >= 0.85 and cats["held_out"][1] >= 0.70, report.table()
+
+
+def test_recipes_train_a_tokenizer_then_a_parti_model(tmp_path):
+    """`recipes/vq_shapes.py` then `recipes/parti_shapes.py`, end to end on tiny presets."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def train(recipe, *args):
+        run = subprocess.run(
+            [sys.executable, "-m", "anygen", "train", str(recipes / recipe), *args],
+            capture_output=True, text=True, timeout=600, env=env,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr[-2000:]
+
+    vq = tmp_path / "vq"
+    train("vq_shapes.py", "--output-dir", str(vq), "--preset", "tiny", "--steps", "3",
+          "--batch-size", "4", "--eval-n", "5")  # fmt: skip
+    card = (vq / "model" / "README.md").read_text()
+    assert "32 px -> 4 x 4 codes of 32" in card and "codebook_usage" in card
+    parti = tmp_path / "parti"
+    train("parti_shapes.py", "--output-dir", str(parti), "--preset", "tiny", "--image-tokenizer",
+          str(vq / "model"), "--steps", "3", "--batch-size", "4", "--checkpoint-every", "3",
+          "--select-n", "6", "--eval-n", "7")  # fmt: skip
+    assert (parti / "train" / "checkpoints" / "step-00000003").is_dir()
+    facts = json.loads((parti / "model" / "training.json").read_text())
+    assert len(facts["sampling_selection"]["grid"]) == 6
+    assert json.loads((parti / "model" / "eval.json").read_text())["n"] == 7
+    gen = load_generator(str(parti / "model"))
+    assert gen.defaults["guidance_scale"] == facts["sampling_selection"]["chosen"]["guidance_scale"]
+    assert gen.generate("a red circle", Options(seed=0, **OPTS)).images[0].size == (32, 32)
