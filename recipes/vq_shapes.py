@@ -47,15 +47,20 @@ BUNDLE_DIR = Path(__file__).resolve().parents[1] / "tokenizers" / "shapes-vq"
 
 
 class VQTrainer(nn.Module):
-    def __init__(self, tokenizer: VitVQGAN, gan_weight: float) -> None:
+    def __init__(self, tokenizer: VitVQGAN, gan_weight: float, foreground_weight: float) -> None:
         super().__init__()
         self.tokenizer = tokenizer
         self.gan_weight = gan_weight
+        self.foreground_weight = foreground_weight
         self.discriminator = PatchDiscriminator() if gan_weight > 0 else None
 
     def forward(self, images: torch.Tensor) -> dict:
         return vq_loss(
-            self.tokenizer, images, discriminator=self.discriminator, gan_weight=self.gan_weight
+            self.tokenizer,
+            images,
+            foreground_weight=self.foreground_weight,
+            discriminator=self.discriminator,
+            gan_weight=self.gan_weight,
         )
 
 
@@ -93,10 +98,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--output-dir", type=Path, required=True)
     p.add_argument("--preset", choices=sorted(VQ_PRESETS), default="shapes")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=4000)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=12000)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=8e-4)
     p.add_argument("--gan-weight", type=float, default=0.0, help="patch-GAN weight (0: off)")
+    p.add_argument(
+        "--foreground-weight",
+        type=float,
+        default=10.0,
+        help="extra weight of object pixels in the reconstruction loss (0: plain mean)",
+    )
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     p.add_argument("--resume", action="store_true")
@@ -109,7 +120,7 @@ def main(argv: list[str]) -> None:
     args = parse_args(argv)
     cfg = dataclasses.replace(VQ_PRESETS[args.preset])
     torch.manual_seed(args.seed)
-    trainer = VQTrainer(VitVQGAN(cfg), args.gan_weight)
+    trainer = VQTrainer(VitVQGAN(cfg), args.gan_weight, args.foreground_weight)
     started = time.time()
     out = args.output_dir
     images = ShapesT2IDataset(args.steps * args.batch_size, seed=args.seed, size=cfg.image_size)

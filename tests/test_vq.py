@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -267,3 +268,28 @@ def test_eval_cli_scores_a_tokenizer(tmp_path, capsys):
     assert report["task"] == "reconstruction" and report["n"] == 6
     assert {"psnr_db", "exact_state"} <= report["metrics"].keys()
     assert "psnr_db" in capsys.readouterr().out
+
+
+def test_foreground_mask_finds_the_objects_of_a_scene():
+    import random
+
+    from anygen.data import sample_scene
+    from anygen.data.render import render_scene
+    from anygen.data.world import BACKGROUND
+    from anygen.tokenizers.vq import foreground_mask
+
+    arr = render_scene(sample_scene(random.Random(3), None, "test"), 64)  # (64, 64, 3) uint8
+    x = torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 127.5 - 1
+    want = torch.from_numpy((np.abs(arr.astype(int) - BACKGROUND) > 2).any(-1)).float()
+    assert torch.equal(foreground_mask(x)[0, 0], want)
+    assert 0 < want.mean() < 0.5
+
+
+def test_foreground_weight_reweights_the_reconstruction_terms():
+    torch.manual_seed(0)
+    tok, x = tiny(), images()
+    torch.manual_seed(1)
+    plain = vq_loss(tok, x)
+    torch.manual_seed(1)
+    weighted = vq_loss(tok, x, foreground_weight=10.0)
+    assert not torch.allclose(plain["l1"], weighted["l1"])

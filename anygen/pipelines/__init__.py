@@ -87,6 +87,10 @@ def load_generator(
         from anygen.pipelines.parti import Parti
 
         return Parti.from_pretrained(path, name=name, device=dev, dtype=torch_dtype)
+    if family == "FusionTransformer":
+        from anygen.pipelines.fusion import Fusion
+
+        return Fusion.from_pretrained(path, name=name, device=dev, dtype=torch_dtype)
     raise ModelNotFoundError(
         f"{name} ({path}) is not a model anygen can generate with"
         + (f": model class {family!r} cannot generate in by this version" if family else "")

@@ -42,7 +42,8 @@ class Options:
     temperature: float | None = None  # autoregressive sampling
     top_k: int | None = None
     top_p: float | None = None
-    max_new_tokens: int | None = None  # text generation budget
+    max_new_tokens: int | None = None  # text generation budget (per text segment)
+    max_images: int | None = None  # interleaved generation: the most images to write
     callback: StepCallback | None = None
     progress: bool = True
 
@@ -68,6 +69,8 @@ class Options:
             raise UserInputError(f"top-p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise UserInputError(f"max new tokens must be at least 1, got {self.max_new_tokens}")
+        if self.max_images is not None and self.max_images < 0:
+            raise UserInputError(f"max images must be >= 0, got {self.max_images}")
         return self
 
     def to_dict(self) -> dict:

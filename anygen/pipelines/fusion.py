@@ -1,0 +1,483 @@
+"""Interleaved text and images with one early-fusion transformer (the ``fusion`` path).
+
+``Fusion`` holds a ``FusionTransformer``, the text tokenizer, and the image representation
+the model was trained with: an image tokenizer (``discrete``: VQ codes, decoded by the VQ
+decoder) or a ``VisualCodec`` (``continuous``: encoder embeddings, rendered by the
+diffusion decoder). Every capability is a special case of one interleaved decoder
+(``anygen.models.fusion.decode_stream``):
+
+    gen.generate(["a red circle", image, "the red circle grows"], options)   # -> Output
+    gen.generate("a red circle", Options(num_images=4))                      # text -> image
+    gen.caption(images)                    # image -> text
+    gen.answer(images, questions)          # visual question answering
+    for segment in gen.stream(segments, options): ...   # each segment as soon as it is ready
+
+A saved model is a directory:
+
+    config.json, model.safetensors   FusionConfig ("_class_name": "FusionTransformer")
+    anygen.json      family, defaults, and where the tokenizers are (a subfolder, or a
+                     bundled name / hub id)
+    tokenizer/       the text tokenizer, unless anygen.json names a bundled one
+    image_tokenizer/ (discrete) or visual/ (continuous), unless anygen.json names one
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from anygen.data.datasets import images_to_tensor, tensor_to_images
+from anygen.data.documents import question_text
+from anygen.errors import CheckpointError, UserInputError
+from anygen.hub import atomic_directory
+from anygen.models.fusion import (
+    FusionTransformer,
+    Plan,
+    Prompt,
+    Sampling,
+    decode_stream,
+)
+from anygen.pipelines.base import (
+    Options,
+    Output,
+    Segment,
+    TextToImage,
+    Timer,
+    check_prompt,
+    make_generator,
+    resolve_seed,
+)
+from anygen.tokenizers.text import load_text_tokenizer
+from anygen.tokenizers.visual import VisualCodec, load_visual_codec
+from anygen.tokenizers.vq import ImageTokenizer, load_image_tokenizer
+
+log = logging.getLogger(__name__)
+
+ANYGEN_FILE = "anygen.json"
+DEFAULTS = {
+    "guidance_scale": 3.0,  # image spans
+    "temperature": 1.0,  # image codes
+    "top_k": 0,
+    "top_p": 1.0,
+    "text_temperature": 0.0,  # captions and answers: greedy
+    "story_temperature": 1.0,  # story events: sampled (seeded)
+    "max_new_tokens": 24,
+}
+
+
+class Fusion(TextToImage):
+    """An early-fusion model behind the generator interface, plus caption / answer /
+    stream."""
+
+    family = "fusion"
+
+    def __init__(
+        self,
+        transformer: FusionTransformer,
+        tokenizer,
+        images: ImageTokenizer | VisualCodec,
+        *,
+        name: str = "fusion",
+        defaults: dict | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        c = transformer.config
+        if c.continuous:
+            if not isinstance(images, VisualCodec):
+                raise CheckpointError("a continuous fusion model needs a VisualCodec")
+            if (images.num_embeddings, images.visual_dim) != (c.image_tokens, c.visual_dim):
+                raise CheckpointError(
+                    f"the visual codec makes {images.num_embeddings} x {images.visual_dim} "
+                    f"embeddings an image, the transformer reads {c.image_tokens} x "
+                    f"{c.visual_dim}"
+                )
+        else:
+            if images.codebook_size != c.image_vocab_size:
+                raise CheckpointError(
+                    f"the image tokenizer has {images.codebook_size} codes, the transformer "
+                    f"{c.image_vocab_size}"
+                )
+            if images.grid_size**2 != c.image_tokens:
+                raise CheckpointError(
+                    f"the image tokenizer makes {images.grid_size**2} codes an image, the "
+                    f"transformer {c.image_tokens}"
+                )
+        if len(tokenizer) > c.text_vocab_size:
+            raise CheckpointError(
+                f"the text tokenizer has {len(tokenizer)} tokens, the transformer "
+                f"{c.text_vocab_size}"
+            )
+        self.transformer = transformer.to(device=device, dtype=dtype).eval()
+        self.tokenizer = tokenizer
+        self.images = images.to(device=device, dtype=dtype).eval()
+        self.name = name
+        self.defaults = {**DEFAULTS, **(defaults or {})}
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    @property
+    def config(self):
+        return self.transformer.config
+
+    @property
+    def default_size(self) -> int:
+        return self.images.image_size
+
+    # ------------------------------------------------------------------ segments <-> model
+
+    def text_ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def decode_text(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+
+    def encode_images(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        """PIL images -> codes (N,) or embeddings (N, visual_dim) each; images of another
+        size are resized (bicubic) to the model's."""
+        if not images:
+            return []
+        x = images_to_tensor(list(images), size=self.default_size).to(self.device, self.dtype)
+        if self.config.continuous:
+            return list(self.images.encode(x).float().cpu())
+        return list(self.images.encode(x).reshape(len(images), -1).cpu())
+
+    def render(
+        self, pieces: Sequence[torch.Tensor], generators: Sequence[torch.Generator]
+    ) -> list[Image.Image]:
+        """Codes or embeddings -> PIL images, by the VQ decoder or the diffusion decoder
+        (which draws its noise from ``generators``, one per image)."""
+        if not pieces:
+            return []
+        stacked = torch.stack(list(pieces)).to(self.device)
+        if self.config.continuous:
+            x = self.images.decode(stacked.to(self.dtype), list(generators))
+        else:
+            x = self.images.decode(stacked)
+        return tensor_to_images(x)
+
+    def prompt(self, segments: Sequence[Segment], *, end: Sequence[int] = ()) -> Prompt:
+        """Segments -> a decoder prompt: <bos>, text ids, images as <boi> codes <eoi> (or
+        placeholders with their embeddings), then ``end`` ids."""
+        c = self.config
+        check_prompt(list(segments))
+        ids = [c.bos_id]
+        pictures = [s for s in segments if isinstance(s, Image.Image)]
+        encoded = iter(self.encode_images(pictures))
+        visual = []
+        for s in segments:
+            if isinstance(s, str):
+                ids += self.text_ids(s)
+                continue
+            data = next(encoded)
+            if c.continuous:
+                ids += [c.boi_id, *[c.img_id] * c.image_tokens, c.eoi_id]
+                visual.append(data)
+            else:
+                ids += [c.boi_id, *(data + c.image_offset).tolist(), c.eoi_id]
+        ids += list(end)
+        if len(ids) + c.image_span > c.max_position_embeddings:
+            raise UserInputError(
+                f"the prompt is {len(ids)} tokens; this model reads at most "
+                f"{c.max_position_embeddings} including what it writes"
+            )
+        return Prompt(ids, torch.stack(visual) if visual else None)
+
+    def sampling(self, opts: Options, text_default: str) -> Sampling:
+        """Sampling settings: the options where given, else the model's defaults.
+        ``text_default`` names the default text temperature of the task ("text_temperature"
+        for captions and answers, "story_temperature" for interleaved writing); the
+        temperature option, when given, sets text and image codes alike."""
+        d = self.defaults
+
+        def pick(value, key):
+            return d[key] if value is None else value
+
+        top_k, top_p = pick(opts.top_k, "top_k") or None, pick(opts.top_p, "top_p")
+        negative = self.text_ids(opts.negative_prompt) if opts.negative_prompt else None
+        return Sampling(
+            temperature=pick(opts.temperature, text_default),
+            top_k=top_k,
+            top_p=top_p,
+            image_temperature=pick(opts.temperature, "temperature"),
+            image_top_k=top_k,
+            image_top_p=top_p,
+            guidance_scale=pick(opts.guidance_scale, "guidance_scale"),
+            negative_ids=negative,
+        )
+
+    def check_options(self, opts: Options) -> None:
+        size = self.default_size
+        if opts.steps is not None and not self.config.continuous:
+            raise UserInputError(
+                f"--steps means nothing to {self.name!r}: a discrete fusion model writes "
+                f"exactly {self.config.image_tokens} image codes; leave it out"
+            )
+        if opts.scheduler is not None:
+            raise UserInputError(
+                f"--scheduler means nothing to {self.name!r}; use --temperature, --top-k, --top-p"
+            )
+        for label, value in (("width", opts.width), ("height", opts.height)):
+            if value is not None and value != size:
+                raise UserInputError(
+                    f"{label} {value}: {self.name!r} makes {size} x {size} images only"
+                )
+
+    def _settings(self, s: Sampling, opts: Options, seeds: Sequence[int]) -> dict:
+        return {
+            "guidance_scale": s.guidance_scale,
+            "temperature": s.image_temperature,
+            "text_temperature": s.temperature,
+            "top_k": s.image_top_k or 0,
+            "top_p": s.image_top_p,
+            "negative_prompt": opts.negative_prompt,
+            "width": self.default_size,
+            "height": self.default_size,
+            "image_tokens": self.config.image_tokens,
+            "image_mode": self.config.image_mode,
+            "steps": opts.steps if self.config.continuous else None,
+            "seeds": list(seeds),
+        }
+
+    # ------------------------------------------------------------------ the one loop
+
+    def run(
+        self,
+        prompts: Sequence[Prompt],
+        plan: Plan,
+        sampling: Sampling,
+        seeds: Sequence[int],
+        *,
+        steps: int | None = None,
+        on_phase: Callable[[int, str, list[torch.Generator]], None] | None = None,
+    ) -> Iterator[tuple[int, Segment | None]]:
+        """Decode and yield ``(row, segment)`` as each is ready: text as a str, images
+        rendered to PIL (``None`` marks a row's <eos>)."""
+        generators = [make_generator(s, self.device) for s in seeds]
+        hook = None
+        if on_phase is not None:
+            hook = lambda i, phase: on_phase(i, phase, generators)  # noqa: E731
+        stream = decode_stream(self.transformer, prompts, plan, sampling, generators, on_phase=hook)
+        for row, kind, value in stream:
+            if kind == "text":
+                yield row, self.decode_text(value)
+            elif kind == "image":
+                if self.config.continuous:
+                    x = self.images.decode(
+                        value[None].to(self.device, self.dtype), [generators[row]], steps=steps
+                    )
+                    yield row, tensor_to_images(x)[0]
+                else:
+                    yield row, self.render([value], [generators[row]])[0]
+            else:
+                yield row, None
+
+    # ------------------------------------------------------------------ text -> image
+
+    def generate_batch(
+        self, prompts: list[str], seeds: list[int], options: Options | None = None
+    ) -> Output:
+        """One image per (prompt, seed); image i depends on prompt i and seed i only."""
+        if len(prompts) != len(seeds):
+            raise UserInputError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        opts = (options or Options()).validate()
+        self.check_options(opts)
+        timer = Timer()
+        s = self.sampling(opts, "temperature")
+        with timer("prompt"):
+            rows = [self.prompt([p], end=[self.config.boi_id]) for p in prompts]
+        generators = [make_generator(seed, self.device) for seed in seeds]
+        with timer("decode"):
+            pieces = [None] * len(prompts)
+            stream = decode_stream(self.transformer, rows, Plan(["image"]), s, generators)
+            for row, kind, value in stream:
+                if kind == "image":
+                    pieces[row] = value
+        with timer("render"):
+            if self.config.continuous:
+                x = self.images.decode(
+                    torch.stack(pieces).to(self.device, self.dtype), generators, steps=opts.steps
+                )
+                images = tensor_to_images(x)
+            else:
+                images = self.render(pieces, generators)
+        return Output(
+            segments=images,
+            seed=seeds[0],
+            model=self.name,
+            timings=timer.timings,
+            settings=self._settings(s, opts, seeds),
+        )
+
+    # ------------------------------------------------------------------ interleaved
+
+    def generate(self, prompt: str | Sequence[Segment], options: Options | None = None) -> Output:
+        """A text prompt: ``num_images`` images (text -> image). A list of segments: the
+        model continues it, writing text and images as it chooses, until it ends the
+        document or writes ``max_images`` images (Options.max_images, default 1)."""
+        if isinstance(prompt, str):
+            return super().generate(prompt, options)
+        opts = (options or Options()).validate()
+        seed = resolve_seed(opts.seed)
+        timer = Timer()
+        segments: list[Segment] = []
+        with timer("generate"):
+            for _, segment in self.stream(prompt, opts, seed=seed):
+                if segment is not None:
+                    segments.append(segment)
+        s = self.sampling(opts, "story_temperature")
+        return Output(
+            segments=segments,
+            seed=seed,
+            model=self.name,
+            timings=timer.timings,
+            settings=self._settings(s, opts, [seed]),
+        )
+
+    def stream(
+        self,
+        segments: Sequence[Segment],
+        options: Options | None = None,
+        *,
+        seed: int | None = None,
+        plan: Plan | None = None,
+        on_phase: Callable[[int, str, list[torch.Generator]], None] | None = None,
+    ) -> Iterator[tuple[int, Segment | None]]:
+        """Continue ``segments`` and yield ``(0, segment)`` as each segment is ready (None
+        at the end of the document). ``plan`` defaults to free interleaving."""
+        opts = (options or Options()).validate()
+        self.check_options(opts)
+        seed = resolve_seed(seed if seed is not None else opts.seed)
+        s = self.sampling(opts, "story_temperature")
+        max_new = opts.max_new_tokens or self.defaults["max_new_tokens"]
+        if plan is None:
+            plan = Plan(["free"], max_new_tokens=max_new, max_images=opts.max_images or 1)
+        row = self.prompt(list(segments))
+        yield from self.run([row], plan, s, [seed], steps=opts.steps, on_phase=on_phase)
+
+    # ------------------------------------------------------------------ image -> text
+
+    def _texts(self, prompts: list[Prompt], opts: Options) -> list[str]:
+        s = self.sampling(opts, "text_temperature")
+        max_new = opts.max_new_tokens or self.defaults["max_new_tokens"]
+        seed = resolve_seed(opts.seed if opts.seed is not None else 0)
+        generators = [make_generator(seed + i, self.device) for i in range(len(prompts))]
+        texts = [""] * len(prompts)
+        plan = Plan(["text"], max_new_tokens=max_new)
+        for row, kind, value in decode_stream(self.transformer, prompts, plan, s, generators):
+            if kind == "text":
+                texts[row] = self.decode_text(value)
+        return texts
+
+    def caption(self, images: Sequence[Image.Image], options: Options | None = None) -> list[str]:
+        """One caption per image (greedy by default)."""
+        opts = (options or Options()).validate()
+        _check_images(images)
+        return self._texts([self.prompt([im]) for im in images], opts)
+
+    def answer(
+        self,
+        images: Sequence[Image.Image],
+        questions: Sequence[str],
+        options: Options | None = None,
+    ) -> list[str]:
+        """One short answer per (image, question)."""
+        opts = (options or Options()).validate()
+        _check_images(images)
+        if len(images) != len(questions):
+            raise UserInputError(f"{len(images)} images but {len(questions)} questions")
+        for q in questions:
+            if not q.strip():
+                raise UserInputError("a question is empty")
+        prompts = [
+            self.prompt([im, question_text(q)]) for im, q in zip(images, questions, strict=False)
+        ]
+        return self._texts(prompts, opts)
+
+    # ------------------------------------------------------------------ save / load
+
+    def save_pretrained(
+        self,
+        directory: str | Path,
+        *,
+        card: str | None = None,
+        dtype: torch.dtype | None = None,
+        tokenizer_ref: str | None = None,
+        images_ref: str | None = None,
+        extra_files: dict[str, str] | None = None,
+    ) -> Path:
+        """Write the model directory atomically. ``tokenizer_ref`` / ``images_ref`` (a
+        bundled name or hub id) are recorded instead of copying that part in."""
+        directory = Path(directory)
+        images_key = "visual" if self.config.continuous else "image_tokenizer"
+        with atomic_directory(directory) as tmp:
+            self.transformer.save_pretrained(tmp, dtype=dtype)
+            if tokenizer_ref is None:
+                self.tokenizer.save_pretrained(tmp / "tokenizer")
+            if images_ref is None:
+                self.images.save_pretrained(tmp / images_key, dtype=dtype)
+            meta = {
+                "family": self.family,
+                "tokenizer": tokenizer_ref or "tokenizer",
+                images_key: images_ref or images_key,
+                **self.defaults,
+            }
+            (tmp / ANYGEN_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            if card is not None:
+                (tmp / "README.md").write_text(card)
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        name: str | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> Fusion:
+        path = Path(path)
+        meta_file = path / ANYGEN_FILE
+        if not meta_file.is_file():
+            raise CheckpointError(f"{path} has no {ANYGEN_FILE}: not a saved fusion model")
+        try:
+            meta = json.loads(meta_file.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{meta_file} is not valid JSON: {e}") from None
+        transformer = FusionTransformer.from_pretrained(path)
+
+        def where(key: str) -> str:
+            ref = meta.get(key, key)
+            return str(path / ref) if (path / ref).is_dir() else ref
+
+        tokenizer = load_text_tokenizer(where("tokenizer"))
+        if transformer.config.continuous:
+            images = load_visual_codec(where("visual"))
+        else:
+            images = load_image_tokenizer(where("image_tokenizer"))
+        skip = ("family", "tokenizer", "image_tokenizer", "visual")
+        defaults = {k: v for k, v in meta.items() if k not in skip}
+        return cls(
+            transformer,
+            tokenizer,
+            images,
+            name=name or path.name,
+            defaults=defaults,
+            device=device,
+            dtype=dtype,
+        )
+
+
+def _check_images(images: Sequence[Image.Image]) -> None:
+    if not images:
+        raise UserInputError("no images given")
+    for i, im in enumerate(images):
+        if not isinstance(im, Image.Image):
+            raise UserInputError(f"image {i} is a {type(im).__name__}, not a PIL image")

@@ -1,0 +1,393 @@
+"""Train shapes-fusion: a Chameleon-style early-fusion model of the shapes world.
+
+One Llama-family decoder reads and writes a single stream of shapes-world documents
+(``anygen.data.documents``): caption then image, image then caption, image + question then
+answer, and stories (text, image, event, image, ...). Images are the 8 x 8 codes of the
+frozen ``shapes-vq`` tokenizer, added to the vocabulary (``--image-mode discrete``); or,
+with ``--image-mode continuous --visual DIR``, the 16 embeddings of a frozen visual
+encoder that the model regresses (l2) beside cross-entropy on text (``recipes/emu_shapes.py``
+trains that encoder and its diffusion decoder, then calls this recipe).
+
+Documents are packed whole into rows of ``--row-len`` tokens, as language models
+pretrain, so a batch is not mostly padding. Captions and answers are always canonical; 20%
+of text-to-image prompts are paraphrases. Image-first documents (captions, questions) teach
+the unconditional image distribution that classifier-free guidance pushes away from.
+
+After training: the default guidance scale and image temperature are chosen on
+validation prompts (seed 1000); the model is scored as shipped (fp16 weights) on
+shapes-eval t2i and caption (seed 0) and the card records it all.
+
+    anygen train recipes/fusion_shapes.py --output-dir runs/shapes-fusion
+    anygen train recipes/fusion_shapes.py --output-dir runs/shapes-fusion --bundle
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from anygen.data.datasets import images_to_tensor
+from anygen.data.documents import DEFAULT_MIX, Document, check_mix, mixed_document
+from anygen.data.render import render_image
+from anygen.data.world import Scene
+from anygen.eval.suites import Report, run_caption, run_t2i
+from anygen.hub import resolve
+from anygen.models.fusion import (
+    FUSION_PRESETS,
+    FusionTransformer,
+    ImageSlot,
+    TextSlot,
+    document_length,
+    fusion_loss,
+    pack_rows,
+)
+from anygen.pipelines import Options
+from anygen.pipelines.fusion import Fusion
+from anygen.tokenizers.text import load_text_tokenizer
+from anygen.tokenizers.visual import load_visual_codec
+from anygen.tokenizers.vq import load_image_tokenizer
+from anygen.training import TrainConfig, train
+
+log = logging.getLogger("recipes.fusion_shapes")
+
+ASSETS = Path(__file__).resolve().parents[1] / "anygen" / "assets" / "models"
+STRIDE = 64  # documents a row may draw from (row i reads documents i*STRIDE, ...)
+
+
+class DocumentRows(Dataset):
+    """Row ``i``: documents of the mix, in order from ``i * STRIDE``, that fit together in
+    ``row_len`` tokens (a document that does not fit is skipped). Random access and
+    reproducible, like every shapes-world dataset."""
+
+    def __init__(self, n_rows: int, seed: int, mix: dict, row_len: int, length_of) -> None:
+        self.n_rows, self.seed, self.mix, self.row_len = n_rows, seed, mix, row_len
+        self.length_of = length_of
+        self.paraphrase_prob = 0.2
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def __getitem__(self, index: int) -> list[Document]:
+        docs, used = [], 0
+        for j in range(index * STRIDE, (index + 1) * STRIDE):
+            doc = mixed_document(
+                self.seed, j, self.mix, "train", paraphrase_prob=self.paraphrase_prob
+            )
+            n = self.length_of(doc)
+            if used + n <= self.row_len:
+                docs.append(doc)
+                used += n
+            if self.row_len - used < 16:
+                break
+        return docs
+
+
+class Slots:
+    """Shapes-world documents -> the model's slots: text ids, and images rendered and
+    turned into codes (discrete) or embeddings (continuous) in one batch."""
+
+    def __init__(self, tokenizer, images, config) -> None:
+        self.tokenizer, self.images, self.config = tokenizer, images, config
+        self._ids: dict[str, list[int]] = {}
+
+    def ids(self, text: str) -> list[int]:
+        if text not in self._ids:
+            self._ids[text] = list(self.tokenizer(text, add_special_tokens=False).input_ids)
+        return self._ids[text]
+
+    def length(self, doc: Document) -> int:
+        fake = [
+            ImageSlot(torch.empty(0)) if isinstance(s, Scene) else TextSlot(self.ids(s))
+            for s in doc.segments
+        ]
+        return document_length(fake, self.config)
+
+    @torch.no_grad()
+    def encode(self, scenes: list[Scene]) -> list[torch.Tensor]:
+        if not scenes:
+            return []
+        x = images_to_tensor([render_image(s, self.images.image_size) for s in scenes])
+        if self.config.continuous:
+            return list(self.images.encode(x).float())
+        return list(self.images.encode(x).reshape(len(scenes), -1))
+
+    def __call__(self, rows: list[list[Document]]):
+        scenes = [s for docs in rows for d in docs for s in d.scenes]
+        encoded = iter(self.encode(scenes))
+        out = []
+        for docs in rows:
+            row = []
+            for d in docs:
+                row.append(
+                    [
+                        ImageSlot(next(encoded)) if isinstance(s, Scene) else TextSlot(self.ids(s))
+                        for s in d.segments
+                    ]
+                )
+            out.append(row)
+        return pack_rows(out, self.config)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="anygen train recipes/fusion_shapes.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--output-dir", type=Path, required=True)
+    p.add_argument("--image-mode", choices=("discrete", "continuous"), default="discrete")
+    p.add_argument("--preset", choices=sorted(FUSION_PRESETS), default=None)
+    p.add_argument("--tokenizer", default="shapes-bpe")
+    p.add_argument("--image-tokenizer", default="shapes-vq", help="discrete: the VQ tokenizer")
+    p.add_argument("--visual", default=None, help="continuous: the visual codec directory")
+    p.add_argument("--name", default=None, help="model name (default: shapes-fusion / shapes-emu)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=8, help="packed rows per step")
+    p.add_argument("--row-len", type=int, default=384, help="tokens per packed row")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument(
+        "--mix",
+        default=",".join(f"{k}={v}" for k, v in DEFAULT_MIX.items()),
+        help="document kinds and weights, e.g. t2i=0.4,caption=0.2,vqa=0.2,story=0.2",
+    )
+    p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--select-n", type=int, default=70, help="validation prompts (0: skip)")
+    p.add_argument("--eval-n", type=int, default=300, help="shapes-eval prompts (0: skip)")
+    p.add_argument(
+        "--bundle", action="store_true", help=f"also write fp16 weights to {ASSETS}/NAME"
+    )
+    args = p.parse_args(argv)
+    if args.image_mode == "continuous" and args.visual is None:
+        p.error("--image-mode continuous needs --visual DIR (a trained visual codec)")
+    try:
+        args.mix = check_mix({k: float(v) for k, v in (x.split("=") for x in args.mix.split(","))})
+    except ValueError:
+        p.error(f"--mix must look like t2i=0.4,caption=0.2, got {args.mix!r}")
+    args.name = args.name or ("shapes-emu" if args.image_mode == "continuous" else "shapes-fusion")
+    args.preset = args.preset or (
+        "shapes-continuous" if args.image_mode == "continuous" else "shapes"
+    )
+    return args
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    tokenizer = load_text_tokenizer(args.tokenizer)
+    if args.image_mode == "continuous":
+        images = load_visual_codec(args.visual).requires_grad_(False).eval()
+        shape = {"image_tokens": images.num_embeddings, "visual_dim": images.visual_dim}
+        images_ref = None  # the codec is copied into the model directory
+    else:
+        images = load_image_tokenizer(args.image_tokenizer).requires_grad_(False).eval()
+        shape = {"image_tokens": images.grid_size**2, "image_vocab_size": images.codebook_size}
+        images_ref = args.image_tokenizer
+    cfg = dataclasses.replace(
+        FUSION_PRESETS[args.preset],
+        text_vocab_size=len(tokenizer),
+        pad_id=tokenizer.pad_token_id,
+        bos_id=tokenizer.bos_token_id,
+        eos_id=tokenizer.eos_token_id,
+        boi_id=tokenizer.convert_tokens_to_ids("<boi>"),
+        eoi_id=tokenizer.convert_tokens_to_ids("<eoi>"),
+        img_id=tokenizer.convert_tokens_to_ids("<img>"),
+        **shape,
+    )
+    model = FusionTransformer(cfg)
+    slots = Slots(tokenizer, images, cfg)
+    data = DocumentRows(
+        args.steps * args.batch_size, args.seed, args.mix, args.row_len, slots.length
+    )
+    started = time.time()
+    result = train(
+        model,
+        fusion_loss,
+        data,
+        TrainConfig(
+            output_dir=args.output_dir / "train",
+            max_steps=args.steps,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            weight_decay=0.05,
+            adam_betas=(0.9, 0.95),
+            lr_schedule="cosine",
+            warmup_steps=min(200, args.steps // 10),
+            ema_decay=args.ema_decay,
+            checkpoint_every=args.checkpoint_every,
+            keep_last_checkpoints=2,
+            mixed_precision=args.mixed_precision,
+            seed=args.seed,
+            resume="latest" if args.resume else None,
+        ),
+        collate_fn=slots,
+    )
+    if not result.is_main_process:
+        return
+    wall = time.time() - started
+    words = (resolve(args.tokenizer, kind="tokenizer") / "words.txt").read_text().split()
+    pipe = Fusion(
+        result.model, tokenizer, images, name=args.name, defaults={"known_words": sorted(words)}
+    )
+    facts = {
+        "recipe": "recipes/fusion_shapes.py",
+        "argv": argv,
+        "seed": args.seed,
+        "preset": args.preset,
+        "image_mode": args.image_mode,
+        "steps": args.steps,
+        "batch": f"{args.batch_size} rows of {args.row_len} tokens",
+        "mix": args.mix,
+        "parameters_m": round(sum(p.numel() for p in result.model.parameters()) / 1e6, 2),
+        "eval_n": args.eval_n,
+        "images": args.image_tokenizer if args.image_mode == "discrete" else "visual/",
+        "train_time_s": round(wall, 1),
+        "device": torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+    }
+    if args.select_n:
+        selection = select_sampling(pipe, args.select_n)
+        pipe.defaults.update(selection["chosen"])
+        facts["sampling_selection"] = selection
+    refs = {"tokenizer_ref": args.tokenizer, "images_ref": images_ref}
+    reports: dict[str, Report] = {}
+    if args.eval_n:
+        # score the model as shipped: fp16 weights loaded back in fp32
+        pipe.save_pretrained(args.output_dir / "model-fp16", dtype=torch.float16, **refs)
+        shipped = Fusion.from_pretrained(args.output_dir / "model-fp16", name=args.name)
+        reports = evaluate(shipped, args.eval_n)
+        for name, report in reports.items():
+            log.info("shapes-eval %s:\n%s", name, report.table())
+            facts[f"shapes_eval_{name}_overall"] = round(report.overall, 4)
+    card = model_card(args.name, facts, pipe.defaults, reports)
+    files = {"training.json": json.dumps(facts, indent=2) + "\n"}
+    for name, report in reports.items():
+        files[f"eval-{name}.json"] = report.to_json() + "\n"
+    pipe.save_pretrained(args.output_dir / "model", card=card, extra_files=files, **refs)
+    log.info("saved %s", args.output_dir / "model")
+    if args.bundle:
+        pipe.save_pretrained(
+            ASSETS / args.name, card=card, dtype=torch.float16, extra_files=files, **refs
+        )
+        log.info("bundled fp16 weights in %s", ASSETS / args.name)
+
+
+def evaluate(pipe: Fusion, n: int) -> dict[str, Report]:
+    """shapes-eval t2i and caption (captions + VQA), seed 0, default settings."""
+    quiet = Options(progress=False)
+    t2i = run_t2i(
+        lambda prompts, seeds: pipe.generate_batch(prompts, seeds, quiet).images,
+        n=n,
+        seed=0,
+        batch_size=50,
+        progress=False,
+    )
+    caption = run_caption(
+        lambda images: pipe.caption(images, quiet),
+        lambda images, questions: pipe.answer(images, questions, quiet),
+        n=n,
+        seed=0,
+        batch_size=50,
+        progress=False,
+    )
+    for name, report in (("t2i", t2i), ("caption", caption)):
+        report.meta = {"model": pipe.name, "suite": name, "n": n, "seed": 0}
+    return {"t2i": t2i, "caption": caption}
+
+
+SAMPLING_GRID = [
+    {"guidance_scale": g, "temperature": t} for g in (1.0, 3.0, 5.0) for t in (1.0, 0.7)
+]
+
+
+def select_sampling(pipe: Fusion, n: int) -> dict:
+    """Score each setting of ``SAMPLING_GRID`` on ``n`` validation prompts (shapes-eval t2i
+    prompts of seed 1000, which the reported evaluation, seed 0, never uses) and keep the
+    best: model selection on validation data, not on the test set. Continuous models have
+    no code temperature: only their guidance is chosen."""
+    grid = SAMPLING_GRID
+    if pipe.config.continuous:
+        grid = [g for g in grid if g["temperature"] == 1.0]
+    scores = []
+    for setting in grid:
+        report = run_t2i(
+            lambda prompts, seeds, s=setting: (
+                pipe.generate_batch(prompts, seeds, Options(progress=False, **s)).images
+            ),
+            n=n,
+            seed=1000,
+            batch_size=50,
+            progress=False,
+        )
+        scores.append({**setting, "validation_overall": round(report.overall, 4)})
+        log.info("validation %s: %.3f", setting, report.overall)
+    best = max(scores, key=lambda r: r["validation_overall"])
+    chosen = {k: best[k] for k in ("guidance_scale", "temperature")}
+    return {"n": n, "seed": 1000, "grid": scores, "chosen": chosen}
+
+
+def model_card(name: str, facts: dict, defaults: dict, reports: dict[str, Report]) -> str:
+    front = "\n".join(f"{k}: {json.dumps(v)}" for k, v in facts.items())
+    mode = facts["image_mode"]
+    what = (
+        "8 x 8 codes of the `shapes-vq` tokenizer in the vocabulary (one softmax), rendered by "
+        "its VQ decoder"
+        if mode == "discrete"
+        else "16 embeddings of a visual encoder, regressed (l2) and rendered by a diffusion "
+        "decoder (`visual/`)"
+    )
+    tables = ""
+    for suite, report in reports.items():
+        tables += (
+            f"\nshapes-eval {suite}, {len(report.records)} items, seed 0 "
+            f"(`anygen eval --model {name} --suite {suite} --n {facts.get('eval_n', 300)}`), as "
+            f"shipped (fp16 weights, default settings):\n\n```\n{report.table()}\n```\n"
+        )
+    selection = ""
+    if "sampling_selection" in facts:
+        sel = facts["sampling_selection"]
+        rows = "\n".join(
+            f"| {r['guidance_scale']} | {r['temperature']} | {r['validation_overall']:.3f} |"
+            for r in sel["grid"]
+        )
+        selection = (
+            f"\nDefaults chosen on {sel['n']} validation prompts (shapes-eval t2i, seed "
+            f"{sel['seed']}; the scores below use seed 0):\n\n"
+            f"| guidance | temperature | validation overall |\n|---|---|---|\n{rows}\n"
+        )
+    settings = ", ".join(
+        f"{k} {defaults[k]}" for k in ("guidance_scale", "temperature", "text_temperature")
+    )
+    return f"""---
+name: {name}
+summary: "early-fusion transformer ({mode} images), shapes world: text to image, captions, answers, stories"
+{front}
+---
+# {name}
+
+An early-fusion transformer of the shapes world (Llama-family decoder, {facts["parameters_m"]} M
+parameters) over one sequence of text and images: {what}. Trained from scratch by
+`{facts["recipe"]}` (seed {facts["seed"]}, {facts["steps"]} steps of {facts["batch"]},
+{facts["train_time_s"]:.0f} s on {facts["device"]}) on the document mix {facts["mix"]}.
+Sampling defaults: {settings}.
+
+```python
+from anygen.pipelines import load_generator
+gen = load_generator("{name}")
+gen.generate("a red circle above a blue square").images[0]
+gen.caption([image]); gen.answer([image], ["what colour is the circle"])
+```
+{selection}{tables}"""

@@ -1,0 +1,470 @@
+"""The fusion path with tiny random models, both image modes: exact image spans, KV cache
+= recomputation, guidance in one batch = two separate passes, batch = items, modality
+masks, training rows, save/load, and bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from anygen.data import sample_scene
+from anygen.data.documents import DOCUMENT_KINDS, document, mixed_document, question_text
+from anygen.data.render import render_image
+from anygen.errors import CheckpointError, UserInputError
+from anygen.models.fusion import (
+    FUSION_PRESETS,
+    IGNORE,
+    FusionTransformer,
+    ImageSlot,
+    Plan,
+    Prompt,
+    Sampling,
+    TextSlot,
+    decode,
+    document_length,
+    document_tokens,
+    fusion_loss,
+    make_batch,
+    pack_rows,
+)
+from anygen.pipelines import Options, load_generator
+from anygen.pipelines.fusion import Fusion
+from anygen.sampling import guide
+from anygen.tokenizers.text import load_text_tokenizer
+from anygen.tokenizers.visual import VISUAL_PRESETS, VisualCodec
+from anygen.tokenizers.vq import VQ_PRESETS, VitVQGAN
+
+MODES = ("discrete", "continuous")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_text_tokenizer("shapes-bpe")
+
+
+def config(mode: str, tokenizer, **changes):
+    preset = "tiny" if mode == "discrete" else "tiny-continuous"
+    return dataclasses.replace(FUSION_PRESETS[preset], text_vocab_size=len(tokenizer), **changes)
+
+
+@pytest.fixture(scope="module", params=MODES)
+def mode(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def transformer(mode, tokenizer):
+    torch.manual_seed(0)
+    return FusionTransformer(config(mode, tokenizer)).eval()
+
+
+@pytest.fixture(scope="module")
+def pipe(transformer, tokenizer):
+    torch.manual_seed(1)
+    if transformer.config.continuous:
+        images = VisualCodec(VISUAL_PRESETS["tiny"])
+    else:
+        images = VitVQGAN(VQ_PRESETS["tiny"])
+    return Fusion(transformer, tokenizer, images, name="tiny-fusion")
+
+
+def image_data(c, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if c.continuous:
+        return torch.randn(c.image_tokens, c.visual_dim, generator=g)
+    return torch.randint(0, c.image_vocab_size, (c.image_tokens,), generator=g)
+
+
+def image_prompt(c, text_ids=(), seed: int = 0) -> Prompt:
+    data = image_data(c, seed)
+    if c.continuous:
+        return Prompt(
+            [c.bos_id, c.boi_id, *[c.img_id] * c.image_tokens, c.eoi_id, *text_ids], data[None]
+        )
+    return Prompt([c.bos_id, c.boi_id, *(data + c.image_offset).tolist(), c.eoi_id, *text_ids])
+
+
+def prompts(c):
+    return [
+        Prompt([c.bos_id, 20, 21, 22]),
+        Prompt([c.bos_id, 30]),
+        image_prompt(c, seed=3),
+    ]
+
+
+def gens(n, base=0):
+    return [torch.Generator().manual_seed(base + i) for i in range(n)]
+
+
+def same(a, b, atol=1e-5) -> bool:
+    """Two decode results wrote the same pieces (embeddings within ``atol``)."""
+    for wa, wb in zip(a, b, strict=True):
+        if [k for k, _ in wa.pieces] != [k for k, _ in wb.pieces] or wa.finished != wb.finished:
+            return False
+        for (_, va), (_, vb) in zip(wa.pieces, wb.pieces, strict=False):
+            if torch.is_tensor(va):
+                if va.shape != vb.shape or not torch.allclose(va.float(), vb.float(), atol=atol):
+                    return False
+            elif va != vb:
+                return False
+    return True
+
+
+PLANS = {
+    "image": Plan(["image"]),
+    "text": Plan(["text"], max_new_tokens=5),
+    "story": Plan(["image", "text_to_image", "image"], max_new_tokens=4),
+}
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+@pytest.mark.parametrize("plan", sorted(PLANS))
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_kv_cache_decoding_equals_recomputation(transformer, plan, guidance):
+    c = transformer.config
+    s = Sampling(guidance_scale=guidance)
+    cached = decode(transformer, prompts(c), PLANS[plan], s, gens(3), use_cache=True)
+    recomputed = decode(transformer, prompts(c), PLANS[plan], s, gens(3), use_cache=False)
+    assert same(cached, recomputed)
+
+
+@pytest.mark.parametrize("plan", sorted(PLANS))
+def test_a_batch_equals_its_items_one_by_one(transformer, plan):
+    c = transformer.config
+    s = Sampling(guidance_scale=2.0)
+    batch = decode(transformer, prompts(c), PLANS[plan], s, gens(3))
+    alone = [
+        decode(transformer, [p], PLANS[plan], s, gens(1, base=i))[0]
+        for i, p in enumerate(prompts(c))
+    ]
+    assert same(batch, alone)
+
+
+def test_every_image_span_has_exactly_the_images_length(transformer):
+    c = transformer.config
+    out = decode(transformer, prompts(c), PLANS["story"], Sampling(guidance_scale=3.0), gens(3))
+    for written in out:
+        kinds = [k for k, _ in written.pieces]
+        assert kinds.count("image") == 2
+        for kind, value in written.pieces:
+            if kind != "image":
+                continue
+            if c.continuous:
+                assert tuple(value.shape) == (c.image_tokens, c.visual_dim)
+            else:
+                assert value.shape == (c.image_tokens,)
+                assert 0 <= int(value.min()) and int(value.max()) < c.image_vocab_size
+
+
+def test_text_phases_write_only_text_and_image_phases_only_codes(tokenizer):
+    """Even a model that strongly prefers image codes (or text) writes each where it may."""
+    c = config("discrete", tokenizer)
+    torch.manual_seed(0)
+    model = FusionTransformer(c).eval()
+    head = model.backbone.lm_head.weight
+    with torch.no_grad():
+        head[c.image_offset :] *= 50  # image codes dominate every text step
+    out = decode(model, prompts(c), PLANS["story"], Sampling(), gens(3))
+    for written in out:
+        for kind, value in written.pieces:
+            if kind == "text":
+                assert all(t < c.text_vocab_size for t in value)
+                assert not {c.boi_id, c.eoi_id, c.img_id, c.pad_id} & set(value)
+    with torch.no_grad():
+        head[: c.image_offset] *= 1000  # now text dominates: image spans must still be codes
+    out = decode(model, [Prompt([c.bos_id, 20, c.boi_id])], Plan(["image"]), Sampling(), gens(1))
+    ((kind, codes),) = out[0].pieces
+    assert kind == "image" and codes.shape == (c.image_tokens,)
+
+
+def test_text_to_image_phase_never_ends_the_document(tokenizer):
+    c = config("discrete", tokenizer)
+    torch.manual_seed(0)
+    model = FusionTransformer(c).eval()
+    with torch.no_grad():
+        model.backbone.lm_head.weight[c.eos_id] *= 0
+        model.backbone.lm_head.weight[c.eos_id] += 100 * model.backbone.model.norm.weight
+    out = decode(
+        model,
+        prompts(c),
+        Plan(["image", "text_to_image", "image"], max_new_tokens=3),
+        Sampling(),
+        gens(3),
+    )
+    assert all([k for k, _ in w.pieces].count("image") == 2 and not w.finished for w in out)
+    out = decode(model, prompts(c), Plan(["text"], max_new_tokens=3), Sampling(), gens(3))
+    assert all(w.finished for w in out)
+
+
+def test_guidance_in_one_batch_equals_two_separate_passes(transformer):
+    """Greedy guided image: the one-batch decoder against a reference that runs the
+    conditional and the unconditional sequences separately and in full every step."""
+    c = transformer.config
+    scale = 3.0
+    cond_ids = [c.bos_id, 40, 41, c.boi_id]
+    null_ids = [c.bos_id, c.boi_id]
+    s = Sampling(guidance_scale=scale, image_temperature=0.0)
+    ((kind, got),) = decode(transformer, [Prompt(cond_ids)], Plan(["image"]), s, gens(1))[0].pieces
+    cond = transformer.embed(torch.tensor([cond_ids]))
+    null = transformer.embed(torch.tensor([null_ids]))
+    want = []
+    with torch.no_grad():
+        for _ in range(c.image_tokens):
+            hc, _ = transformer.hidden(cond)
+            hn, _ = transformer.hidden(null)
+            if c.continuous:
+                v = guide(transformer.regress(hc[:, -1]), transformer.regress(hn[:, -1]), scale)
+                nxt = transformer.visual_in(v)
+                want.append(v[0])
+            else:
+                lc = transformer.logits(hc[:, -1])[:, c.image_offset :]
+                ln = transformer.logits(hn[:, -1])[:, c.image_offset :]
+                code = guide(lc, ln, scale).argmax(-1)
+                nxt = transformer.backbone.get_input_embeddings()(code + c.image_offset)
+                want.append(code[0])
+            cond = torch.cat([cond, nxt[:, None]], dim=1)
+            null = torch.cat([null, nxt[:, None]], dim=1)
+    want = torch.stack(want)
+    if c.continuous:
+        assert torch.allclose(got, want, atol=1e-5)
+    else:
+        assert torch.equal(got, want)
+
+
+def test_negative_prompt_changes_guided_images(transformer):
+    c = transformer.config
+    p = [Prompt([c.bos_id, 40, 41, c.boi_id])]
+    plain = decode(transformer, p, Plan(["image"]), Sampling(guidance_scale=3.0), gens(1))
+    negative = decode(
+        transformer,
+        p,
+        Plan(["image"]),
+        Sampling(guidance_scale=3.0, negative_ids=[50, 51]),
+        gens(1),
+    )
+    assert not same(plain, negative)
+
+
+# ----------------------------------------------------------------------------- training rows
+
+
+def test_training_rows_target_the_next_token_and_regress_embeddings(mode, tokenizer):
+    c = config(mode, tokenizer)
+    img = image_data(c, 1)
+    doc = [TextSlot([20, 21]), ImageSlot(img), TextSlot([22], loss=False)]
+    ids, train, _ = document_tokens(doc, c)
+    assert len(ids) == document_length(doc, c) == 1 + 2 + c.image_span + 1 + 1
+    batch = make_batch([doc, [ImageSlot(img)]], c)
+    row, targets = batch.ids[0], batch.targets[0]
+    assert batch.mask.sum(1).tolist() == [len(ids), 1 + c.image_span + 1]
+    boi = 3
+    assert row[boi] == c.boi_id and row[boi + c.image_tokens + 1] == c.eoi_id
+    assert targets[boi - 1] == c.boi_id  # the last text token predicts <boi>
+    assert targets[boi + c.image_tokens] == c.eoi_id
+    assert targets[boi + c.image_tokens + 1] == IGNORE  # no loss on the untrained text
+    if c.continuous:
+        assert (row[boi + 1 : boi + 1 + c.image_tokens] == c.img_id).all()
+        assert (targets[boi : boi + c.image_tokens] == IGNORE).all()
+        assert batch.regress[0, boi : boi + c.image_tokens].all()
+        assert batch.regress.sum() == 2 * c.image_tokens
+        assert torch.equal(batch.visual_targets[: c.image_tokens], img)
+    else:
+        codes = row[boi + 1 : boi + 1 + c.image_tokens] - c.image_offset
+        assert torch.equal(codes, img)
+        assert torch.equal(targets[boi : boi + c.image_tokens] - c.image_offset, img)
+
+
+def test_packed_rows_never_target_across_documents(tokenizer):
+    c = config("discrete", tokenizer)
+    docs = [
+        [TextSlot([20]), ImageSlot(image_data(c))],
+        [ImageSlot(image_data(c, 2)), TextSlot([30, 31])],
+    ]
+    packed = pack_rows([docs], c)
+    separate = make_batch(docs, c)
+    n0 = separate.lengths[0]
+    assert packed.lengths == [sum(separate.lengths)]
+    assert packed.targets[0, n0 - 1] == IGNORE  # <eos> of doc 1 does not predict <bos>
+    assert torch.equal(
+        packed.ids[0, n0 : n0 + separate.lengths[1]], separate.ids[1, : separate.lengths[1]]
+    )
+
+
+def test_loss_falls_when_fitting_one_batch(mode, tokenizer):
+    c = config(mode, tokenizer)
+    torch.manual_seed(0)
+    model = FusionTransformer(c)
+    docs = [[TextSlot([20 + i, 21]), ImageSlot(image_data(c, i))] for i in range(3)]
+    docs.append([ImageSlot(image_data(c, 9)), TextSlot([40, 41, 42])])
+    batch = make_batch(docs, c)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(40):
+        out = fusion_loss(model, batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        first = first if first is not None else out["loss"].item()
+    assert out["loss"].item() < 0.5 * first
+    if c.continuous:
+        assert "mse" in out and out["mse"] < 1.0
+    else:
+        assert out["image_acc"] > 0.3
+
+
+def test_placeholders_and_embeddings_must_agree(tokenizer):
+    c = config("continuous", tokenizer)
+    model = FusionTransformer(c)
+    ids = torch.tensor([[c.bos_id, c.boi_id, *[c.img_id] * c.image_tokens, c.eoi_id]])
+    with pytest.raises(UserInputError, match="placeholder"):
+        model.embed(ids, torch.randn(2, c.image_tokens, c.visual_dim))
+
+
+def test_qk_norm_backbone_and_starting_from_a_language_model(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = config("discrete", tokenizer, qk_norm=True)
+    model = FusionTransformer(c)
+    assert type(model.backbone).__name__ == "Qwen3ForCausalLM"
+    assert hasattr(model.backbone.model.layers[0].self_attn, "q_norm")
+    out = decode(model.eval(), prompts(c), PLANS["image"], Sampling(guidance_scale=2.0), gens(3))
+    assert all(w.pieces[0][1].shape == (c.image_tokens,) for w in out)
+
+    plain = dataclasses.replace(c, qk_norm=False)
+    lm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=c.text_vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_hidden_layers=c.num_layers,
+            num_attention_heads=c.num_heads,
+            num_key_value_heads=c.num_kv_heads,
+        )
+    )
+    text_rows = lm.get_input_embeddings().weight[: c.text_vocab_size].detach().clone()
+    fused = FusionTransformer.from_language_model(lm, plain)
+    assert fused.backbone.config.vocab_size == plain.vocab_size
+    assert torch.equal(fused.backbone.get_input_embeddings().weight[: c.text_vocab_size], text_rows)
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+def scene_image(size: int, seed: int = 0):
+    return render_image(sample_scene(random.Random(seed), None, "test"), size)
+
+
+def test_text_to_image_makes_images_of_the_models_size_seeded(pipe):
+    out = pipe.generate_batch(["a red circle", "two blue squares"], [0, 1], Options(progress=False))
+    size = pipe.default_size
+    assert [im.size for im in out.images] == [(size, size)] * 2
+    again = pipe.generate("a red circle", Options(seed=0, progress=False)).images[0]
+    assert np.array_equal(np.asarray(again), np.asarray(out.images[0]))
+    other = pipe.generate("a red circle", Options(seed=5, progress=False)).images[0]
+    assert not np.array_equal(np.asarray(other), np.asarray(out.images[0]))
+    assert out.settings["seeds"] == [0, 1] and out.settings["image_mode"] == pipe.config.image_mode
+
+
+def test_caption_answer_and_interleaved_generation(pipe):
+    image = scene_image(pipe.default_size)
+    captions = pipe.caption([image, image])
+    assert len(captions) == 2 and all(isinstance(t, str) for t in captions)
+    assert captions[0] == captions[1]  # greedy by default
+    (answer,) = pipe.answer([image], ["what colour is the circle"])
+    assert isinstance(answer, str)
+    out = pipe.generate(
+        ["a red circle", image, "the red circle grows"], Options(seed=3, max_images=1)
+    )
+    assert len(out.images) <= 1 and all(
+        isinstance(s, str) or s.size == image.size for s in out.segments
+    )
+    streamed = [
+        s
+        for _, s in pipe.stream(["a red circle", image], Options(seed=3, max_images=1))
+        if s is not None
+    ]
+    again = pipe.generate(["a red circle", image], Options(seed=3, max_images=1)).segments
+    assert [type(s) for s in streamed] == [type(s) for s in again]
+
+
+def test_a_story_plan_writes_text_and_pictures_in_order(pipe):
+    plan = Plan(["image", "text_to_image", "image", "text_to_image", "image"], max_new_tokens=4)
+    segments = [
+        s
+        for _, s in pipe.stream(["a small red circle"], Options(seed=1), plan=plan)
+        if s is not None
+    ]
+    kinds = ["image" if not isinstance(s, str) else "text" for s in segments]
+    assert kinds.count("image") == 3 and kinds[0] == "image"
+
+
+def test_save_and_load_round_trip(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "m", tokenizer_ref="shapes-bpe")
+    again = load_generator(str(tmp_path / "m"))
+    assert isinstance(again, Fusion) and again.config == pipe.config
+    a = pipe.generate_batch(["a red circle"], [7], Options(progress=False)).images[0]
+    b = again.generate_batch(["a red circle"], [7], Options(progress=False)).images[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert again.caption([scene_image(pipe.default_size)]) == pipe.caption(
+        [scene_image(pipe.default_size)]
+    )
+
+
+def test_bad_input_is_named(pipe, tmp_path):
+    with pytest.raises(UserInputError, match="empty"):
+        pipe.generate("  ")
+    with pytest.raises(UserInputError, match="scheduler"):
+        pipe.generate_batch(["a red circle"], [0], Options(scheduler="ddim"))
+    with pytest.raises(UserInputError, match="makes"):
+        pipe.generate_batch(["a red circle"], [0], Options(width=pipe.default_size * 2))
+    with pytest.raises(UserInputError, match="question is empty"):
+        pipe.answer([scene_image(pipe.default_size)], [" "])
+    with pytest.raises(UserInputError, match="images but"):
+        pipe.answer([scene_image(pipe.default_size)], ["a", "b"])
+    if not pipe.config.continuous:
+        with pytest.raises(UserInputError, match="--steps"):
+            pipe.generate_batch(["a red circle"], [0], Options(steps=5))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "anygen.json").write_text("{")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        Fusion.from_pretrained(tmp_path / "broken")
+
+
+def test_parts_that_do_not_fit_are_refused(tokenizer):
+    c = config("discrete", tokenizer)
+    with pytest.raises(CheckpointError, match="codes an image"):
+        Fusion(
+            FusionTransformer(c),
+            tokenizer,
+            VitVQGAN(dataclasses.replace(VQ_PRESETS["tiny"], image_size=64)),
+        )
+    cc = config("continuous", tokenizer)
+    with pytest.raises(CheckpointError, match="needs a VisualCodec"):
+        Fusion(FusionTransformer(cc), tokenizer, VitVQGAN(VQ_PRESETS["tiny"]))
+
+
+# ----------------------------------------------------------------------------- documents
+
+
+def test_documents_are_reproducible_and_canonical_where_written():
+    for kind in DOCUMENT_KINDS:
+        a, b = document(kind, 0, 5), document(kind, 0, 5)
+        assert a == b and a.kind == kind and a.scenes
+    cap = document("caption", 0, 1)
+    from anygen.eval.parse import in_grammar
+
+    assert in_grammar(cap.segments[1])
+    vqa = document("vqa", 0, 2)
+    assert vqa.segments[1].endswith(" ?") and question_text("is it red?") == "is it red?"
+    story = document("story", 0, 3)
+    assert [type(s).__name__ for s in story.segments[:2]] == ["str", "Scene"]
+    kinds = {mixed_document(0, i).kind for i in range(60)}
+    assert kinds == {"t2i", "caption", "vqa", "story"}
+    with pytest.raises(UserInputError, match="unknown document kinds"):
+        mixed_document(0, 0, {"poems": 1.0})

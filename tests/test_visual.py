@@ -1,0 +1,88 @@
+"""The continuous image representation: visual encoder + diffusion decoder (tiny, random)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from anygen.errors import CheckpointError, UserInputError
+from anygen.tokenizers.visual import (
+    VISUAL_PRESETS,
+    VisualCodec,
+    VisualConfig,
+    build_unet,
+    load_visual_codec,
+)
+
+CFG = VISUAL_PRESETS["tiny"]
+
+
+@pytest.fixture(scope="module")
+def codec() -> VisualCodec:
+    torch.manual_seed(0)
+    return VisualCodec(CFG).eval()
+
+
+def images(n: int = 3, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, CFG.image_size, CFG.image_size, generator=g) * 2 - 1
+
+
+def test_embeddings_are_a_grid_of_normalised_vectors(codec):
+    e = codec.encode(images())
+    assert e.shape == (3, CFG.grid**2, CFG.visual_dim)
+    assert torch.allclose(e.mean(-1), torch.zeros(3, CFG.grid**2), atol=1e-5)
+    assert torch.allclose(e.var(-1, unbiased=False), torch.ones(3, CFG.grid**2), atol=1e-3)
+
+
+def test_decoding_is_seeded_and_row_independent(codec):
+    e = codec.encode(images())
+    gens = lambda *s: [torch.Generator().manual_seed(x) for x in s]  # noqa: E731
+    a = codec.decode(e, gens(0, 1, 2))
+    assert a.shape == (3, 3, CFG.image_size, CFG.image_size) and a.abs().max() <= 1
+    assert torch.equal(a, codec.decode(e, gens(0, 1, 2)))
+    alone = codec.decode(e[1:2], gens(1))
+    assert torch.allclose(a[1:2], alone, atol=1e-5)
+    assert not torch.allclose(a[0], codec.decode(e[:1], gens(9))[0])
+    guided = codec.decode(e[:1], gens(0), guidance_scale=3.0)
+    assert not torch.allclose(a[:1], guided)
+
+
+def test_the_encoder_learns_through_the_decoder_loss():
+    torch.manual_seed(0)
+    codec = VisualCodec(CFG).train()
+    out = codec.loss(images(), generator=torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    assert codec.encoder.proj.weight.grad.abs().sum() > 0
+    assert next(codec.unet.parameters()).grad is not None
+    assert all(p.grad is None for p in codec.vae.parameters())
+    assert not codec.vae.training
+
+
+def test_save_and_load_round_trip(codec, tmp_path):
+    codec.save_pretrained(tmp_path / "visual")
+    again = load_visual_codec(tmp_path / "visual")
+    x = images()
+    assert torch.allclose(codec.encode(x), again.encode(x), atol=1e-6)
+    g = lambda: [torch.Generator().manual_seed(i) for i in range(3)]  # noqa: E731
+    assert torch.allclose(
+        codec.decode(codec.encode(x), g()), again.decode(again.encode(x), g()), atol=1e-5
+    )
+
+
+def test_bad_inputs_and_mismatched_parts_are_named(codec, tmp_path):
+    with pytest.raises(UserInputError, match="takes"):
+        codec.encode(torch.zeros(1, 3, 16, 16))
+    with pytest.raises(UserInputError, match="embeddings"):
+        codec.decode(torch.zeros(1, 3, CFG.visual_dim))
+    with pytest.raises(UserInputError, match="grid"):
+        VisualConfig(image_size=32, patch_size=8, grid=3)
+    wide = dataclasses.replace(CFG, visual_dim=CFG.visual_dim * 2)
+    with pytest.raises(CheckpointError, match="context"):
+        VisualCodec(CFG, unet=build_unet(wide))
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "config.json").write_text('{"_class_name": "VitVQGAN"}')
+    with pytest.raises(CheckpointError, match="not a VisualCodec"):
+        load_visual_codec(tmp_path / "x")
