@@ -214,6 +214,46 @@ def _single_output(output: Path | None, prompt: str, seed: int, index: int, n: i
     return output if n == 1 else output.with_name(f"{output.stem}-{index}{output.suffix}")
 
 
+def cmd_story(args: argparse.Namespace) -> int:
+    from anygen.output import check_story_dir, picture_name, save_png, save_story
+    from anygen.pipelines import DEFAULT_STORY_MODEL, Options, load_generator
+    from anygen.pipelines.story import Story, stream_story
+
+    if not args.prompt.strip():
+        raise UserInputError("the prompt is empty")
+    folder = check_story_dir(args.output_dir, overwrite=args.overwrite)
+    seed = args.seed if args.seed is not None else _fresh_seed()
+    options = Options(
+        seed=seed,
+        guidance_scale=args.guidance,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        progress=False,
+    ).validate()
+    generator = load_generator(args.model or DEFAULT_STORY_MODEL, device=args.device)
+    print(f"anygen: model {generator.name}, seed {seed}", file=sys.stderr)
+    segments: list = [args.prompt]
+    files: list[str] = []
+    seeds: list[int] = []
+    times: list[float] = []
+    print(args.prompt, flush=True)
+    for segment in stream_story(
+        generator, args.prompt, args.scenes, options, seed=seed, seeds_out=seeds, times_out=times
+    ):
+        segments.append(segment)
+        if isinstance(segment, str):
+            print(segment, flush=True)
+            continue
+        file = picture_name(len(files) + 1)
+        save_png(segment, folder / file, overwrite=args.overwrite)
+        files.append(file)
+        print(f"  [picture {len(files)}: {folder / file}]", flush=True)
+    story = Story(segments, 1, seeds, generator.name, seed, times)
+    save_story(story, folder, files=files, overwrite=args.overwrite)
+    print(f"wrote {folder / 'story.html'}, story.md and story.json", file=sys.stderr)
+    return 0
+
+
 def cmd_not_yet(args: argparse.Namespace) -> int:
     raise UserInputError(
         f"'anygen {args.command}' needs a model path that is not in this version of anygen yet"
@@ -288,9 +328,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files")
     p.set_defaults(func=cmd_not_yet)
 
-    p = sub.add_parser("story", help="an interleaved story of text and pictures")
-    p.add_argument("prompt")
-    p.set_defaults(func=cmd_not_yet)
+    p = sub.add_parser(
+        "story",
+        help="an interleaved story of text and pictures",
+        description="Tell a story in scenes, each a text and its picture, starting from PROMPT "
+        "(scene 1's text). Writes story.json, story.md and story.html (self-contained) and "
+        "the pictures into --output-dir, and prints each text as it arrives.",
+    )
+    p.add_argument("prompt", help="the first scene, e.g. 'a small red circle in the center'")
+    p.add_argument("--scenes", type=_positive_int, default=3, help="scenes to write (default 3)")
+    p.add_argument("--model", help="a fusion model (default: shapes-fusion)")
+    p.add_argument("--seed", type=int, help="random seed (default: a fresh one, recorded)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance of the pictures")
+    p.add_argument("--temperature", type=float, help="sampling temperature (text and codes)")
+    p.add_argument("--max-new-tokens", type=_positive_int, help="longest text of a scene")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--output-dir", type=Path, required=True, help="folder for the story")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
+    p.set_defaults(func=cmd_story)
 
     p = sub.add_parser("edit", help="edit an image by an instruction")
     p.add_argument("image")

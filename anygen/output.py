@@ -64,3 +64,141 @@ def read_png_metadata(path: Path) -> dict:
     with Image.open(path) as image:
         text = image.text.get("anygen") if hasattr(image, "text") else None
     return json.loads(text) if text else {}
+
+
+# ---------------------------------------------------------------------------- stories
+
+STORY_FILES = ("story.json", "story.md", "story.html")
+
+
+def check_story_dir(folder: Path, *, overwrite: bool = False) -> Path:
+    """Create ``folder`` for a story, or fail now if it holds one (without ``overwrite``)
+    or cannot be written."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserInputError(f"{folder} exists and is not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise UserInputError(f"{folder} is not empty; pass --overwrite to write a story there")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserInputError(f"cannot create folder {folder}: {e.strerror}") from None
+    if not os.access(folder, os.W_OK):
+        raise UserInputError(f"cannot write into {folder}")
+    return folder
+
+
+def picture_name(index: int) -> str:
+    """File name of a story's picture ``index`` (from 1)."""
+    return f"picture-{index:02d}.png"
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserInputError(f"cannot write {path}: {e.strerror}") from None
+    return path
+
+
+def story_record(story, files: list[str]) -> dict:
+    """The JSON record of a story: segments in order (text, or an image file) with the
+    seed of the scene each image ends, the model, the seed and whether a segment was given."""
+    segments, images = [], 0
+    given_images = sum(1 for s in story.segments[: story.given] if not isinstance(s, str))
+    for i, seg in enumerate(story.segments):
+        given = i < story.given
+        if isinstance(seg, str):
+            segments.append({"type": "text", "text": seg, "given": given})
+        else:
+            item = {"type": "image", "file": files[images], "given": given}
+            if not given:  # generated scene k ends with generated picture k
+                item["seed"] = story.seeds[images - given_images]
+            segments.append(item)
+            images += 1
+    return {
+        "model": story.model,
+        "seed": story.seed,
+        "scene_seeds": story.seeds,
+        "segments": segments,
+    }
+
+
+def story_markdown(record: dict, title: str) -> str:
+    lines = [f"# {title}", ""]
+    for seg in record["segments"]:
+        if seg["type"] == "text":
+            lines += [seg["text"], ""]
+        else:
+            lines += [f"![{seg['file']}]({seg['file']})", ""]
+    lines.append(f"*{record['model']}, seed {record['seed']}*")
+    return "\n".join(lines) + "\n"
+
+
+def story_html(record: dict, title: str, images: dict[str, Image.Image]) -> str:
+    """A self-contained page (pictures inline as data URIs), readable on a phone."""
+    import base64
+    import html
+    import io
+
+    parts = []
+    for seg in record["segments"]:
+        if seg["type"] == "text":
+            parts.append(f'<p class="text">{html.escape(seg["text"])}</p>')
+        else:
+            buf = io.BytesIO()
+            images[seg["file"]].save(buf, format="PNG")
+            data = base64.b64encode(buf.getvalue()).decode("ascii")
+            alt = html.escape(seg["file"])
+            parts.append(f'<img class="picture" alt="{alt}" src="data:image/png;base64,{data}">')
+    body = "\n".join(parts)
+    caption = html.escape(f"{record['model']}, seed {record['seed']}")
+    return f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{html.escape(title)}</title>
+<style>
+  body {{ margin: 0 auto; max-width: 32rem; padding: 1rem; font: 1.1rem/1.5 system-ui, sans-serif;
+         background: #fafafa; color: #222; }}
+  h1 {{ font-size: 1.3rem; }}
+  .picture {{ display: block; width: 100%; max-width: 24rem; margin: 0.5rem auto 1.5rem;
+              image-rendering: pixelated; border-radius: 6px; }}
+  footer {{ color: #777; font-size: 0.9rem; }}
+</style>
+</head>
+<body>
+<h1>{html.escape(title)}</h1>
+<main>
+{body}
+</main>
+<footer>{caption}</footer>
+</body>
+</html>
+"""
+
+
+def save_story(
+    story, folder: Path, *, overwrite: bool = False, files: list[str] | None = None
+) -> dict:
+    """Write a story's pictures (``picture-NN.png``, unless ``files`` says they are there
+    already), ``story.json``, ``story.md`` and ``story.html`` into ``folder``; every file
+    through a temporary name. Returns the JSON record."""
+    folder = Path(folder)
+    pictures = [s for s in story.segments if not isinstance(s, str)]
+    if files is None:
+        files = []
+        for i, image in enumerate(pictures, start=1):
+            save_png(image, folder / picture_name(i), overwrite=overwrite)
+            files.append(picture_name(i))
+    record = story_record(story, files)
+    title = next((s for s in story.segments if isinstance(s, str)), "a story")
+    write_text_atomic(folder / "story.json", json.dumps(record, indent=2) + "\n")
+    write_text_atomic(folder / "story.md", story_markdown(record, title))
+    write_text_atomic(folder / "story.html", story_html(record, title, dict(zip(files, pictures))))
+    return record

@@ -16,6 +16,8 @@ from anygen.errors import ModelNotFoundError, UserInputError
 from anygen.pipelines.base import Generator, Options, Output, Segment
 
 __all__ = [
+    "DEFAULT_MODEL",
+    "DEFAULT_STORY_MODEL",
     "Generator",
     "Options",
     "Output",
@@ -28,6 +30,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "shapes-ldm"
+DEFAULT_STORY_MODEL = "shapes-fusion"  # stories need a model that writes text and images
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

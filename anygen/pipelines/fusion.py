@@ -360,6 +360,19 @@ class Fusion(TextToImage):
         row = self.prompt(list(segments))
         yield from self.run([row], plan, s, [seed], steps=opts.steps, on_phase=on_phase)
 
+    def story(
+        self,
+        prompt: str | Sequence[Segment],
+        scenes: int,
+        seed: int,
+        options: Options | None = None,
+    ) -> list[Segment]:
+        """A story of ``scenes`` scenes after ``prompt`` (``anygen.pipelines.story``), as
+        its segments, the prompt first."""
+        from anygen.pipelines.story import generate_story
+
+        return generate_story(self, prompt, scenes, options, seed=seed).segments
+
     # ------------------------------------------------------------------ image -> text
 
     def _texts(self, prompts: list[Prompt], opts: Options) -> list[str]:

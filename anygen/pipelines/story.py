@@ -1,0 +1,175 @@
+"""Interleaved stories: text and pictures, in order, from any model with the interleaved
+interface (``stream(segments, options, seed=, plan=, on_phase=)``, as ``Fusion`` has).
+
+    story = generate_story(gen, "a small red circle in the center", scenes=3, seed=0)
+    for segment in stream_story(gen, "a small red circle", scenes=3): ...   # as they come
+    longer = generate_story(gen, story.segments, scenes=2)                   # continue one
+
+A scene is a text and then its picture. Scene 1's text is the prompt; each later scene's
+text is written by the model (in the shapes world: an event) and then drawn. The whole
+story is one decoding pass, so the shared prefix is read once and its KV cache carried
+from scene to scene; ``reuse_prefix=False`` starts a fresh pass per scene instead (the
+reference for the speed comparison). Scene k draws from its own seed, ``seed + k``
+(reseeded where the scene begins), and the story records them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from anygen.errors import UserInputError
+from anygen.models.fusion import Plan
+from anygen.pipelines.base import Options, Segment, check_prompt, resolve_seed
+
+log = logging.getLogger(__name__)
+
+MAX_SCENES = 16
+
+
+@dataclass
+class Story:
+    """A story: its segments in reading order (the given ones first), the number of them
+    that were given, the seed of each generated scene, and timings."""
+
+    segments: list[Segment]
+    given: int
+    seeds: list[int]
+    model: str
+    seed: int
+    scene_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [s for s in self.segments if isinstance(s, Image.Image)]
+
+    @property
+    def texts(self) -> list[str]:
+        return [s for s in self.segments if isinstance(s, str)]
+
+    def scenes(self) -> list[tuple[str, Image.Image]]:
+        """(text, picture) pairs: each picture with the text since the picture before."""
+        out, pending = [], []
+        for s in self.segments:
+            if isinstance(s, str):
+                pending.append(s)
+            else:
+                out.append((" ".join(pending), s))
+                pending = []
+        return out
+
+
+def _story_plan(segments: Sequence[Segment], scenes: int, max_new_tokens: int) -> Plan:
+    """Phases for ``scenes`` more scenes after ``segments``: a story that ends with text
+    owes that text its picture first; every other scene is text, then its picture."""
+    ends_with_text = isinstance(segments[-1], str)
+    phases = ["image"] if ends_with_text else ["text_to_image", "image"]
+    phases += ["text_to_image", "image"] * (scenes - 1)
+    return Plan(phases, max_new_tokens=max_new_tokens)
+
+
+def _check(model, prompt: str | Sequence[Segment], scenes: int) -> list[Segment]:
+    if not hasattr(model, "stream"):
+        raise UserInputError(
+            f"model {getattr(model, 'name', model)!r} cannot tell stories: it does not write "
+            "interleaved text and images (use a fusion model, e.g. shapes-fusion)"
+        )
+    if not 1 <= scenes <= MAX_SCENES:
+        raise UserInputError(f"scenes must be between 1 and {MAX_SCENES}, got {scenes}")
+    check_prompt(prompt)  # an empty text, or no segments
+    segments = [prompt] if isinstance(prompt, str) else list(prompt)
+    check_prompt(segments)
+    return segments
+
+
+def stream_story(
+    model,
+    prompt: str | Sequence[Segment],
+    scenes: int = 3,
+    options: Options | None = None,
+    *,
+    seed: int | None = None,
+    reuse_prefix: bool = True,
+    seeds_out: list[int] | None = None,
+    times_out: list[float] | None = None,
+) -> Iterator[Segment]:
+    """Yield each new segment (text, then its picture, scene after scene) as soon as it is
+    ready. ``seeds_out``/``times_out``, when given, receive each scene's seed and seconds."""
+    segments = _check(model, prompt, scenes)
+    opts = (options or Options()).validate()
+    seed = resolve_seed(seed if seed is not None else opts.seed)
+    max_new = opts.max_new_tokens or getattr(model, "defaults", {}).get("max_new_tokens", 24)
+    seeds_out = seeds_out if seeds_out is not None else []
+    times_out = times_out if times_out is not None else []
+    if not reuse_prefix:
+        # a fresh pass per scene over everything so far: the prefix is read again each time
+        story = list(segments)
+        for k in range(scenes):
+            start = time.perf_counter()
+            seeds_out.append(seed + k)
+            plan = _story_plan(story, 1, max_new)
+            for _, seg in model.stream(story, opts, seed=seed + k, plan=plan):
+                if seg is not None:
+                    story.append(seg)
+                    yield seg
+            times_out.append(time.perf_counter() - start)
+        return
+    plan = _story_plan(segments, scenes, max_new)
+    # phase index -> scene number: a scene starts at each text phase, or at the first image
+    starts = [i for i, p in enumerate(plan.phases) if p == "text_to_image" or i == 0]
+    clock = [time.perf_counter()]
+
+    def on_phase(index: int, phase: str, generators) -> None:
+        if index in starts:
+            k = starts.index(index)
+            if k:
+                times_out.append(time.perf_counter() - clock[0])
+                clock[0] = time.perf_counter()
+            seeds_out.append(seed + k)
+            for g in generators:
+                g.manual_seed(seed + k)
+
+    for _, seg in model.stream(segments, opts, seed=seed, plan=plan, on_phase=on_phase):
+        if seg is not None:
+            yield seg
+    times_out.append(time.perf_counter() - clock[0])
+
+
+def generate_story(
+    model,
+    prompt: str | Sequence[Segment],
+    scenes: int = 3,
+    options: Options | None = None,
+    *,
+    seed: int | None = None,
+    reuse_prefix: bool = True,
+) -> Story:
+    """The whole story at once (see ``stream_story``)."""
+    given = _check(model, prompt, scenes)
+    opts = (options or Options()).validate()
+    seed = resolve_seed(seed if seed is not None else opts.seed)
+    seeds, times = [], []
+    new = list(
+        stream_story(
+            model,
+            given,
+            scenes,
+            opts,
+            seed=seed,
+            reuse_prefix=reuse_prefix,
+            seeds_out=seeds,
+            times_out=times,
+        )
+    )
+    return Story(
+        segments=given + new,
+        given=len(given),
+        seeds=seeds,
+        model=getattr(model, "name", ""),
+        seed=seed,
+        scene_seconds=times,
+    )

@@ -1,0 +1,255 @@
+"""Interleaved stories with tiny random fusion models: scenes in order, recorded seeds,
+streaming, continuing a given story, one prefill for the whole story, the story files
+and CLI, and (when Chromium is installed) the story page in a real headless browser."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from anygen.cli import main as cli
+from anygen.errors import UserInputError
+from anygen.models.fusion import FUSION_PRESETS, FusionTransformer
+from anygen.output import save_story
+from anygen.pipelines import Options
+from anygen.pipelines.fusion import Fusion
+from anygen.pipelines.story import generate_story, stream_story
+from anygen.tokenizers.text import load_text_tokenizer
+from anygen.tokenizers.visual import VISUAL_PRESETS, VisualCodec
+from anygen.tokenizers.vq import VQ_PRESETS, VitVQGAN
+
+ARTIFACTS = Path(os.environ.get("ANYGEN_TEST_ARTIFACTS", "test-artifacts"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_text_tokenizer("shapes-bpe")
+
+
+@pytest.fixture(scope="module", params=["discrete", "continuous"])
+def gen(request, tokenizer):
+    torch.manual_seed(0)
+    if request.param == "discrete":
+        c = dataclasses.replace(FUSION_PRESETS["tiny"], text_vocab_size=len(tokenizer))
+        images = VitVQGAN(VQ_PRESETS["tiny"])
+    else:
+        c = dataclasses.replace(FUSION_PRESETS["tiny-continuous"], text_vocab_size=len(tokenizer))
+        images = VisualCodec(VISUAL_PRESETS["tiny"])
+    return Fusion(
+        FusionTransformer(c),
+        tokenizer,
+        images,
+        name=f"tiny-{request.param}",
+        defaults={"max_new_tokens": 5},
+    )
+
+
+def kinds(segments):
+    return ["text" if isinstance(s, str) else "image" for s in segments]
+
+
+def test_a_story_is_its_scenes_in_order_with_a_seed_each(gen):
+    story = generate_story(gen, "a small red circle in the center", scenes=3, seed=10)
+    assert story.segments[0] == "a small red circle in the center" and story.given == 1
+    assert len(story.images) == 3 and story.seeds == [10, 11, 12]
+    k = kinds(story.segments)
+    assert k[1] == "image" and k[-1] == "image"
+    # every later picture follows its scene's text (possibly empty for a random model)
+    assert len(story.scenes()) == 3 and len(story.scene_seconds) == 3
+    assert all(im.size == (gen.default_size,) * 2 for im in story.images)
+
+
+def test_same_seed_same_story_and_streaming_gives_the_same_segments(gen):
+    a = generate_story(gen, "a red circle", scenes=2, seed=4)
+    b = generate_story(gen, "a red circle", scenes=2, seed=4)
+    streamed = list(stream_story(gen, "a red circle", scenes=2, seed=4))
+    for x, y, z in zip(a.segments[1:], b.segments[1:], streamed, strict=True):
+        if isinstance(x, str):
+            assert x == y == z
+        else:
+            assert np.array_equal(np.asarray(x), np.asarray(y))
+            assert np.array_equal(np.asarray(x), np.asarray(z))
+
+
+def test_continuing_a_given_story(gen):
+    first = generate_story(gen, "a blue square", scenes=2, seed=1)
+    more = generate_story(gen, first.segments, scenes=2, seed=2)
+    assert more.given == len(first.segments) and more.segments[: more.given] == first.segments
+    assert len(more.images) == 4 and more.seeds == [2, 3]
+    # a story that ends with text owes that text its picture first
+    owed = generate_story(gen, [*first.segments, "the blue square grows"], scenes=1, seed=2)
+    assert kinds(owed.segments[owed.given :]) == ["image"]
+
+
+def test_the_shared_prefix_is_read_once(gen):
+    """With prefix reuse the backbone sees one multi-token pass (the prompt) and then one
+    token a step; without, every scene starts a fresh pass over the story so far."""
+    lengths = []
+    hook = gen.transformer.backbone.model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["inputs_embeds"].shape[1]),
+        with_kwargs=True,
+    )
+    try:
+        opts = Options(guidance_scale=1.0)
+        generate_story(gen, "a red circle", scenes=3, options=opts, seed=0)
+        reused = [n for n in lengths if n > 1]
+        lengths.clear()
+        generate_story(gen, "a red circle", scenes=3, options=opts, seed=0, reuse_prefix=False)
+        fresh = [n for n in lengths if n > 1]
+    finally:
+        hook.remove()
+    assert len(reused) == 1
+    assert len(fresh) == 3 and fresh == sorted(fresh) and fresh[-1] > fresh[0]
+
+
+def test_bad_story_requests_are_named(gen):
+    with pytest.raises(UserInputError, match="scenes"):
+        generate_story(gen, "a red circle", scenes=0)
+    with pytest.raises(UserInputError, match="empty"):
+        generate_story(gen, "  ", scenes=1)
+    with pytest.raises(UserInputError, match="cannot tell stories"):
+        generate_story(object(), "a red circle", scenes=1)
+
+
+def test_story_files_hold_the_segments_in_order(gen, tmp_path):
+    story = generate_story(gen, "a small red circle", scenes=2, seed=3)
+    record = save_story(story, tmp_path)
+    assert record["scene_seeds"] == [3, 4] and record["model"] == gen.name
+    assert [s["type"] for s in record["segments"]] == kinds(story.segments)
+    assert json.loads((tmp_path / "story.json").read_text()) == record
+    files = [s["file"] for s in record["segments"] if s["type"] == "image"]
+    for f, image in zip(files, story.images, strict=True):
+        with Image.open(tmp_path / f) as saved:
+            assert np.array_equal(np.asarray(saved.convert("RGB")), np.asarray(image))
+    md = (tmp_path / "story.md").read_text()
+    assert md.index(files[0]) < md.index(files[1])
+    page = (tmp_path / "story.html").read_text()
+    sources = re.findall(r'<img[^>]*src="([^"]+)"', page)
+    assert len(sources) == 2 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert 'name="viewport"' in page and "http" not in page.replace("https://", "")
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_cli_story_writes_the_story_and_prints_its_texts(gen, tmp_path, capsys):
+    gen.save_pretrained(tmp_path / "model", tokenizer_ref="shapes-bpe")
+    out = tmp_path / "story"
+    code = cli(
+        [
+            "story",
+            "a small red circle",
+            "--scenes",
+            "2",
+            "--model",
+            str(tmp_path / "model"),
+            "--seed",
+            "5",
+            "--output-dir",
+            str(out),
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    record = json.loads((out / "story.json").read_text())
+    texts = [s["text"] for s in record["segments"] if s["type"] == "text" and s["text"]]
+    assert printed.startswith("a small red circle")
+    assert all(t in printed for t in texts)
+    assert record["scene_seeds"] == [5, 6]
+    assert {"story.json", "story.md", "story.html", "picture-01.png", "picture-02.png"} <= {
+        p.name for p in out.iterdir()
+    }
+    # a second run into the same folder is refused, and nothing is lost
+    assert cli(["story", "x", "--model", str(tmp_path / "model"), "--output-dir", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert json.loads((out / "story.json").read_text()) == record
+
+
+def test_cli_story_refuses_a_model_that_cannot_tell_stories(tmp_path, capsys):
+    tiny = VitVQGAN(VQ_PRESETS["tiny"])
+    tiny.save_pretrained(tmp_path / "vq")
+    assert (
+        cli(
+            [
+                "story",
+                "a red circle",
+                "--model",
+                str(tmp_path / "vq"),
+                "--output-dir",
+                str(tmp_path / "s"),
+            ]
+        )
+        == 2
+    )
+    assert "anygen story: error" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ a real browser
+
+
+def _browser():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip(
+            "Chromium and chromedriver are not installed (Debian: chromium chromium-driver)"
+        )
+    try:
+        from selenium import webdriver
+    except ImportError:
+        pytest.skip("selenium is not installed (pip install -e '.[dev]')")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--window-size=420,900",  # a phone's width
+    ):
+        options.add_argument(flag)
+    service = webdriver.ChromeService(executable_path=driver)
+    return webdriver.Chrome(options=options, service=service)
+
+
+def test_story_page_in_headless_chromium(gen, tmp_path):
+    story = generate_story(gen, "a small red circle in the center", scenes=3, seed=7)
+    record = save_story(story, tmp_path)
+    browser = _browser()
+    try:
+        browser.get((tmp_path / "story.html").resolve().as_uri())
+        items = browser.execute_script(
+            """
+            return Array.from(document.querySelectorAll('main > *')).map(e => ({
+              tag: e.tagName.toLowerCase(), text: e.textContent,
+              complete: e.tagName === 'IMG' ? e.complete : null,
+              width: e.tagName === 'IMG' ? e.naturalWidth : null,
+              shown: e.getBoundingClientRect().width}));
+            """
+        )
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shot = ARTIFACTS / f"story-{gen.name}.png"
+        browser.save_screenshot(str(shot))
+    finally:
+        browser.quit()
+    want = [("img" if s["type"] == "image" else "p") for s in record["segments"]]
+    assert [i["tag"] for i in items] == want
+    texts = [s["text"] for s in record["segments"] if s["type"] == "text"]
+    assert [i["text"] for i in items if i["tag"] == "p"] == texts
+    images = [i for i in items if i["tag"] == "img"]
+    assert len(images) == 3
+    assert all(i["complete"] and i["width"] == gen.default_size for i in images)
+    assert all(0 < i["shown"] <= 420 for i in images)  # fits the phone-width window
+    with Image.open(shot) as png:
+        assert png.size[0] > 0
