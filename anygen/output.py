@@ -200,5 +200,7 @@ def save_story(
     title = next((s for s in story.segments if isinstance(s, str)), "a story")
     write_text_atomic(folder / "story.json", json.dumps(record, indent=2) + "\n")
     write_text_atomic(folder / "story.md", story_markdown(record, title))
-    write_text_atomic(folder / "story.html", story_html(record, title, dict(zip(files, pictures))))
+    write_text_atomic(
+        folder / "story.html", story_html(record, title, dict(zip(files, pictures, strict=True)))
+    )
     return record
