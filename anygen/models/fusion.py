@@ -585,44 +585,44 @@ class Written:
 
 
 class _Rows:
-    """Decoding state of R rows: every input so far (as embeddings, for the no-cache
-    reference), its padding mask and positions, and the KV cache. Rows advance in lock
-    step; a row that waits gets a masked pad at that step and keeps its position."""
+    """Decoding state of R rows: the padding mask and positions of every input so far, the
+    KV cache, and (for the no-cache reference only) every input embedding. Rows advance in
+    lock step; a row that waits gets a masked pad at that step and keeps its position."""
 
     def __init__(self, model: FusionTransformer, embeds, mask, use_cache: bool) -> None:
         self.model, self.use_cache = model, use_cache
-        self.embeds, self.mask = embeds, mask  # (R, L, D), (R, L)
+        self.embeds = None if use_cache else embeds  # (R, L, D)
+        self.mask = mask  # (R, L)
         self.positions = _positions(mask)  # (R, L)
         self.next_pos = mask.sum(-1)  # (R,)
         self.cache = None
-        self.hidden = self._run(embeds, mask, self.positions, fresh=True)  # (R, D)
-
-    def _run(self, embeds, mask, positions, fresh: bool = False) -> torch.Tensor:
-        if self.use_cache:
-            h, self.cache = self.model.hidden(
-                embeds, self.mask, positions, cache=None if fresh else self.cache, use_cache=True
-            )
-        else:  # the reference: the whole sequence, every step
-            h, _ = self.model.hidden(self.embeds, self.mask, self.positions)
-        return h[:, -1]
+        h, self.cache = model.hidden(embeds, mask, self.positions, use_cache=use_cache)
+        self.hidden = h[:, -1]  # (R, D)
 
     def step(self, new: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """Append one input (R, D) for each row (masked where not ``active``); returns the
         new last hidden states (R, D)."""
         active = active.long()
-        pos = self.next_pos.clone()
+        pos = self.next_pos[:, None].clone()  # (R, 1)
         self.next_pos = self.next_pos + active
-        new = new[:, None]
-        self.embeds = torch.cat([self.embeds, new], dim=1)
         self.mask = torch.cat([self.mask, active[:, None]], dim=1)
-        self.positions = torch.cat([self.positions, pos[:, None]], dim=1)
-        self.hidden = self._run(new, self.mask, pos[:, None])
+        self.positions = torch.cat([self.positions, pos], dim=1)
+        if self.use_cache:
+            h, self.cache = self.model.hidden(
+                new[:, None], self.mask, pos, cache=self.cache, use_cache=True
+            )
+        else:  # the reference: the whole sequence, every step
+            self.embeds = torch.cat([self.embeds, new[:, None]], dim=1)
+            h, _ = self.model.hidden(self.embeds, self.mask, self.positions)
+        self.hidden = h[:, -1]
         return self.hidden
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` (indices)."""
         for name in ("embeds", "mask", "positions", "next_pos", "hidden"):
-            setattr(self, name, getattr(self, name)[rows])
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value[rows])
         if self.cache is not None:
             self.cache.batch_select_indices(rows)
 
@@ -630,7 +630,8 @@ class _Rows:
         """Append ``other``'s rows, left-padding the shorter side's sequence to match."""
         width = max(self.mask.shape[1], other.mask.shape[1])
         parts = [_left_pad(s, width) for s in (self, other)]
-        self.embeds = torch.cat([p[0] for p in parts])
+        if not self.use_cache:
+            self.embeds = torch.cat([p[0] for p in parts])
         self.mask = torch.cat([p[1] for p in parts])
         self.positions = torch.cat([p[2] for p in parts])
         self.next_pos = torch.cat([self.next_pos, other.next_pos])
@@ -647,12 +648,16 @@ class _Rows:
 
 
 def _left_pad(rows: _Rows, width: int):
+    """(embeds or None, mask, positions) of ``rows`` left-padded to ``width``."""
     extra = width - rows.mask.shape[1]
+    r = rows.mask.shape[0]
+    embeds = rows.embeds
+    if extra and embeds is not None:
+        embeds = torch.cat([embeds.new_zeros(r, extra, embeds.shape[2]), embeds], dim=1)
     if extra == 0:
-        return rows.embeds, rows.mask, rows.positions
-    r, _, d = rows.embeds.shape
+        return embeds, rows.mask, rows.positions
     return (
-        torch.cat([rows.embeds.new_zeros(r, extra, d), rows.embeds], dim=1),
+        embeds,
         torch.cat([rows.mask.new_zeros(r, extra), rows.mask], dim=1),
         torch.cat([rows.positions.new_zeros(r, extra), rows.positions], dim=1),
     )
