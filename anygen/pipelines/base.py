@@ -43,6 +43,8 @@ class Options:
     top_k: int | None = None
     top_p: float | None = None
     max_new_tokens: int | None = None  # text generation budget
+    strength: float | None = None  # editing: how far from the input image (0: none, 1: all)
+    image_guidance_scale: float | None = None  # editing: pull towards the input image
     callback: StepCallback | None = None
     progress: bool = True
 
@@ -68,6 +70,12 @@ class Options:
             raise UserInputError(f"top-p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise UserInputError(f"max new tokens must be at least 1, got {self.max_new_tokens}")
+        if self.strength is not None and not (0 < self.strength <= 1):
+            raise UserInputError(f"strength must be in (0, 1], got {self.strength}")
+        if self.image_guidance_scale is not None and self.image_guidance_scale < 0:
+            raise UserInputError(
+                f"image guidance scale must be >= 0, got {self.image_guidance_scale}"
+            )
         return self
 
     def to_dict(self) -> dict:

@@ -1,0 +1,399 @@
+"""Real model families, offline: tiny random-weight models of the real classes.
+
+Each family's model is built from a small config (the same diffusers / transformers
+classes as the real checkpoints), saved to a temporary directory in its library's own
+format, and loaded back through ``anygen`` by path, as a user's download would be. The
+tests check what could go wrong: sizes and types, same seed -> same pixels, other seed ->
+other pixels, exact image-token counts, refusals, LoRA scales, offline resolution.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from anygen.cli import main as cli
+from anygen.errors import CheckpointError, ModelNotFoundError, UserInputError
+from anygen.pipelines import Options, load_generator
+
+STEPS = 2
+CHARS = list(string.ascii_lowercase + string.digits + ".,!?':")
+
+
+def pixels(images: list[Image.Image]) -> np.ndarray:
+    return np.stack([np.asarray(i) for i in images]).astype(np.int16)
+
+
+def seeded(seed: int = 0) -> None:
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- tokenizers
+# Character-level vocabularies in the real tokenizer classes: enough to encode any prompt
+# of lower-case words, and small enough for a 32-wide embedding table.
+
+
+def clip_tokenizer(max_length: int = 16):
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in CHARS:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def t5_tokenizer(max_length: int = 16):
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(c, -1.0) for c in CHARS] + [("▁" + c, -1.0) for c in CHARS]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
+
+
+def llama_tokenizer(**special):
+    from transformers import LlamaTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "▁": 4}
+    for c in CHARS:
+        vocab[c] = len(vocab)
+        vocab["▁" + c] = len(vocab)
+    return LlamaTokenizer(
+        vocab=vocab, merges=[], pad_token="<pad>", add_bos_token=True, extra_special_tokens=special
+    )
+
+
+def clip_text_config(vocab_size: int, **kw):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        **kw,
+    )
+
+
+def t5_encoder(vocab_size: int, d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=vocab_size,
+            d_model=d_model,
+            d_ff=37,
+            d_kv=8,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            decoder_start_token_id=0,
+        )
+    )
+
+
+def small_vae(**kw):
+    from diffusers import AutoencoderKL
+
+    # four levels: the 8x downsampling of every real latent-diffusion VAE
+    args = dict(
+        block_out_channels=(8, 8, 16, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=32,
+    )
+    args.update(kw)
+    return AutoencoderKL(**args)
+
+
+# SD3 and Flux VAEs: no quant convs, latents shifted and scaled
+FLOW_VAE = dict(
+    use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035
+)
+
+
+def tiny_unet(**kw):
+    from diffusers import UNet2DConditionModel
+
+    args = dict(
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        sample_size=4,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=4,
+    )
+    args.update(kw)
+    return UNet2DConditionModel(**args)
+
+
+# --------------------------------------------------------------------------- pipelines
+
+
+def build_sd(directory):
+    """Stable Diffusion 1.x layout, as diffusers saves it (no anygen.json)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel
+
+    seeded(0)
+    tok = clip_tokenizer()
+    pipe = StableDiffusionPipeline(
+        vae=small_vae(),
+        text_encoder=CLIPTextModel(clip_text_config(len(tok))),
+        tokenizer=tok,
+        unet=tiny_unet(),
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(directory, safe_serialization=True)
+    return pipe
+
+
+def build_sdxl(directory):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    seeded(0)
+    tok = clip_tokenizer()
+    unet = tiny_unet(
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=80,  # 6 * 8 time ids + 32 pooled
+        cross_attention_dim=64,  # two 32-wide text encoders, concatenated
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=small_vae(),
+        text_encoder=CLIPTextModel(clip_text_config(len(tok))),
+        text_encoder_2=CLIPTextModelWithProjection(clip_text_config(len(tok), projection_dim=32)),
+        tokenizer=tok,
+        tokenizer_2=clip_tokenizer(),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear", steps_offset=1),
+    )
+    pipe.save_pretrained(directory, safe_serialization=True)
+
+
+def build_sd3(directory):
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection
+
+    seeded(0)
+    tok, tok3 = clip_tokenizer(max_length=77), t5_tokenizer()
+    pipe = StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel(
+            sample_size=4,
+            patch_size=1,
+            in_channels=4,
+            num_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            caption_projection_dim=32,
+            joint_attention_dim=64,  # T5 width; CLIP states (2 x 32) are padded to it
+            pooled_projection_dim=64,
+            out_channels=4,
+        ),
+        vae=small_vae(**FLOW_VAE),
+        text_encoder=CLIPTextModelWithProjection(clip_text_config(len(tok), projection_dim=32)),
+        text_encoder_2=CLIPTextModelWithProjection(clip_text_config(len(tok), projection_dim=32)),
+        text_encoder_3=t5_encoder(len(tok3), d_model=64),
+        tokenizer=tok,
+        tokenizer_2=clip_tokenizer(max_length=77),
+        tokenizer_3=tok3,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+    pipe.save_pretrained(directory, safe_serialization=True)
+
+
+def build_pixart(directory):
+    from diffusers import DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    seeded(0)
+    tok = t5_tokenizer()
+    pipe = PixArtAlphaPipeline(
+        transformer=PixArtTransformer2DModel(
+            sample_size=4,
+            num_layers=1,
+            patch_size=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            caption_channels=32,
+            in_channels=4,
+            cross_attention_dim=16,
+            out_channels=8,  # learned variance, as PixArt-alpha
+            attention_bias=True,
+            activation_fn="gelu-approximate",
+            num_embeds_ada_norm=1000,
+            norm_type="ada_norm_single",
+            norm_elementwise_affine=False,
+            norm_eps=1e-6,
+        ),
+        vae=small_vae(),
+        text_encoder=t5_encoder(len(tok)),
+        tokenizer=tok,
+        scheduler=DDIMScheduler(),
+    )
+    pipe.save_pretrained(directory, safe_serialization=True)
+
+
+def build_flux(directory, guidance_embeds: bool = False):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    seeded(0)
+    tok, tok2 = clip_tokenizer(max_length=77), t5_tokenizer()
+    pipe = FluxPipeline(
+        transformer=FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=16,  # 4 latent channels x 2 x 2 packing
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=32,
+            axes_dims_rope=[4, 4, 8],
+            guidance_embeds=guidance_embeds,  # False: FLUX.1-schnell
+        ),
+        vae=small_vae(**FLOW_VAE),
+        text_encoder=CLIPTextModel(clip_text_config(len(tok))),
+        text_encoder_2=t5_encoder(len(tok2)),
+        tokenizer=tok,
+        tokenizer_2=tok2,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+    pipe.save_pretrained(directory, safe_serialization=True)
+
+
+def build_pix2pix(directory):
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
+    from transformers import CLIPTextModel
+
+    seeded(0)
+    tok = clip_tokenizer()
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        vae=small_vae(),
+        text_encoder=CLIPTextModel(clip_text_config(len(tok))),
+        tokenizer=tok,
+        unet=tiny_unet(in_channels=8),  # noisy latents + the input image's latents
+        scheduler=EulerAncestralDiscreteScheduler(beta_schedule="scaled_linear"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(directory, safe_serialization=True)
+
+
+def build_lora(sd_pipe, directory):
+    """A LoRA on the UNet's attention projections, made by peft and saved in diffusers'
+    format (``pytorch_lora_weights.safetensors``); B initialised at random so it acts."""
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    seeded(1)
+    unet = copy.deepcopy(sd_pipe.unet)
+    unet.add_adapter(
+        LoraConfig(
+            r=4,
+            lora_alpha=4,
+            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+            init_lora_weights=False,
+        )
+    )
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers)
+    return directory / "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """name -> directory, each built once per module on first use."""
+    root = tmp_path_factory.mktemp("real")
+    builders = {
+        "sd": build_sd,
+        "sdxl": build_sdxl,
+        "sd3": build_sd3,
+        "pixart": build_pixart,
+        "flux": build_flux,
+        "pix2pix": build_pix2pix,
+    }
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = root / name
+            result = builders[name](cache[name])
+            if name == "sd":
+                cache["sd-pipe"] = result
+        return cache[name]
+
+    return get
+
+
+OPTS = dict(steps=STEPS, progress=False)
+
+
+# --------------------------------------------------------------------------- diffusers
+
+
+W, H = 32, 48  # non-square, multiples of every family's latent grid (Flux, PixArt: 16)
+
+
+@pytest.mark.parametrize(
+    "family, cls_name",
+    [
+        ("sd", "LatentDiffusion"),
+        ("sdxl", "DiffusersTextToImage"),
+        ("sd3", "DiffusersTextToImage"),
+        ("pixart", "DiffusersTextToImage"),
+        ("flux", "DiffusersTextToImage"),
+    ],
+)
+def test_diffusers_family_generates_by_path_deterministically(saved, family, cls_name):
+    gen = load_generator(str(saved(family)), device="cpu")
+    assert type(gen).__name__ == cls_name
+    opts = dict(OPTS, width=W, height=H)
+    a = gen.generate("a red circle", Options(seed=3, num_images=2, **opts))
+    b = gen.generate("a red circle", Options(seed=3, num_images=2, **opts))
+    c = gen.generate("a red circle", Options(seed=4, num_images=1, **opts))
+    assert len(a.images) == 2 and all(isinstance(i, Image.Image) for i in a.images)
+    assert {i.size for i in a.images} == {(W, H)}
+    assert np.array_equal(pixels(a.images), pixels(b.images))
+    assert not np.array_equal(pixels(a.images[:1]), pixels(c.images))
+    # image i of a batch is the image made alone from seed + i (batched matmuls may differ
+    # in the last bit, hence one grey level)
+    assert np.abs(pixels(a.images[1:]) - pixels(c.images)).max() <= 1
+    assert a.seed == 3 and a.settings["seeds"] == [3, 4]
