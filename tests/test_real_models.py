@@ -9,7 +9,6 @@ other pixels, exact image-token counts, refusals, LoRA scales, offline resolutio
 
 from __future__ import annotations
 
-import json
 import string
 
 import numpy as np
@@ -17,7 +16,6 @@ import pytest
 import torch
 from PIL import Image
 
-from anygen.cli import main as cli
 from anygen.errors import CheckpointError, ModelNotFoundError, UserInputError
 from anygen.pipelines import Options, load_generator
 
@@ -397,3 +395,186 @@ def test_diffusers_family_generates_by_path_deterministically(saved, family, cls
     # in the last bit, hence one grey level)
     assert np.abs(pixels(a.images[1:]) - pixels(c.images)).max() <= 1
     assert a.seed == 3 and a.settings["seeds"] == [3, 4]
+
+
+@pytest.mark.parametrize(
+    "family, options, message",
+    [
+        ("flux", dict(guidance_scale=3.0), "no guidance embedding"),
+        ("flux", dict(negative_prompt="blue"), "guidance-distilled"),
+        ("flux", dict(scheduler="ddim"), "flow-matching models keep their own"),
+        ("flux", dict(width=40), "not a multiple of 16"),
+        ("pixart", dict(height=24), "not a multiple of 16"),
+        ("sdxl", dict(temperature=0.5), "temperature means nothing"),
+        ("sdxl", dict(strength=0.5), "editing setting"),
+        ("sd", dict(image_guidance_scale=1.5), "editing setting"),
+        ("sd", dict(width=36), "not a multiple of 8"),
+    ],
+)
+def test_options_a_pipeline_cannot_honour_are_refused(saved, family, options, message):
+    gen = load_generator(str(saved(family)), device="cpu")
+    opts = Options(seed=0, **{"width": W, "height": H, **OPTS, **options})
+    with pytest.raises(UserInputError, match=message):
+        gen.generate("a red circle", opts)
+
+
+def test_scheduler_swap_where_it_fits(saved):
+    """SDXL's Euler scheduler can be swapped for DDIM (other pixels); the swap is per call."""
+    gen = load_generator(str(saved("sdxl")), device="cpu")
+    opts = dict(OPTS, width=W, height=H, seed=0)
+    euler = gen.generate("a red circle", Options(**opts))
+    ddim = gen.generate("a red circle", Options(scheduler="ddim", **opts))
+    again = gen.generate("a red circle", Options(**opts))
+    assert ddim.settings["scheduler"] == "ddim"
+    assert not np.array_equal(pixels(euler.images), pixels(ddim.images))
+    assert np.array_equal(pixels(euler.images), pixels(again.images))
+
+
+def test_flux_dev_like_transformer_takes_guidance(tmp_path):
+    """With a guidance embedding (FLUX.1-dev), --guidance is honoured and changes pixels."""
+    build_flux(tmp_path / "flux-dev", guidance_embeds=True)
+    gen = load_generator(str(tmp_path / "flux-dev"), device="cpu")
+    opts = dict(OPTS, width=W, height=H, seed=0)
+    a = gen.generate("a red circle", Options(guidance_scale=1.0, **opts))
+    b = gen.generate("a red circle", Options(guidance_scale=8.0, **opts))
+    assert b.settings["guidance_scale"] == 8.0
+    assert not np.array_equal(pixels(a.images), pixels(b.images))
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+@pytest.fixture(scope="module")
+def lora_file(saved, tmp_path_factory):
+    saved("sd")
+    return build_lora(saved("sd-pipe"), tmp_path_factory.mktemp("lora"))
+
+
+@pytest.mark.parametrize("family", ["sd", "sd-as-diffusers"])
+def test_lora_changes_output_and_scale_zero_equals_none(saved, lora_file, family, monkeypatch):
+    """Through LatentDiffusion (anygen's loop) and through the generic diffusers wrapper."""
+    import anygen.pipelines as pipelines
+
+    if family == "sd-as-diffusers":
+        monkeypatch.setattr(pipelines, "LATENT_DIFFUSION_PIPELINES", ())
+    path = str(saved("sd"))
+    opts = Options(seed=0, width=W, height=H, **OPTS)
+    plain = load_generator(path, device="cpu").generate("a red circle", opts)
+    full = load_generator(path, device="cpu", loras=[str(lora_file)]).generate("a red circle", opts)
+    zero = load_generator(path, device="cpu", loras=[f"{lora_file}:0"]).generate(
+        "a red circle", opts
+    )
+    half = load_generator(path, device="cpu", loras=[f"{lora_file}:0.5"]).generate(
+        "a red circle", opts
+    )
+    assert np.array_equal(pixels(plain.images), pixels(zero.images))
+    assert not np.array_equal(pixels(plain.images), pixels(full.images))
+    # half the scale lands between none and all
+    d_half = np.abs(pixels(half.images) - pixels(plain.images)).mean()
+    d_full = np.abs(pixels(full.images) - pixels(plain.images)).mean()
+    assert 0 < d_half < d_full
+
+
+def test_two_loras_combine_and_specs_parse(saved, lora_file):
+    from anygen.pipelines.lora import LoraSpec
+
+    assert LoraSpec.parse("a/b.safetensors:0.7") == LoraSpec("a/b.safetensors", 0.7)
+    assert LoraSpec.parse("C:/x/b.safetensors") == LoraSpec("C:/x/b.safetensors", 1.0)
+    path = str(saved("sd"))
+    opts = Options(seed=0, width=W, height=H, **OPTS)
+    one = load_generator(path, device="cpu", loras=[str(lora_file)])
+    two = load_generator(path, device="cpu", loras=[f"{lora_file}:0.5", f"{lora_file.parent}:0.5"])
+    a, b = one.generate("a red circle", opts), two.generate("a red circle", opts)
+    assert np.abs(pixels(a.images) - pixels(b.images)).max() <= 1  # 0.5 + 0.5 == 1
+
+
+def test_lora_refusals(saved, tmp_path, lora_file):
+    path = str(saved("sd"))
+    with pytest.raises(ModelNotFoundError, match="no such file"):
+        load_generator(path, device="cpu", loras=[str(tmp_path / "missing.safetensors")])
+    pickle = tmp_path / "lora.bin"
+    pickle.write_bytes(b"not a tensor file")
+    with pytest.raises(CheckpointError, match="safetensors only"):
+        load_generator(path, device="cpu", loras=[str(pickle)])
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_generator(str(saved("sdxl")), device="cpu", loras=[str(lora_file)])
+
+
+# --------------------------------------------------------------------------- editing
+
+
+def test_img2img_edit_with_a_text_to_image_checkpoint(saved):
+    gen = load_generator(str(saved("sd")), device="cpu")
+    source = Image.new("RGB", (W, H), (200, 30, 30))
+    opts = dict(OPTS, seed=5)
+    a = gen.edit(source, "a blue square", Options(strength=0.6, **opts))
+    b = gen.edit(source, "a blue square", Options(strength=0.6, **opts))
+    c = gen.edit(source, "a blue square", Options(strength=1.0, **opts))
+    assert a.images[0].size == (W, H)
+    assert a.settings["pipeline"] == "StableDiffusionImg2ImgPipeline"
+    assert np.array_equal(pixels(a.images), pixels(b.images))
+    assert not np.array_equal(pixels(a.images), pixels(c.images))
+    with pytest.raises(UserInputError, match="takes no image guidance"):
+        gen.edit(source, "a blue square", Options(image_guidance_scale=1.5, **opts))
+    with pytest.raises(UserInputError, match="not a multiple of 8"):
+        gen.edit(Image.new("RGB", (30, 30)), "a blue square", Options(**opts))
+    resized = gen.edit(Image.new("RGB", (30, 30)), "x", Options(width=W, height=H, **opts))
+    assert resized.images[0].size == (W, H)
+
+
+def test_instruct_pix2pix_edits_and_does_not_generate(saved):
+    gen = load_generator(str(saved("pix2pix")), device="cpu")
+    source = Image.new("RGB", (W, H), (30, 200, 30))
+    opts = dict(OPTS, seed=1)
+    a = gen.edit(source, "make it snowy", Options(image_guidance_scale=1.5, **opts))
+    b = gen.edit(source, "make it snowy", Options(image_guidance_scale=3.0, **opts))
+    assert a.settings["pipeline"] == "StableDiffusionInstructPix2PixPipeline"
+    assert a.images[0].size == (W, H)
+    assert not np.array_equal(pixels(a.images), pixels(b.images))
+    with pytest.raises(UserInputError, match="takes no strength"):
+        gen.edit(source, "make it snowy", Options(strength=0.5, **opts))
+    with pytest.raises(UserInputError, match="image-editing pipeline"):
+        gen.generate("a red circle", Options(**opts))
+
+
+def test_pixart_has_no_image_to_image_variant(saved):
+    gen = load_generator(str(saved("pixart")), device="cpu")
+    with pytest.raises(UserInputError, match="no image-to-image variant"):
+        gen.edit(Image.new("RGB", (W, H)), "x", Options(**OPTS))
+
+
+# --------------------------------------------------------------------------- memory, attention
+
+
+def test_vae_tiling_and_slicing_switch_the_vae(saved):
+    gen = load_generator(str(saved("sdxl")), device="cpu", vae_tiling=True, vae_slicing=True)
+    assert gen.pipe.vae.use_tiling and gen.pipe.vae.use_slicing
+    out = gen.generate("a red circle", Options(seed=0, width=W, height=H, **OPTS))
+    assert out.images[0].size == (W, H)
+    ldm = load_generator(str(saved("sd")), device="cpu", vae_slicing=True)
+    assert ldm.components.vae.use_slicing
+
+
+def test_offload_on_a_cpu_run_says_it_needs_an_accelerator(saved):
+    with pytest.raises(UserInputError, match="drop --offload"):
+        load_generator(str(saved("sd")), device="cpu", offload=True)
+    with pytest.raises(UserInputError, match="drop --offload"):
+        load_generator(str(saved("flux")), device="cpu", offload=True)
+
+
+def test_math_attention_matches_sdpa(saved):
+    opts = Options(seed=0, width=W, height=H, **OPTS)
+    for family in ("sd", "sdxl"):
+        sdpa = load_generator(str(saved(family)), device="cpu").generate("a red circle", opts)
+        math = load_generator(str(saved(family)), device="cpu", attention="math").generate(
+            "a red circle", opts
+        )
+        assert np.abs(pixels(sdpa.images) - pixels(math.images)).max() <= 2
+
+
+def test_xformers_on_this_machine_fails_in_one_line(saved):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine may run xformers")
+    with pytest.raises(UserInputError) as info:
+        load_generator(str(saved("sd")), device="cpu", attention="xformers")
+    assert "xformers" in str(info.value) and "\n" not in str(info.value)
