@@ -578,3 +578,395 @@ def test_xformers_on_this_machine_fails_in_one_line(saved):
     with pytest.raises(UserInputError) as info:
         load_generator(str(saved("sd")), device="cpu", attention="xformers")
     assert "xformers" in str(info.value) and "\n" not in str(info.value)
+
+
+# --------------------------------------------------------------------------- transformers
+
+JANUS_SPECIALS = {
+    "image_token": "<image_placeholder>",
+    "boi_token": "<begin_of_image>",
+    "eoi_token": "<end_of_image>",
+}
+
+
+def build_janus(directory):
+    """Janus with a 4 x 4 code grid: 16 image tokens, rendered at 32 px by a 3-level VQ
+    decoder (the real Janus-Pro: 24 x 24 = 576 tokens at 384 px)."""
+    from transformers import JanusConfig, JanusForConditionalGeneration, JanusProcessor
+    from transformers.models.janus.image_processing_pil_janus import JanusImageProcessorPil
+
+    seeded(0)
+    tok = llama_tokenizer(**JANUS_SPECIALS)
+    config = JanusConfig(
+        text_config=dict(
+            model_type="llama",
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        ),
+        vision_config=dict(
+            image_size=16,
+            patch_size=4,
+            num_image_tokens=16,
+            hidden_size=32,
+            projection_dim=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            mlp_ratio=2,
+        ),
+        vq_config=dict(
+            embed_dim=8,
+            num_embeddings=64,
+            latent_channels=8,
+            base_channels=32,  # its GroupNorm has 32 groups
+            channel_multiplier=[1, 1, 1, 1],
+            num_res_blocks=1,
+            projection_dim=32,
+            image_token_embed_dim=32,
+        ),
+        image_token_id=tok.convert_tokens_to_ids(JANUS_SPECIALS["image_token"]),
+    )
+    model = JanusForConditionalGeneration(config)
+    processor = JanusProcessor(
+        image_processor=JanusImageProcessorPil(size={"height": 16, "width": 16}),
+        tokenizer=tok,
+        num_image_tokens=16,
+    )
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+
+
+EMU3_CODEBOOK = 32
+
+
+def build_emu3(directory):
+    """Emu3 with a 32-entry codebook and an 8x VQ decoder (as the real one), so a 32 x 48
+    image is a 4 x 6 token grid: 4 rows of 6 codes + end-of-line, then EOF, EOI, EOS."""
+    from transformers import Emu3Config, Emu3ForConditionalGeneration, Emu3Processor
+    from transformers.models.emu3.image_processing_emu3 import Emu3ImageProcessor
+
+    seeded(0)
+    specials = {
+        "image_token": "<image>",
+        "boi_token": "<|image start|>",
+        "eoi_token": "<|image end|>",
+        "image_wrapper_token": "<|image token|>",
+        "eof_token": "<|extra_201|>",
+    }
+    tok = llama_tokenizer(**specials)
+    tok.add_tokens(["<|extra_200|>"] + [f"<|visual token{i:06d}|>" for i in range(EMU3_CODEBOOK)])
+    config = Emu3Config(
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        ),
+        vq_config=dict(
+            codebook_size=EMU3_CODEBOOK,
+            embed_dim=4,
+            latent_channels=4,
+            temporal_downsample_factor=1,
+            base_channels=32,
+            channel_multiplier=[1, 1, 1, 1],
+            num_res_blocks=1,
+            attn_resolutions=[],
+            hidden_size=32,
+        ),
+        vocabulary_map=tok.get_vocab(),
+    )
+    model = Emu3ForConditionalGeneration(config)
+    image_processor = Emu3ImageProcessor(min_pixels=16 * 16, max_pixels=32 * 32, spatial_factor=8)
+    processor = Emu3Processor(image_processor=image_processor, tokenizer=tok)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def janus_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("janus") / "janus"
+    build_janus(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def emu3_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("emu3") / "emu3"
+    build_emu3(directory)
+    return directory
+
+
+def test_janus_draws_exactly_its_image_tokens_deterministically(janus_dir):
+    gen = load_generator(str(janus_dir), device="cpu")
+    assert type(gen).__name__ == "Janus" and gen.num_image_tokens == 16
+    a = gen.generate("a red circle", Options(seed=0, num_images=2, progress=False))
+    b = gen.generate("a red circle", Options(seed=0, num_images=2, progress=False))
+    c = gen.generate("a red circle", Options(seed=1, progress=False))
+    assert [i.size for i in a.images] == [(32, 32), (32, 32)]
+    assert a.settings["image_tokens"] == 16
+    assert np.array_equal(pixels(a.images), pixels(b.images))
+    assert np.abs(pixels(a.images[1:]) - pixels(c.images)).max() <= 1  # image i: seed + i alone
+    assert not np.array_equal(pixels(a.images[:1]), pixels(c.images))
+
+
+def test_janus_greedy_guided_tokens_equal_transformers_generate(janus_dir):
+    """Temperature 0: anygen's guidance (in SeededSampling) picks the very tokens of
+    JanusForConditionalGeneration.generate(generation_mode="image", guidance_scale=g)."""
+    gen = load_generator(str(janus_dir), device="cpu")
+    prompts = ["a red circle", "two blue squares"]
+    ours = gen.image_tokens(prompts, [torch.Generator()] * 2, 0.0, None, None, guidance=3.0)
+    inputs = gen.processor(text=prompts, generation_mode="image", padding=True, return_tensors="pt")
+    config = gen._generation_config(
+        guidance_scale=3.0,
+        generation_kwargs={"boi_token_id": gen.tokenizer.convert_tokens_to_ids("<begin_of_image>")},
+    )
+    theirs = gen.model.generate(**inputs, generation_mode="image", generation_config=config)
+    assert ours.shape == theirs.shape == (2, 16)
+    assert torch.equal(ours, theirs)
+
+
+def test_janus_refuses_what_it_cannot_honour(janus_dir):
+    gen = load_generator(str(janus_dir), device="cpu")
+    for options, message in (
+        (dict(width=64), "draws 32 x 32 images only"),
+        (dict(steps=10), "steps means nothing"),
+        (dict(negative_prompt="blue"), "no negative prompt"),
+    ):
+        with pytest.raises(UserInputError, match=message):
+            gen.generate("a red circle", Options(seed=0, progress=False, **options))
+    with pytest.raises(UserInputError, match="--lora, --offload apply to diffusers"):
+        load_generator(str(janus_dir), device="cpu", loras=["x.safetensors"], offload=True)
+
+
+def test_janus_reads_images(janus_dir):
+    gen = load_generator(str(janus_dir), device="cpu")
+    images = [Image.new("RGB", (40, 30), (200, 10, 10)), Image.new("RGB", (16, 16), "blue")]
+    opts = Options(max_new_tokens=5, progress=False)
+    answers = gen.answer(images, ["what colour?", "what shape?"], opts)
+    again = gen.answer(images, ["what colour?", "what shape?"], opts)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    assert answers == again  # greedy by default
+    assert len(gen.caption(images[:1], opts)) == 1
+    sampled = [
+        gen.answer(images[:1], ["x"], Options(seed=s, temperature=1.0, max_new_tokens=8))
+        for s in (0, 0, 1, 2)
+    ]
+    assert sampled[0] == sampled[1]
+    assert len({s[0] for s in sampled}) > 1
+
+
+def test_emu3_draws_exact_token_grid(emu3_dir):
+    gen = load_generator(str(emu3_dir), device="cpu")
+    assert type(gen).__name__ == "Emu3"
+    opts = dict(width=W, height=H, progress=False)
+    a = gen.generate("a red circle", Options(seed=0, num_images=2, guidance_scale=2.0, **opts))
+    b = gen.generate("a red circle", Options(seed=0, num_images=2, guidance_scale=2.0, **opts))
+    c = gen.generate("a red circle", Options(seed=1, guidance_scale=2.0, **opts))
+    rows, cols = H // 8, W // 8
+    assert a.settings["image_tokens"] == rows * (cols + 1) + 3 == gen.token_count(rows, cols)
+    assert [i.size for i in a.images] == [(W, H), (W, H)]
+    assert np.array_equal(pixels(a.images), pixels(b.images))
+    assert np.abs(pixels(a.images[1:]) - pixels(c.images)).max() <= 1
+    assert not np.array_equal(pixels(a.images[:1]), pixels(c.images))
+    unguided = gen.generate("a red circle", Options(seed=0, guidance_scale=1.0, **opts))
+    assert not np.array_equal(pixels(a.images[:1]), pixels(unguided.images))
+    with pytest.raises(UserInputError, match="not a multiple of 8"):
+        gen.generate("a red circle", Options(seed=0, width=36, height=H, progress=False))
+
+
+def test_emu3_tokens_follow_the_grid_layout(emu3_dir):
+    """Inside the grid only visual tokens, end-of-line closing each row, then EOF EOI EOS."""
+    gen = load_generator(str(emu3_dir), device="cpu")
+    rows, cols = 2, 3
+    allowed = gen._constraint(prompt_length=5, rows=rows, cols=cols)
+    visual = set(gen.visual_tokens.tolist())
+    layout = []
+    for k in range(gen.token_count(rows, cols) + 1):
+        options = allowed(0, torch.zeros(5 + k, dtype=torch.long))
+        layout.append("v" if set(options) == visual else options[0])
+    assert layout == ["v", "v", "v", gen.eol] * rows + [gen.eof, gen.eoi, gen.eos, gen.pad]
+    assert len(visual) == EMU3_CODEBOOK
+
+
+CHAMELEON_CODEBOOK = 16
+
+
+def build_chameleon(directory):
+    """Chameleon reading 8 x 8 images as 4 x 4 = 16 VQ codes from a 16-entry codebook."""
+    from transformers import ChameleonConfig, ChameleonForConditionalGeneration, ChameleonProcessor
+    from transformers.models.chameleon.image_processing_pil_chameleon import (
+        ChameleonImageProcessorPil,
+    )
+
+    seeded(0)
+    tok = llama_tokenizer(image_token="<image>", boi_token="<racm3:break>", eoi_token="<eoss>")
+    tok.add_special_tokens({"sep_token": "<reserved08706>"})
+    # Chameleon names code i "IMGIMG" + its digits as letters (0 -> A) + "Z"
+    tok.add_tokens(
+        [
+            "IMGIMG" + "".join(chr(ord("A") + int(d)) for d in str(i)) + "Z"
+            for i in range(CHAMELEON_CODEBOOK)
+        ]
+    )
+    config = ChameleonConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        vocabulary_map=tok.get_vocab(),
+        vq_config=dict(
+            embed_dim=4,
+            num_embeddings=CHAMELEON_CODEBOOK,
+            latent_channels=4,
+            in_channels=3,
+            base_channels=32,
+            channel_multiplier=[1, 2],
+            resolution=8,
+        ),
+    )
+    model = ChameleonForConditionalGeneration(config)
+    processor = ChameleonProcessor(
+        image_processor=ChameleonImageProcessorPil(
+            size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8}
+        ),
+        tokenizer=tok,
+        image_seq_length=16,
+    )
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n"
+    "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def build_llava(directory):
+    """LLaVA: a CLIP vision tower (16 px, 4 px patches: 16 image tokens) and a Llama."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    seeded(0)
+    tok = llama_tokenizer(image_token="<image>")
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=16,
+            patch_size=4,
+            projection_dim=32,
+        ),
+        text_config=dict(
+            model_type="llama",
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    model = LlavaForConditionalGeneration(config)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(
+            size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
+        ),
+        tokenizer=tok,
+        patch_size=4,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def chameleon_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("chameleon") / "chameleon"
+    build_chameleon(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("llava") / "llava"
+    build_llava(directory)
+    return directory
+
+
+def test_chameleon_reads_images_and_says_why_it_cannot_draw(chameleon_dir):
+    gen = load_generator(str(chameleon_dir), device="cpu")
+    assert type(gen).__name__ == "Chameleon"
+    images = [Image.new("RGB", (20, 12), (250, 0, 0)), Image.new("RGB", (8, 8), "green")]
+    opts = Options(max_new_tokens=6, progress=False)
+    captions = gen.caption(images, opts)
+    assert len(captions) == 2 and captions == gen.caption(images, opts)
+    # the model may never write an image code: Chameleon masks them in text generation
+    inputs = gen.processor_inputs(images[:1], [gen.question_prompt("what?")])
+    out = gen.model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    codes = set(gen.model.model.vocabulary_mapping.image_tokens)
+    assert not codes & set(out[0, inputs["input_ids"].shape[1] :].tolist())
+    with pytest.raises(UserInputError, match="ChameleonVQVAE has no decoder"):
+        gen.generate("a red circle", Options(seed=0))
+
+
+def test_any_image_text_to_text_model_captions_and_answers(llava_dir):
+    gen = load_generator(str(llava_dir), device="cpu")
+    assert type(gen).__name__ == "VisionLanguageModel"
+    images = [Image.new("RGB", (24, 16), (0, 0, 250)), Image.new("RGB", (16, 16), "red")]
+    opts = Options(max_new_tokens=4, progress=False)
+    answers = gen.answer(images, ["how many circles?", "what colour?"], opts)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    # one row alone equals its row in the batch (left padding, per-row generators)
+    alone = gen.answer(images[1:], ["what colour?"], opts)
+    assert alone == answers[1:]
+    with pytest.raises(UserInputError, match="cannot generate images"):
+        gen.generate("a red circle", Options(seed=0))
+    with pytest.raises(UserInputError, match="guidance means nothing"):
+        gen.answer(images[:1], ["x"], Options(guidance_scale=2.0))
+    with pytest.raises(UserInputError, match="2 images but 1 questions"):
+        gen.answer(images, ["x"])
+
+
+def test_math_attention_for_a_transformers_model(llava_dir):
+    opts = Options(max_new_tokens=4, progress=False)
+    image = [Image.new("RGB", (16, 16), "red")]
+    sdpa = load_generator(str(llava_dir), device="cpu").answer(image, ["what?"], opts)
+    math = load_generator(str(llava_dir), device="cpu", attention="math")
+    assert math.model.config._attn_implementation == "eager"
+    assert math.answer(image, ["what?"], opts) == sdpa

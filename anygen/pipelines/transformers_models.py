@@ -237,9 +237,8 @@ class TransformersGenerator(TextToImage):
         max_new = opts.max_new_tokens or self.defaults.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
         sampler = seeded_sampling(generators, temperature, opts.top_k, opts.top_p)
         with torch.no_grad():
-            out = self.model.generate(
+            out = self._generate_text(
                 **inputs,
-                **self._text_generation_kwargs(),
                 generation_config=self._generation_config(max_new_tokens=int(max_new)),
                 logits_processor=self._processor_list(sampler),
             )
@@ -254,8 +253,8 @@ class TransformersGenerator(TextToImage):
 
     # ------------------------------------------------------------------ helpers
 
-    def _text_generation_kwargs(self) -> dict:
-        return {}
+    def _generate_text(self, **kwargs) -> torch.Tensor:
+        return self.model.generate(**kwargs)
 
     def _generation_config(self, **overrides):
         """A clean config: greedy at the transformers level (``SeededSampling`` draws), the
@@ -423,8 +422,12 @@ class Janus(TransformersGenerator):
         # Janus' conversation format (deepseek-ai/Janus), for processors without a template
         return f"<|User|>: {self.processor.image_token}\n{question}\n\n<|Assistant|>:"
 
-    def _text_generation_kwargs(self) -> dict:
-        return {"generation_mode": "text"}
+    def _generate_text(self, **kwargs) -> torch.Tensor:
+        # JanusForConditionalGeneration.generate in text mode drops `logits_processor`
+        # (transformers 5.23); its text mode is GenerationMixin.generate, called directly.
+        from transformers import GenerationMixin
+
+        return GenerationMixin.generate(self.model, **kwargs)
 
 
 # ---------------------------------------------------------------------------------- Emu3
