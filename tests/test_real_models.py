@@ -9,6 +9,7 @@ other pixels, exact image-token counts, refusals, LoRA scales, offline resolutio
 
 from __future__ import annotations
 
+import json
 import string
 
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from anygen.cli import main as cli
 from anygen.errors import CheckpointError, ModelNotFoundError, UserInputError
 from anygen.pipelines import Options, load_generator
 
@@ -747,8 +749,8 @@ def test_janus_refuses_what_it_cannot_honour(janus_dir):
     ):
         with pytest.raises(UserInputError, match=message):
             gen.generate("a red circle", Options(seed=0, progress=False, **options))
-    with pytest.raises(UserInputError, match="--lora, --offload apply to diffusers"):
-        load_generator(str(janus_dir), device="cpu", loras=["x.safetensors"], offload=True)
+    with pytest.raises(UserInputError, match="--lora, --vae-tiling apply to diffusers"):
+        load_generator(str(janus_dir), device="cpu", loras=["x.safetensors"], vae_tiling=True)
 
 
 def test_janus_reads_images(janus_dir):
@@ -970,3 +972,160 @@ def test_math_attention_for_a_transformers_model(llava_dir):
     math = load_generator(str(llava_dir), device="cpu", attention="math")
     assert math.model.config._attn_implementation == "eager"
     assert math.answer(image, ["what?"], opts) == sdpa
+
+
+# --------------------------------------------------------------------------- names, config, hub
+
+
+def cache_snapshot(cache, repo_id: str, source) -> None:
+    """``source`` copied into the Hugging Face cache layout for ``repo_id``."""
+    import shutil
+
+    commit = "0" * 40
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(source, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_cached_hub_id_loads_offline_and_uncached_fails_in_one_line(saved, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    cache = tmp_path / "hf-cache"
+    cache_snapshot(cache, "anygen-test/tiny-sdxl", saved("sdxl"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    gen = load_generator("anygen-test/tiny-sdxl", device="cpu")
+    out = gen.generate("a red circle", Options(seed=0, width=W, height=H, **OPTS))
+    assert out.images[0].size == (W, H) and out.model == "anygen-test/tiny-sdxl"
+    for name, shown in (
+        ("anygen-test/not-cached", "anygen-test/not-cached is not in the Hugging Face cache"),
+        ("sdxl", "sdxl (stabilityai/stable-diffusion-xl-base-1.0) is not in the Hugging Face"),
+    ):
+        with pytest.raises(ModelNotFoundError) as info:
+            load_generator(name, device="cpu")
+        message = str(info.value)
+        assert shown in message and "hf download" in message and "\n" not in message
+
+
+def test_catalogue_names_resolve_through_the_cache(llava_dir, tmp_path, monkeypatch):
+    """A friendly name is its hub id: cached, it loads offline like any hub id."""
+    from huggingface_hub import constants
+
+    from anygen.catalog import REAL_MODELS
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    cache = tmp_path / "hf-cache"
+    cache_snapshot(cache, REAL_MODELS["smolvlm"].hub_id, llava_dir)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    gen = load_generator("smolvlm", device="cpu")
+    assert gen.name == "smolvlm" and type(gen).__name__ == "VisionLanguageModel"
+
+
+def test_catalogue_entries_are_complete():
+    from anygen.catalog import REAL_MODELS, catalog_entry
+
+    wanted = {"sd15", "sd21", "sdxl", "sd3-medium", "pixart-alpha", "flux-schnell"}
+    wanted |= {"janus-pro-1b", "emu3-gen", "chameleon-7b", "smolvlm"}
+    assert wanted <= set(REAL_MODELS)
+    for name, entry in REAL_MODELS.items():
+        assert entry.hub_id.count("/") == 1 and entry.licence and entry.memory_gb > 0, name
+        assert set(entry.tasks) <= {"generate", "edit", "caption", "ask"}, name
+        assert catalog_entry(entry.hub_id) is entry
+    assert REAL_MODELS["flux-schnell"].defaults == {"steps": 4}
+
+
+def test_models_command_lists_bundled_and_catalogue(capsys):
+    assert cli(["models", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["shapes-ldm"]["source"] == "bundled"
+    assert rows["sdxl"]["hub_id"] == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert rows["chameleon-7b"]["gated"] and "non-commercial" in rows["chameleon-7b"]["licence"]
+    assert cli(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "flux-schnell" in out and "Apache-2.0" in out and "GB" in out
+
+
+def test_default_model_precedence(tmp_path, monkeypatch):
+    """ANYGEN_MODEL, then $XDG_CONFIG_HOME/anygen/config.toml, then shapes-ldm."""
+    from anygen.userconfig import default_model, user_default
+
+    monkeypatch.delenv("ANYGEN_MODEL", raising=False)
+    monkeypatch.delenv("ANYGEN_DEVICE", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    assert default_model() == "shapes-ldm"
+    config = tmp_path / "anygen" / "config.toml"
+    config.parent.mkdir()
+    config.write_text('model = "sdxl"\ndevice = "cpu"\n')
+    assert default_model() == "sdxl" and user_default("device") == "cpu"
+    monkeypatch.setenv("ANYGEN_MODEL", "janus-pro-1b")
+    assert default_model() == "janus-pro-1b"
+    config.write_text('model = "sdxl"\ncolour = "red"\n')
+    with pytest.raises(UserInputError, match="unknown keys colour"):
+        user_default("device")
+    config.write_text("model = [")
+    with pytest.raises(UserInputError, match="not valid TOML"):
+        user_default("device")
+
+
+def test_user_config_picks_the_model_load_generator_uses(llava_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("ANYGEN_MODEL", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    (tmp_path / "anygen").mkdir()
+    (tmp_path / "anygen" / "config.toml").write_text(f'model = "{llava_dir}"\n')
+    assert type(load_generator(device="cpu")).__name__ == "VisionLanguageModel"
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_cli_generate_names_the_model_on_stderr_and_takes_runtime_flags(
+    saved, lora_file, tmp_path, capsys
+):
+    out = tmp_path / "x.png"
+    argv = ["generate", "a red circle", "--model", str(saved("sdxl")), "--seed", "1"]
+    argv += ["--steps", "2", "--width", str(W), "--height", str(H), "-o", str(out)]
+    assert cli(argv + ["--vae-tiling", "--attention", "math"]) == 0
+    captured = capsys.readouterr()
+    assert f"anygen: model {saved('sdxl')}" in captured.err
+    assert Image.open(out).size == (W, H)
+    assert cli(argv) == 2  # exists, no --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    lora = ["--model", str(saved("sd")), "--lora", f"{lora_file}:0.5", "--overwrite"]
+    assert cli(argv + lora) == 0
+    capsys.readouterr()
+    assert cli(argv + ["--offload", "--device", "cpu", "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("anygen generate: error: --offload")
+
+
+def test_cli_edit_writes_a_png_with_its_settings(saved, tmp_path, capsys):
+    from anygen.output import read_png_metadata
+
+    source = tmp_path / "in.png"
+    Image.new("RGB", (W, H), (10, 200, 10)).save(source)
+    out = tmp_path / "out.png"
+    argv = ["edit", str(source), "make it snowy", "--model", str(saved("pix2pix")), "-o", str(out)]
+    argv += ["--seed", "3", "--steps", "2", "--image-guidance", "1.5"]
+    assert cli(argv) == 0
+    meta = read_png_metadata(out)
+    assert meta["image_guidance_scale"] == 1.5 and meta["seed"] == 3
+    assert meta["prompt"] == "make it snowy" and Image.open(out).size == (W, H)
+    assert cli(argv) == 2 and "--overwrite" in capsys.readouterr().err
+    assert cli(argv + ["--overwrite", "--strength", "0.5"]) == 2
+    assert "takes no strength" in capsys.readouterr().err
+
+
+def test_cli_caption_and_ask(llava_dir, chameleon_dir, saved, tmp_path, capsys):
+    image = tmp_path / "in.png"
+    Image.new("RGB", (16, 16), "red").save(image)
+    argv = ["caption", str(image), str(image), "--model", str(llava_dir), "--json"]
+    assert cli(argv + ["--max-new-tokens", "3"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["image"] for r in rows] == [str(image)] * 2 and rows[0]["caption"] == rows[1][
+        "caption"
+    ]
+    assert cli(["ask", str(image), "what colour?", "--model", str(chameleon_dir)]) == 0
+    assert capsys.readouterr().out.strip() is not None
+    assert cli(["caption", str(image), "--model", str(saved("sd"))]) == 2
+    assert "cannot caption images" in capsys.readouterr().err

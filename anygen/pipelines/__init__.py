@@ -91,13 +91,15 @@ def load_generator(
     from anygen.catalog import catalog_entry
     from anygen.hub import resolve
     from anygen.pipelines.lora import LoraSpec
-    from anygen.pipelines.runtime import Runtime
+    from anygen.pipelines.runtime import Runtime, check_offload_device
     from anygen.userconfig import default_model, user_default
 
     name = model or default_model()
-    path = Path(resolve(name))
     dev = pick_device(device or user_default("device"))
     torch_dtype = pick_dtype(dtype or user_default("dtype"), dev)
+    if offload:
+        check_offload_device(dev)  # before minutes of loading
+    path = Path(resolve(name))
     runtime = Runtime(
         loras=tuple(s if isinstance(s, LoraSpec) else LoraSpec.parse(s) for s in loras),
         offload=offload,
