@@ -797,7 +797,7 @@ def test_emu3_tokens_follow_the_grid_layout(emu3_dir):
     visual = set(gen.visual_tokens.tolist())
     layout = []
     for k in range(gen.token_count(rows, cols) + 1):
-        options = allowed(0, torch.zeros(5 + k, dtype=torch.long))
+        options = allowed(0, torch.zeros(5 + k, dtype=torch.long)).tolist()
         layout.append("v" if set(options) == visual else options[0])
     assert layout == ["v", "v", "v", gen.eol] * rows + [gen.eof, gen.eoi, gen.eos, gen.pad]
     assert len(visual) == EMU3_CODEBOOK

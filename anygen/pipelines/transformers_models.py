@@ -476,15 +476,22 @@ class Emu3(TransformersGenerator):
         return rows * (cols + 1) + 3
 
     def _constraint(self, prompt_length: int, rows: int, cols: int):
+        """``prefix_allowed_tokens_fn`` for a rows x cols grid: token ids allowed next.
+        Tensors on the model's device, built once (the codebook has 32,768 entries)."""
         grid = rows * (cols + 1)
-        visual = self.visual_tokens.tolist()
+        visual = self.visual_tokens.to(self.device)
 
-        def allowed(batch_id: int, input_ids: torch.Tensor) -> list[int]:
+        def ids(*tokens: int) -> torch.Tensor:
+            return torch.tensor(tokens, device=self.device)
+
+        eol, after = ids(self.eol), [ids(self.eof), ids(self.eoi), ids(self.eos)]
+        pad = ids(self.pad)
+
+        def allowed(batch_id: int, input_ids: torch.Tensor) -> torch.Tensor:
             k = input_ids.shape[0] - prompt_length  # tokens generated so far
             if k < grid:
-                return [self.eol] if (k + 1) % (cols + 1) == 0 else visual
-            fixed = (self.eof, self.eoi, self.eos)
-            return [fixed[k - grid]] if k - grid < len(fixed) else [self.pad]
+                return eol if (k + 1) % (cols + 1) == 0 else visual
+            return after[k - grid] if k - grid < len(after) else pad
 
         return allowed
 
