@@ -1129,3 +1129,20 @@ def test_cli_caption_and_ask(llava_dir, chameleon_dir, saved, tmp_path, capsys):
     assert capsys.readouterr().out.strip() is not None
     assert cli(["caption", str(image), "--model", str(saved("sd"))]) == 2
     assert "cannot caption images" in capsys.readouterr().err
+
+
+def test_foreign_code_and_unknown_pipelines_are_refused(saved, tmp_path):
+    import shutil
+
+    bad = tmp_path / "custom"
+    shutil.copytree(saved("sd"), bad)
+    index = json.loads((bad / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusionXLPipeline"  # past LatentDiffusion's dispatch
+    index["unet"] = ["my_package", "MyUNet"]
+    (bad / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="no remote code"):
+        load_generator(str(bad), device="cpu")
+    index["_class_name"] = "MyPipeline"
+    (bad / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelNotFoundError, match="custom pipeline code"):
+        load_generator(str(bad), device="cpu")

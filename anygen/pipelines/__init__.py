@@ -1,7 +1,13 @@
 """Generators behind one interface, and ``load_generator`` that picks the right one.
 
-A model directory says what it is: a diffusers pipeline (``model_index.json``) runs on
-the ``ldm`` path; anygen's own models name their family in ``config.json``.
+A model directory says what it is: a diffusers pipeline (``model_index.json``: anygen's
+own and Stable Diffusion 1.x/2.x run on ``LatentDiffusion``, every other text-to-image or
+editing pipeline on ``DiffusersTextToImage``); anygen's own models name their class in
+``config.json``; transformers models their ``model_type`` (Janus, Emu3, Chameleon, any
+image-text-to-text model: ``transformers_models``).
+
+Every generator has ``generate``; those that can also have ``caption(images, options)``,
+``answer(images, questions, options)`` and ``edit(image, instruction, options)``.
 """
 
 from __future__ import annotations

@@ -105,7 +105,10 @@ class Output:
 
 @runtime_checkable
 class Generator(Protocol):
-    """Every path (``ldm``, ``parti``, ``fusion``) implements this."""
+    """Every path (``ldm``, ``parti``, ``fusion``) implements this. A generator that reads
+    images also has ``caption(images, options) -> list[str]`` and
+    ``answer(images, questions, options) -> list[str]``; one that edits has
+    ``edit(image, instruction, options) -> Output``."""
 
     name: str
 
