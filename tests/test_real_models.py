@@ -1146,3 +1146,11 @@ def test_foreign_code_and_unknown_pipelines_are_refused(saved, tmp_path):
     (bad / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ModelNotFoundError, match="custom pipeline code"):
         load_generator(str(bad), device="cpu")
+
+
+def test_emu3_reads_images(emu3_dir):
+    gen = load_generator(str(emu3_dir), device="cpu")
+    images = [Image.new("RGB", (20, 30), "red"), Image.new("RGB", (16, 16), "blue")]
+    opts = Options(max_new_tokens=4, progress=False)
+    captions = gen.caption(images, opts)
+    assert len(captions) == 2 and captions == gen.caption(images, opts)
