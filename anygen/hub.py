@@ -5,8 +5,11 @@ A model is named in one of three ways, tried in this order:
 - a bundled name: a folder shipped inside the installed package, under
   ``anygen/assets/models/<name>/`` (models) or the repository's top-level
   ``tokenizers/<name>/`` (tokenizers; packaged as ``anygen._tokenizers``),
-- a Hugging Face hub id ``org/name``, fetched through huggingface_hub's cache, which
-  honours ``HF_HUB_OFFLINE``.
+- a catalogue name (``anygen.catalog.REAL_MODELS``, e.g. ``sdxl``), which stands for its
+  hub id,
+- a Hugging Face hub id ``org/name``, fetched through huggingface_hub's cache
+  (``HF_HUB_CACHE``), which honours ``HF_HUB_OFFLINE``: only configs, tokenizer files and
+  safetensors are fetched.
 
 anygen's own checkpoints are a directory with ``config.json`` and
 ``model.safetensors``, written to a temporary directory beside the target and renamed
