@@ -68,23 +68,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from anygen.catalog import REAL_MODELS
     from anygen.hub import bundled_models, card_metadata
+    from anygen.userconfig import default_model
 
     rows = []
     for kind in ("model", "tokenizer"):
         for name, path in sorted(bundled_models(kind).items()):
             meta = card_metadata(path)
-            rows.append({"name": name, "kind": kind, "path": str(path), **meta})
+            rows.append(
+                {"name": name, "kind": kind, "source": "bundled", "path": str(path), **meta}
+            )
+    for name, entry in REAL_MODELS.items():
+        rows.append({"name": name, "kind": "model", "source": "hub", **entry.to_dict()})
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
-    if not rows:
-        print("no bundled models are installed")
-        return 0
+    default = default_model()
     width = max(len(r["name"]) for r in rows)
+    print("bundled (offline):")
     for r in rows:
+        if r["source"] != "bundled":
+            continue
         summary = r.get("summary") or r.get("pipeline_tag") or ""
-        print(f"{r['name']:<{width}}  {r['kind']:<9}  {summary}".rstrip())
+        mark = " (default)" if r["name"] == default else ""
+        print(f"  {r['name']:<{width}}  {r['kind']:<9}  {summary}{mark}".rstrip())
+    print("hub (downloaded on first use; check each licence):")
+    for r in rows:
+        if r["source"] != "hub":
+            continue
+        gated = ", gated" if r["gated"] else ""
+        mark = " (default)" if r["name"] == default else ""
+        print(
+            f"  {r['name']:<{width}}  {r['hub_id']}  [{r['family']}: {', '.join(r['tasks'])}]  "
+            f"{r['licence']}{gated}  ~{r['memory_gb']:g} GB{mark}"
+        )
     return 0
 
 
@@ -97,7 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from anygen.output import check_writable, save_png
-    from anygen.pipelines import Options, load_generator
+    from anygen.pipelines import Options
 
     if args.prompts is None and args.prompt is None:
         raise UserInputError("give a PROMPT, or --prompts FILE with one prompt a line")
@@ -143,7 +161,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for file, _, _ in plan:
         check_writable(file, overwrite=args.overwrite, make_parent=args.prompts is not None)
 
-    generator = load_generator(args.model, device=args.device, dtype=args.dtype)
+    generator = _load(args)
     print(f"anygen: model {generator.name}", file=sys.stderr)
     unknown = generator.unknown_words(" ".join(p for _, p in jobs))
     if unknown:
@@ -214,6 +232,129 @@ def _single_output(output: Path | None, prompt: str, seed: int, index: int, n: i
     return output if n == 1 else output.with_name(f"{output.stem}-{index}{output.suffix}")
 
 
+def _load(args: argparse.Namespace):
+    """The generator a command asked for, with the runtime flags it has."""
+    from anygen.pipelines import load_generator
+
+    return load_generator(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        loras=getattr(args, "lora", None) or (),
+        offload=getattr(args, "offload", False),
+        vae_tiling=getattr(args, "vae_tiling", False),
+        vae_slicing=getattr(args, "vae_slicing", False),
+        attention=getattr(args, "attention", None),
+    )
+
+
+def _require(generator, method: str, what: str) -> None:
+    if not callable(getattr(generator, method, None)):
+        raise UserInputError(
+            f"model {generator.name} cannot {what}; see `anygen models` for models that can"
+        )
+
+
+def _open_images(paths: Sequence[str]) -> list:
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except FileNotFoundError:
+            raise UserInputError(f"no such image: {path}") from None
+        except (UnidentifiedImageError, OSError) as e:
+            raise UserInputError(f"cannot read image {path}: {e}") from None
+    return images
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from anygen.pipelines import Options
+
+    images = _open_images(args.images)
+    generator = _load(args)
+    print(f"anygen: model {generator.name}", file=sys.stderr)
+    _require(generator, "caption", "caption images")
+    options = Options(
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        progress=False,
+    ).validate()
+    captions = generator.caption(images, options)
+    for path, caption in zip(args.images, captions, strict=True):
+        if args.json:
+            print(json.dumps({"image": path, "caption": caption, "model": generator.name}))
+        else:
+            print(f"{path}\t{caption}")
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from anygen.pipelines import Options
+
+    images = _open_images([args.image])
+    generator = _load(args)
+    print(f"anygen: model {generator.name}", file=sys.stderr)
+    _require(generator, "answer", "answer questions about images")
+    options = Options(
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        progress=False,
+    ).validate()
+    (answer,) = generator.answer(images, [args.question], options)
+    if args.json:
+        print(json.dumps({"image": args.image, "question": args.question, "answer": answer}))
+    else:
+        print(answer)
+    return 0
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from anygen.output import check_writable, save_png
+    from anygen.pipelines import Options
+
+    if args.output.suffix.lower() != ".png":
+        raise UserInputError(f"output {args.output} must be a .png file")
+    check_writable(args.output, overwrite=args.overwrite)
+    (image,) = _open_images([args.image])
+    seed = args.seed if args.seed is not None else _fresh_seed()
+    options = Options(
+        seed=seed,
+        guidance_scale=args.guidance,
+        image_guidance_scale=args.image_guidance,
+        negative_prompt=args.negative,
+        steps=args.steps,
+        strength=args.strength,
+        width=args.width,
+        height=args.height,
+        scheduler=args.scheduler,
+        progress=not args.json,
+    ).validate()
+    generator = _load(args)
+    print(f"anygen: model {generator.name}", file=sys.stderr)
+    _require(generator, "edit", "edit images")
+    out = generator.edit(image, args.instruction, options)
+    settings = {k: v for k, v in out.settings.items() if k != "seeds" and v is not None}
+    record = {
+        "file": str(args.output),
+        "source": str(args.image),
+        "prompt": args.instruction,
+        "seed": out.seed,
+        "model": generator.name,
+        **settings,
+    }
+    save_png(out.images[0], args.output, metadata=record, overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print(f"wrote {args.output} (seed {out.seed})")
+    return 0
+
+
 def cmd_story(args: argparse.Namespace) -> int:
     from anygen.output import check_story_dir, picture_name, save_png, save_story
     from anygen.pipelines import DEFAULT_STORY_MODEL, Options, load_generator
@@ -254,12 +395,6 @@ def cmd_story(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_not_yet(args: argparse.Namespace) -> int:
-    raise UserInputError(
-        f"'anygen {args.command}' needs a model path that is not in this version of anygen yet"
-    )
-
-
 # ---------------------------------------------------------------------------- parser
 
 
@@ -282,6 +417,43 @@ def _positive_int(text: str) -> int:
     return value
 
 
+MODEL_HELP = (
+    "bundled name, catalogue name (anygen models), directory or hub id "
+    "(default: $ANYGEN_MODEL, else model in ~/.config/anygen/config.toml, else shapes-ldm)"
+)
+
+
+def _add_device_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--dtype", help="fp32, fp16 or bf16 (default: fp32 on CPU, fp16 on CUDA)")
+
+
+def _add_attention_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--attention",
+        choices=("sdpa", "xformers", "math"),
+        help="attention backend (default: sdpa; xformers needs CUDA and the gpu extra)",
+    )
+
+
+def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--lora",
+        action="append",
+        metavar="PATH[:SCALE]",
+        help="a diffusers LoRA (.safetensors file, folder or hub id) with its scale "
+        "(default 1); repeat to combine",
+    )
+    p.add_argument(
+        "--offload",
+        action="store_true",
+        help="keep weights on the CPU, each model on the accelerator only while it runs",
+    )
+    p.add_argument("--vae-tiling", action="store_true", help="decode large images in tiles")
+    p.add_argument("--vae-slicing", action="store_true", help="decode a batch image by image")
+    _add_attention_flag(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anygen",
@@ -299,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "prompt", nargs="?", help="what to draw, e.g. 'a red circle above a blue square'"
     )
-    p.add_argument("--model", help="bundled name, directory or hub id (default: shapes-ldm)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--seed", type=int, help="random seed (default: a fresh one, recorded)")
     p.add_argument("--steps", type=int, help="denoising steps (ldm models)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
@@ -314,8 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, help="code sampling temperature (parti; 0: greedy)")
     p.add_argument("--top-k", type=int, help="sample among the k likeliest codes (parti; 0: off)")
     p.add_argument("--top-p", type=float, help="nucleus sampling mass (parti; 1: off)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", help="fp32, fp16 or bf16 (default: fp32 on CPU, fp16 on CUDA)")
+    _add_device_flags(p)
+    _add_runtime_flags(p)
     p.add_argument("-o", "--output", type=Path, help="output .png (default: from the prompt)")
     p.add_argument("--prompts", type=Path, help="a file with one prompt a line")
     p.add_argument("--output-dir", type=Path, help="folder for --prompts outputs")
@@ -324,9 +496,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("caption", help="image to text")
+    p = sub.add_parser(
+        "caption",
+        help="image to text",
+        description="Describe images with a model that reads them (Janus, Chameleon, any "
+        "image-text-to-text model such as smolvlm).",
+    )
     p.add_argument("images", nargs="+", help="image files")
-    p.set_defaults(func=cmd_not_yet)
+    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--seed", type=int, help="seed for sampling (with --temperature > 0)")
+    p.add_argument("--max-new-tokens", type=_positive_int, help="text budget per caption")
+    p.add_argument("--temperature", type=float, help="0 (default): greedy; > 0: sample")
+    p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    _add_device_flags(p)
+    _add_attention_flag(p)
+    p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser(
+        "ask",
+        help="answer a question about an image",
+        description="Answer a question about an image with a model that reads images.",
+    )
+    p.add_argument("image", help="image file")
+    p.add_argument("question", help="e.g. 'how many circles are there?'")
+    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--seed", type=int, help="seed for sampling (with --temperature > 0)")
+    p.add_argument("--max-new-tokens", type=_positive_int, help="text budget for the answer")
+    p.add_argument("--temperature", type=float, help="0 (default): greedy; > 0: sample")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    _add_device_flags(p)
+    _add_attention_flag(p)
+    p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser(
         "story",
@@ -347,10 +547,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
     p.set_defaults(func=cmd_story)
 
-    p = sub.add_parser("edit", help="edit an image by an instruction")
-    p.add_argument("image")
-    p.add_argument("instruction")
-    p.set_defaults(func=cmd_not_yet)
+    p = sub.add_parser(
+        "edit",
+        help="edit an image by an instruction",
+        description="Edit an image: an InstructPix2Pix model follows the instruction "
+        "('make it snowy'); a text-to-image model redraws the image towards it as a prompt "
+        "(img2img, --strength).",
+    )
+    p.add_argument("image", help="image file to edit")
+    p.add_argument("instruction", help="the instruction, or the prompt for img2img")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output .png")
+    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--seed", type=int, help="random seed (default: a fresh one, recorded)")
+    p.add_argument("--guidance", type=float, help="text guidance scale")
+    p.add_argument(
+        "--image-guidance", type=float, help="pull towards the input image (InstructPix2Pix)"
+    )
+    p.add_argument("--negative", help="negative prompt")
+    p.add_argument("--steps", type=int, help="denoising steps")
+    p.add_argument("--strength", type=float, help="share of the image redrawn, (0, 1] (img2img)")
+    p.add_argument("--width", type=int, help="resize the input to this width first")
+    p.add_argument("--height", type=int, help="resize the input to this height first")
+    p.add_argument("--scheduler", help="diffusion sampler (see anygen generate --help)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    _add_device_flags(p)
+    _add_runtime_flags(p)
+    p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser(
         "train",

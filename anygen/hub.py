@@ -5,8 +5,11 @@ A model is named in one of three ways, tried in this order:
 - a bundled name: a folder shipped inside the installed package, under
   ``anygen/assets/models/<name>/`` (models) or the repository's top-level
   ``tokenizers/<name>/`` (tokenizers; packaged as ``anygen._tokenizers``),
-- a Hugging Face hub id ``org/name``, fetched through huggingface_hub's cache, which
-  honours ``HF_HUB_OFFLINE``.
+- a catalogue name (``anygen.catalog.REAL_MODELS``, e.g. ``sdxl``), which stands for its
+  hub id,
+- a Hugging Face hub id ``org/name``, fetched through huggingface_hub's cache
+  (``HF_HUB_CACHE``), which honours ``HF_HUB_OFFLINE``: only configs, tokenizer files and
+  safetensors are fetched.
 
 anygen's own checkpoints are a directory with ``config.json`` and
 ``model.safetensors``, written to a temporary directory beside the target and renamed
@@ -142,20 +145,46 @@ def resolve(name_or_path: str | os.PathLike, kind: str | None = None) -> Path:
     bundled = bundled_models(kind)
     if text in bundled:
         return bundled[text]
+    if kind != "tokenizer":
+        from anygen.catalog import REAL_MODELS
+
+        if text in REAL_MODELS:
+            return _download(REAL_MODELS[text].hub_id, kind, friendly=text)
     if _looks_like_path(text):
         raise ModelNotFoundError(f"no such file or directory: {text}")
     if _is_hub_id(text):
         return _download(text, kind)
     what = f"bundled {kind}s" if kind else "bundled models"
+    friendly = "" if kind == "tokenizer" else ", not a catalogue name (see `anygen models`)"
     raise ModelNotFoundError(
         f"unknown model {text!r}: not a local path, not one of the {what} "
-        f"({', '.join(bundled) or 'none installed'}), and not a hub id (org/name)"
+        f"({', '.join(bundled) or 'none installed'}){friendly}, and not a hub id (org/name)"
     )
 
 
-def _download(repo_id: str, kind: str | None) -> Path:
-    from huggingface_hub import constants, snapshot_download
+# What a model needs from a hub repo: configs, tokenizer files and safetensors weights.
+# Pickle weights are never fetched (they are refused anyway), nor half-precision variants
+# (``*.fp16.safetensors``: anygen loads the default files and casts).
+MODEL_IGNORE_PATTERNS = [
+    *(f"*{suffix}" for suffix in PICKLE_SUFFIXES),
+    "*.msgpack",
+    "*.h5",
+    "*.onnx",
+    "*.onnx_data",
+    "*.gguf",
+    "*.fp16.*",
+    "*non_ema*",
+    "*.ema.*",
+]
+
+
+def _download(repo_id: str, kind: str | None, friendly: str | None = None) -> Path:
+    """The local snapshot of ``repo_id`` in the Hugging Face cache (``HF_HUB_CACHE``),
+    fetched unless ``HF_HUB_OFFLINE`` is set; every failure is one line naming the model
+    and what to do."""
+    from huggingface_hub import constants, hf_hub_download, snapshot_download
     from huggingface_hub.errors import (
+        EntryNotFoundError,
         GatedRepoError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
@@ -164,31 +193,56 @@ def _download(repo_id: str, kind: str | None) -> Path:
         RevisionNotFoundError,
     )
 
-    patterns = TOKENIZER_PATTERNS if kind == "tokenizer" else None
-    logger.info("fetching %s from the Hugging Face hub cache", repo_id)
+    name = f"{friendly} ({repo_id})" if friendly else repo_id
+    # read at call time, so that a changed environment (tests, notebooks) is honoured
+    cache_dir = os.environ.get("HF_HUB_CACHE") or None
+    offline = constants.is_offline_mode()
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
-        if constants.is_offline_mode():
+        if offline:  # the cached snapshot, whatever files it holds
+            return Path(snapshot_download(repo_id, cache_dir=cache_dir))
+        if kind == "tokenizer":
+            allow, ignore = TOKENIZER_PATTERNS, None
+        else:
+            # A diffusers pipeline keeps its components in subfolders; a repo's top-level
+            # weights are then single-file checkpoints (several GB) that anygen never reads.
+            try:
+                hf_hub_download(repo_id, "model_index.json", cache_dir=cache_dir)
+                allow = ["model_index.json", "*.md", "*/*"]
+            except EntryNotFoundError:
+                allow = None
+            ignore = MODEL_IGNORE_PATTERNS
+        logger.info("fetching %s from the Hugging Face hub into its cache", repo_id)
+        return Path(
+            snapshot_download(
+                repo_id, allow_patterns=allow, ignore_patterns=ignore, cache_dir=cache_dir
+            )
+        )
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+        if offline:
             raise ModelNotFoundError(
-                f"{repo_id} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: "
-                f"download it with `hf download {repo_id}`, or unset HF_HUB_OFFLINE"
+                f"{name} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: "
+                f"download it with `hf download {repo_id}` on a connected machine, "
+                "or unset HF_HUB_OFFLINE"
             ) from None
         raise ModelNotFoundError(
-            f"could not download {repo_id} from the Hugging Face hub: {e}"
-        ) from e
+            f"{name} is not in the Hugging Face cache and the hub cannot be reached: "
+            f"connect to the network, or copy the cache from a machine that ran "
+            f"`hf download {repo_id}`"
+        ) from None
     except GatedRepoError:
         raise ModelNotFoundError(
-            f"{repo_id} is gated: accept its terms on huggingface.co, then `hf auth login`"
+            f"{name} is gated: accept its licence on https://huggingface.co/{repo_id}, "
+            "then `hf auth login`"
         ) from None
     except RepositoryNotFoundError:
         raise ModelNotFoundError(
-            f"{repo_id} was not found on the Hugging Face hub (a private repo needs `hf auth login`)"
+            f"{name} was not found on the Hugging Face hub (a private repo needs `hf auth login`)"
         ) from None
     except RevisionNotFoundError as e:
-        raise ModelNotFoundError(f"{repo_id}: revision not found ({e})") from None
+        raise ModelNotFoundError(f"{name}: revision not found ({e})") from None
     except HfHubHTTPError as e:
-        raise ModelNotFoundError(f"could not download {repo_id}: {e}") from e
+        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelNotFoundError(f"could not download {name}: {first_line}") from None
 
 
 # -----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 from anygen.cli import main as cli
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ("generate", "caption", "story", "edit", "train", "eval", "data", "models")
+COMMANDS = ("generate", "caption", "ask", "story", "edit", "train", "eval", "data", "models")
 
 
 def test_help_lists_every_command(capsys):
@@ -128,9 +128,34 @@ def test_train_missing_recipe_is_one_line(tmp_path, capsys):
     assert len(err) == 1 and "nope.py" in err[0]
 
 
+def test_story_with_a_text_to_image_model_is_one_line(tmp_path, capsys):
+    out = tmp_path / "story"
+    assert cli(["story", "a red circle", "--model", "shapes-ldm", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "cannot tell stories" in err[-1] and err[-1].startswith("anygen story: error")
+
+
 @pytest.mark.parametrize(
-    "command", [["caption", "x.png"], ["story", "a red circle"], ["edit", "x.png", "make it red"]]
+    "command, what",
+    [
+        (["caption"], "cannot caption images"),
+        (["ask", "-", "how many circles?"], "cannot answer questions"),
+    ],
 )
-def test_commands_of_later_paths_say_so(command, capsys):
-    assert cli(command) == 2
-    assert "not in this version of anygen yet" in capsys.readouterr().err
+def test_default_model_lacking_a_capability_says_so_in_one_line(
+    command, what, tmp_path, monkeypatch, capsys
+):
+    """shapes-ldm draws but does not read images: caption and ask are one-line errors."""
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ANYGEN_MODEL", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "x.png")
+    argv = [a if a != "-" else "x.png" for a in command]
+    if argv == ["caption"]:
+        argv.append("x.png")
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"anygen {argv[0]}: error: model shapes-ldm {what}")
+    assert len([line for line in err if "error" in line]) == 1

@@ -1,19 +1,31 @@
 """Generators behind one interface, and ``load_generator`` that picks the right one.
 
-A model directory says what it is: a diffusers pipeline (``model_index.json``) runs on
-the ``ldm`` path; anygen's own models name their family in ``config.json``.
+A model directory says what it is: a diffusers pipeline (``model_index.json``: anygen's
+own and Stable Diffusion 1.x/2.x run on ``LatentDiffusion``, every other text-to-image or
+editing pipeline on ``DiffusersTextToImage``); anygen's own models name their class in
+``config.json``; transformers models their ``model_type`` (Janus, Emu3, Chameleon, any
+image-text-to-text model: ``transformers_models``).
+
+Every generator has ``generate``; those that can also have ``caption(images, options)``,
+``answer(images, questions, options)`` and ``edit(image, instruction, options)``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from anygen.errors import ModelNotFoundError, UserInputError
 from anygen.pipelines.base import Generator, Options, Output, Segment
+from anygen.userconfig import DEFAULT_MODEL as DEFAULT_MODEL  # re-exported
+
+if TYPE_CHECKING:
+    from anygen.pipelines.lora import LoraSpec
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -29,8 +41,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "shapes-ldm"
 DEFAULT_STORY_MODEL = "shapes-fusion"  # stories need a model that writes text and images
+# diffusers pipelines whose loop anygen runs itself (text_to_image.LatentDiffusion)
+LATENT_DIFFUSION_PIPELINES = ("StableDiffusionPipeline",)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -67,18 +80,57 @@ def load_generator(
     *,
     device: str | None = None,
     dtype: str | None = None,
+    loras: Sequence[LoraSpec | str] = (),
+    offload: bool = False,
+    vae_tiling: bool = False,
+    vae_slicing: bool = False,
+    attention: str | None = None,
 ) -> Generator:
-    """A generator for a bundled name, a local directory or a hub id."""
+    """A generator for a bundled name, a catalogue name (``anygen models``), a local
+    directory or a hub id; ``model``, ``device`` and ``dtype`` default to the user's
+    config (``anygen.userconfig``), else ``shapes-ldm`` on the best device.
+
+    What a directory is decides the class: ``model_index.json`` -> a diffusers pipeline
+    (``LatentDiffusion`` for anygen's own and the Stable Diffusion 1.x/2.x family, else
+    ``DiffusersTextToImage``); ``config.json`` -> anygen's own model (``_class_name``) or a
+    transformers model (``model_type``: Janus, Emu3, Chameleon, any image-text-to-text).
+    ``loras``, ``offload``, ``vae_tiling``, ``vae_slicing`` and ``attention`` are applied
+    at load (``anygen.pipelines.runtime``).
+    """
+    from anygen.catalog import catalog_entry
     from anygen.hub import resolve
+    from anygen.pipelines.lora import LoraSpec
+    from anygen.pipelines.runtime import Runtime, check_offload_device
+    from anygen.userconfig import default_model, user_default
 
-    name = model or DEFAULT_MODEL
+    name = model or default_model()
+    dev = pick_device(device or user_default("device"))
+    torch_dtype = pick_dtype(dtype or user_default("dtype"), dev)
+    if offload:
+        check_offload_device(dev)  # before minutes of loading
     path = Path(resolve(name))
-    dev = pick_device(device)
-    torch_dtype = pick_dtype(dtype, dev)
+    runtime = Runtime(
+        loras=tuple(s if isinstance(s, LoraSpec) else LoraSpec.parse(s) for s in loras),
+        offload=offload,
+        vae_tiling=vae_tiling,
+        vae_slicing=vae_slicing,
+        attention=attention,
+    )
+    entry = catalog_entry(name)
+    defaults = dict(entry.defaults) if entry is not None else None
+    log.info("loading %s from %s on %s (%s)", name, path, dev, torch_dtype)
     if (path / "model_index.json").is_file():
-        from anygen.pipelines.text_to_image import LatentDiffusion
+        from anygen.pipelines.diffusers_t2i import DiffusersTextToImage, read_model_index
+        from anygen.pipelines.text_to_image import ANYGEN_FILE, LatentDiffusion
 
-        return LatentDiffusion.from_pretrained(path, name=name, device=dev, dtype=torch_dtype)
+        meta = read_model_index(path)
+        if (path / ANYGEN_FILE).is_file() or meta["_class_name"] in LATENT_DIFFUSION_PIPELINES:
+            return LatentDiffusion.from_pretrained(
+                path, name=name, device=dev, dtype=torch_dtype, runtime=runtime
+            )
+        return DiffusersTextToImage.from_pretrained(
+            path, name=name, device=dev, dtype=torch_dtype, runtime=runtime, defaults=defaults
+        )
     config = path / "config.json"
     family = None
     if config.is_file():
@@ -89,11 +141,21 @@ def load_generator(
     if family == "PartiTransformer":
         from anygen.pipelines.parti import Parti
 
+        runtime.refuse_for(name, "parti")
         return Parti.from_pretrained(path, name=name, device=dev, dtype=torch_dtype)
     if family == "FusionTransformer":
         from anygen.pipelines.fusion import Fusion
 
+        runtime.refuse_for(name, "fusion")
         return Fusion.from_pretrained(path, name=name, device=dev, dtype=torch_dtype)
+    if config.is_file():
+        from anygen.pipelines.transformers_models import transformers_family
+
+        klass = transformers_family(config)
+        if klass is not None:
+            return klass.from_pretrained(
+                path, name=name, device=dev, dtype=torch_dtype, runtime=runtime, defaults=defaults
+            )
     raise ModelNotFoundError(
         f"{name} ({path}) is not a model anygen can generate with"
         + (f": model class {family!r} cannot generate in by this version" if family else "")

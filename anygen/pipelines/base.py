@@ -44,6 +44,8 @@ class Options:
     top_p: float | None = None
     max_new_tokens: int | None = None  # text generation budget (per text segment)
     max_images: int | None = None  # interleaved generation: the most images to write
+    strength: float | None = None  # editing: how far from the input image (0: none, 1: all)
+    image_guidance_scale: float | None = None  # editing: pull towards the input image
     callback: StepCallback | None = None
     progress: bool = True
 
@@ -71,6 +73,12 @@ class Options:
             raise UserInputError(f"max new tokens must be at least 1, got {self.max_new_tokens}")
         if self.max_images is not None and self.max_images < 0:
             raise UserInputError(f"max images must be >= 0, got {self.max_images}")
+        if self.strength is not None and not (0 < self.strength <= 1):
+            raise UserInputError(f"strength must be in (0, 1], got {self.strength}")
+        if self.image_guidance_scale is not None and self.image_guidance_scale < 0:
+            raise UserInputError(
+                f"image guidance scale must be >= 0, got {self.image_guidance_scale}"
+            )
         return self
 
     def to_dict(self) -> dict:
@@ -100,7 +108,10 @@ class Output:
 
 @runtime_checkable
 class Generator(Protocol):
-    """Every path (``ldm``, ``parti``, ``fusion``) implements this."""
+    """Every path (``ldm``, ``parti``, ``fusion``) implements this. A generator that reads
+    images also has ``caption(images, options) -> list[str]`` and
+    ``answer(images, questions, options) -> list[str]``; one that edits has
+    ``edit(image, instruction, options) -> Output``."""
 
     name: str
 

@@ -40,6 +40,7 @@ from anygen.pipelines.base import (
     check_prompt,
     make_generator,
 )
+from anygen.pipelines.runtime import Runtime, configure_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class LatentDiffusion(TextToImage):
                 module.to(dtype=self.dtype)
             module.eval()
         self._samplers: dict[str, object] = {}
+        self._edit_pipe = None
 
     # ------------------------------------------------------------------ properties
 
@@ -138,12 +140,19 @@ class LatentDiffusion(TextToImage):
             ("temperature", opts.temperature),
             ("top-k", opts.top_k),
             ("top-p", opts.top_p),
+            ("max new tokens", opts.max_new_tokens),
         ):
             if value is not None:
                 raise UserInputError(
                     f"{label} means nothing to {self.name!r}: a diffusion model samples no "
                     "tokens; use --steps, --scheduler and --guidance"
                 )
+        for label, value in (
+            ("strength", opts.strength),
+            ("image guidance", opts.image_guidance_scale),
+        ):
+            if value is not None:
+                raise UserInputError(f"{label} is an editing setting (anygen edit)")
         timer = Timer()
         steps = opts.steps if opts.steps is not None else self.defaults["steps"]
         guidance = (
@@ -212,6 +221,24 @@ class LatentDiffusion(TextToImage):
         }
         return images, settings, timer.timings
 
+    # ------------------------------------------------------------------ runtime, editing
+
+    def apply_runtime(self, runtime: Runtime) -> None:
+        """LoRA adapters, VAE tiling/slicing, attention backend and CPU offload, applied to
+        these components in place through their diffusers pipeline view (the denoising loop
+        here then runs the adapted modules)."""
+        configure_pipeline(self.to_diffusers(), runtime, self.device)
+
+    def edit(self, image: Image.Image, instruction: str, options: Options | None = None) -> Output:
+        """Image to image (SDEdit) with diffusers' img2img pipeline over these components:
+        ``options.strength`` sets how much of the image is redrawn (default 0.8)."""
+        from anygen.pipelines.diffusers_t2i import image_to_image_pipeline, run_edit
+
+        opts = (options or Options()).validate()
+        if self._edit_pipe is None:
+            self._edit_pipe = image_to_image_pipeline(self.to_diffusers(), self.name)
+        return run_edit(self, self._edit_pipe, image, instruction, opts)
+
     # ------------------------------------------------------------------ save / load
 
     def save_pretrained(
@@ -276,8 +303,10 @@ class LatentDiffusion(TextToImage):
         name: str | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        runtime: Runtime | None = None,
     ) -> LatentDiffusion:
-        """Load a diffusers pipeline directory of the Stable Diffusion family (or PixArt)."""
+        """Load a diffusers pipeline directory of the Stable Diffusion family (or PixArt),
+        with ``runtime`` (LoRA, offload, VAE tiling, attention) applied."""
         path = Path(path)
         index = path / "model_index.json"
         if not index.is_file():
@@ -316,9 +345,12 @@ class LatentDiffusion(TextToImage):
         else:
             # a diffusers checkpoint: sample with the scheduler it ships with
             defaults["scheduler"] = _scheduler_name(scheduler)
-        return cls(
+        model = cls(
             components, name=name or path.name, defaults=defaults, device=device, dtype=dtype
         )
+        if runtime is not None:
+            model.apply_runtime(runtime)
+        return model
 
 
 # model_index.json names each component's library; only these two are ever imported.

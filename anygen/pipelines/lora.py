@@ -1,0 +1,120 @@
+"""LoRA adapters from the diffusers ecosystem, loaded onto a pipeline or one model.
+
+A spec is ``PATH[:SCALE]``: a ``.safetensors`` file, a folder holding one (e.g.
+``pytorch_lora_weights.safetensors`` as ``save_lora_weights`` writes it), or a hub id;
+SCALE defaults to 1. Several adapters are combined with their scales through peft
+(diffusers' ``load_lora_weights`` / ``set_adapters``). Scale 0 leaves the model's output
+exactly as without the adapter.
+
+``load_loras`` takes a diffusers pipeline (anything with ``load_lora_weights``) or a
+single diffusers model (a UNet or transformer, with ``load_lora_adapter``), so that
+training recipes (DreamBooth, textual inversion) can reuse it on what they train.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from anygen.errors import CheckpointError, UserInputError
+
+log = logging.getLogger(__name__)
+
+ADAPTER_PREFIX = "anygen_lora"
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    source: str  # file, folder or hub id
+    scale: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> LoraSpec:
+        """``PATH`` or ``PATH:SCALE``; a colon not followed by a number belongs to the path."""
+        text = text.strip()
+        if not text:
+            raise UserInputError("empty --lora value: give PATH or PATH:SCALE")
+        source, scale = text, 1.0
+        head, sep, tail = text.rpartition(":")
+        if sep and head:
+            try:
+                scale = float(tail)
+                source = head
+            except ValueError:
+                pass
+        return cls(source=source, scale=scale)
+
+
+def _lora_file(spec: LoraSpec) -> Path:
+    """The one safetensors file a spec names; pickle files are refused."""
+    from anygen.hub import PICKLE_SUFFIXES, resolve
+
+    path = resolve(spec.source)
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            extra = f" (it holds {', '.join(pickles)}: convert to safetensors)" if pickles else ""
+            raise CheckpointError(f"no .safetensors LoRA file in {path}{extra}")
+        if len(files) > 1:
+            names = ", ".join(f.name for f in files)
+            raise CheckpointError(f"{path} holds several LoRA files ({names}): name one of them")
+        return files[0]
+    if path.suffix != ".safetensors":
+        raise CheckpointError(
+            f"{path} is not a .safetensors file; anygen loads LoRA weights from safetensors only"
+        )
+    return path
+
+
+def load_loras(target, specs: Sequence[LoraSpec | str]) -> list[str]:
+    """Load each LoRA of ``specs`` onto ``target`` (a diffusers pipeline, or a diffusers
+    UNet/transformer) and activate them together with their scales; returns the adapter
+    names. Raises ``CheckpointError`` for a file that does not fit the model."""
+    specs = [s if isinstance(s, LoraSpec) else LoraSpec.parse(s) for s in specs]
+    if not specs:
+        return []
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise UserInputError("--lora needs the peft package: pip install peft") from None
+    is_pipeline = hasattr(target, "load_lora_weights")
+    if not is_pipeline and not hasattr(target, "load_lora_adapter"):
+        raise UserInputError(
+            f"{type(target).__name__} does not take diffusers LoRA weights; --lora works "
+            "with diffusers pipelines (Stable Diffusion, SDXL, SD3, Flux, ...)"
+        )
+    names = []
+    for i, spec in enumerate(specs):
+        file = _lora_file(spec)
+        name = f"{ADAPTER_PREFIX}{i}"
+        try:
+            if is_pipeline:
+                target.load_lora_weights(
+                    os.fspath(file.parent), weight_name=file.name, adapter_name=name
+                )
+            else:
+                target.load_lora_adapter(
+                    os.fspath(file.parent),
+                    weight_name=file.name,
+                    adapter_name=name,
+                    prefix=_model_prefix(target),
+                )
+        except (ValueError, KeyError, RuntimeError, OSError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(
+                f"LoRA {file} does not fit {type(target).__name__}: {first}"
+            ) from None
+        names.append(name)
+        log.info("loaded LoRA %s as %s (scale %g)", file, name, spec.scale)
+    target.set_adapters(names, [s.scale for s in specs])
+    return names
+
+
+def _model_prefix(model) -> str:
+    """The key prefix of a model's entries in a pipeline-level LoRA file."""
+    name = type(model).__name__
+    return "unet" if name.startswith("UNet") else "transformer"

@@ -1,0 +1,109 @@
+"""How a loaded model runs: LoRA adapters, CPU offload, VAE tiling/slicing, attention.
+
+These are load-time choices (``anygen generate --lora ... --offload --vae-tiling
+--attention math``), separate from the per-call ``Options``. diffusers pipelines honour
+all of them; transformers models only the attention backend, and refuse the rest with a
+message naming the option, never silently.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from anygen.errors import UserInputError
+from anygen.pipelines.lora import LoraSpec, load_loras
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    loras: Sequence[LoraSpec] = field(default_factory=tuple)
+    offload: bool = False  # accelerate: each model on the accelerator only while it runs
+    vae_tiling: bool = False  # decode large images tile by tile
+    vae_slicing: bool = False  # decode a batch one image at a time
+    attention: str | None = None  # "sdpa" | "math" | "xformers"; None: as loaded (sdpa)
+
+    def refuse_for(self, model: str, family: str) -> None:
+        """For models that are not diffusers pipelines: refuse the diffusers-only options."""
+        asked = [
+            flag
+            for flag, value in (
+                ("--lora", bool(self.loras)),
+                ("--offload", self.offload),
+                ("--vae-tiling", self.vae_tiling),
+                ("--vae-slicing", self.vae_slicing),
+            )
+            if value
+        ]
+        if asked:
+            raise UserInputError(
+                f"{', '.join(asked)} apply to diffusers pipelines; {model} is a {family} "
+                "model (use --device and --dtype to fit it in memory)"
+            )
+
+    def transformers_attn_implementation(self) -> str | None:
+        """The ``attn_implementation`` to load a transformers model with (None: default)."""
+        if self.attention is None:
+            return None
+        from anygen.attention import transformers_attn_implementation
+
+        return transformers_attn_implementation(self.attention)
+
+
+def check_offload_device(device: torch.device) -> None:
+    if device.type == "cpu":
+        raise UserInputError(
+            "--offload keeps weights on the CPU and moves each model to an accelerator while "
+            "it runs; this run is on the CPU already: use --device cuda, or drop --offload"
+        )
+
+
+def set_attention(modules: dict, backend: str) -> None:
+    """Switch every diffusers model and transformers model among ``modules`` (name ->
+    component) to ``backend``. Both libraries load with PyTorch SDPA already, so "sdpa"
+    only checks the name."""
+    from anygen.attention import set_diffusers_attention, transformers_attn_implementation
+
+    if backend == "sdpa":
+        transformers_attn_implementation(backend)  # validates the name
+        return
+    from diffusers import ModelMixin
+    from transformers import PreTrainedModel
+
+    implementation = transformers_attn_implementation(backend)  # fails first for xformers
+    for name, module in modules.items():
+        if isinstance(module, ModelMixin):
+            set_diffusers_attention(module, backend)
+        elif isinstance(module, PreTrainedModel):
+            module.set_attn_implementation(implementation)
+        log.debug("attention of %s set to %s", name, backend)
+
+
+def configure_pipeline(pipe, runtime: Runtime, device: torch.device) -> None:
+    """Apply ``runtime`` to a diffusers pipeline whose models are already on ``device``
+    (or, with offload, are moved there now under accelerate's hooks)."""
+    if runtime.offload:
+        check_offload_device(device)
+    if runtime.attention is not None:
+        set_attention(dict(pipe.components), runtime.attention)
+    if runtime.loras:
+        load_loras(pipe, runtime.loras)
+    vae = getattr(pipe, "vae", None)
+    for wanted, method, flag in (
+        (runtime.vae_tiling, "enable_tiling", "--vae-tiling"),
+        (runtime.vae_slicing, "enable_slicing", "--vae-slicing"),
+    ):
+        if not wanted:
+            continue
+        if vae is None or not hasattr(vae, method):
+            raise UserInputError(
+                f"{flag}: the VAE of this pipeline ({type(vae).__name__}) does not support it"
+            )
+        getattr(vae, method)()
+    if runtime.offload:
+        pipe.enable_model_cpu_offload(device=device)

@@ -1,0 +1,77 @@
+"""The user's defaults: which model, device and dtype to use when none is given.
+
+Looked up in this order, first found wins, per key:
+
+1. the environment: ``ANYGEN_MODEL``, ``ANYGEN_DEVICE``, ``ANYGEN_DTYPE``;
+2. ``$XDG_CONFIG_HOME/anygen/config.toml`` (``~/.config/anygen/config.toml`` when
+   ``XDG_CONFIG_HOME`` is unset), keys ``model``, ``device``, ``dtype``::
+
+       model = "sdxl"
+       device = "cuda"
+       dtype = "bf16"
+
+3. built-in: model ``shapes-ldm`` (bundled, runs offline), device and dtype chosen by
+   ``anygen.pipelines.pick_device`` / ``pick_dtype``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from anygen.errors import UserInputError
+
+DEFAULT_MODEL = "shapes-ldm"
+KEYS = ("model", "device", "dtype")
+ENV = {"model": "ANYGEN_MODEL", "device": "ANYGEN_DEVICE", "dtype": "ANYGEN_DTYPE"}
+
+
+def config_path() -> Path:
+    """Where the user config lives (it need not exist)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base).expanduser() / "anygen" / "config.toml"
+
+
+def read_config_file(path: Path | None = None) -> dict[str, str]:
+    """The known keys of the config file; {} when there is none. A malformed file or an
+    unknown key is an error that names the file, never silently ignored."""
+    path = config_path() if path is None else path
+    if not path.is_file():
+        return {}
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise UserInputError(
+                f"reading {path} needs Python 3.11 or the tomli package (pip install tomli)"
+            ) from None
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserInputError(f"{path} is not valid TOML: {e}") from None
+    unknown = sorted(set(data) - set(KEYS))
+    if unknown:
+        raise UserInputError(
+            f"{path}: unknown keys {', '.join(unknown)}; known keys are {', '.join(KEYS)}"
+        )
+    bad = [k for k, v in data.items() if not isinstance(v, str) or not v.strip()]
+    if bad:
+        raise UserInputError(f"{path}: {', '.join(bad)} must be non-empty strings")
+    return dict(data)
+
+
+def user_default(key: str) -> str | None:
+    """The user's default for ``key`` ("model", "device" or "dtype"), or None."""
+    if key not in KEYS:
+        raise ValueError(f"key must be one of {KEYS}, got {key!r}")
+    value = os.environ.get(ENV[key], "").strip()
+    if value:
+        return value
+    return read_config_file().get(key)
+
+
+def default_model() -> str:
+    """``ANYGEN_MODEL``, else the config file's ``model``, else ``shapes-ldm``."""
+    return user_default("model") or DEFAULT_MODEL
