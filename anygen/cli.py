@@ -8,6 +8,7 @@ stderr and exit status 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -161,8 +162,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for file, _, _ in plan:
         check_writable(file, overwrite=args.overwrite, make_parent=args.prompts is not None)
 
+    references = _open_images(args.subject) if args.subject else None
     generator = _load(args)
     print(f"anygen: model {generator.name}", file=sys.stderr)
+    if references:
+        _require(generator, "generate_subject", "take subject reference images (--subject)")
     unknown = generator.unknown_words(" ".join(p for _, p in jobs))
     if unknown:
         log.warning(
@@ -176,7 +180,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     batch = max(1, args.batch_size)
     for start in range(0, len(plan), batch):
         chunk = plan[start : start + batch]
-        out = generator.generate_batch([p for _, p, _ in chunk], [s for _, _, s in chunk], options)
+        if references:  # in-context subject: one image per call
+            outs = [
+                generator.generate_subject(references, p, dataclasses.replace(options, seed=s))
+                for _, p, s in chunk
+            ]
+            out = dataclasses.replace(outs[0], segments=[o.images[0] for o in outs])
+        else:
+            out = generator.generate_batch(
+                [p for _, p, _ in chunk], [s for _, _, s in chunk], options
+            )
         settings = {k: v for k, v in out.settings.items() if k != "seeds"}
         for (file, prompt, image_seed), image in zip(chunk, out.images, strict=True):
             record = {
@@ -494,6 +507,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=8, help="images per forward pass")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    p.add_argument(
+        "--subject",
+        action="append",
+        metavar="REF.png",
+        help="a reference picture of the subject the prompt names (repeat for several; "
+        "in-context subject-driven models such as shapes-emu)",
+    )
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(

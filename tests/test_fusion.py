@@ -465,6 +465,74 @@ def test_documents_are_reproducible_and_canonical_where_written():
     story = document("story", 0, 3)
     assert [type(s).__name__ for s in story.segments[:2]] == ["str", "Scene"]
     kinds = {mixed_document(0, i).kind for i in range(60)}
-    assert kinds == {"t2i", "caption", "vqa", "story"}
+    assert kinds == {"t2i", "caption", "vqa", "story", "edit"}
+    subject = document("subject", 0, 4)
+    assert 4 <= len(subject.scenes) <= 6 and "sks" in subject.segments[-2]
     with pytest.raises(UserInputError, match="unknown document kinds"):
         mixed_document(0, 0, {"poems": 1.0})
+
+
+def test_edit_and_in_context_subjects_write_one_seeded_picture(pipe):
+    image = scene_image(pipe.default_size)
+    a = pipe.edit(image, "make the red circle blue", Options(seed=2))
+    b = pipe.edit(image, "make the red circle blue", Options(seed=2))
+    assert len(a.images) == 1 and a.images[0].size == image.size and a.seed == 2
+    assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+    refs = [scene_image(pipe.default_size, seed) for seed in (1, 2, 3)]
+    out = pipe.generate_subject(refs, "the sks circle above a green square", Options(seed=0))
+    assert out.images[0].size == image.size
+    with pytest.raises(UserInputError, match="instruction is empty"):
+        pipe.edit(image, " ")
+    with pytest.raises(UserInputError, match="no images"):
+        pipe.generate_subject([], "the sks circle")
+
+
+def test_cli_and_eval_reach_edit_caption_and_subjects(pipe, tmp_path, capsys):
+    from anygen.cli import main as cli
+    from anygen.eval.run import evaluate_model
+
+    model = tmp_path / "m"
+    pipe.save_pretrained(model, tokenizer_ref="shapes-bpe")
+    src = tmp_path / "src.png"
+    scene_image(pipe.default_size).save(src)
+    out = tmp_path / "edited.png"
+    assert (
+        cli(
+            [
+                "edit",
+                str(src),
+                "make the red circle blue",
+                "--model",
+                str(model),
+                "--seed",
+                "1",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert out.is_file()
+    assert cli(["caption", str(src), "--model", str(model), "--json"]) == 0
+    assert '"caption"' in capsys.readouterr().out
+    subj = tmp_path / "subject.png"
+    code = cli(
+        [
+            "generate",
+            "the sks circle",
+            "--model",
+            str(model),
+            "--subject",
+            str(src),
+            "--subject",
+            str(src),
+            "--seed",
+            "3",
+            "-o",
+            str(subj),
+        ]
+    )
+    assert code == 0 and subj.is_file()
+    for suite in ("edit", "subject", "story", "caption"):
+        report = evaluate_model(str(model), suite, n=2, progress=False)
+        assert report.task == suite and len(report.records) >= 2

@@ -8,6 +8,8 @@ Kinds (``DOCUMENT_KINDS``):
     vqa      image, "question ?", answer        answering about an image
     story    text, image, event, image, ...     2 to 4 scenes (the spec's stories)
     edit     image, instruction, image          instruction editing (the spec's edits)
+    subject  3-5 reference images, prompt, image   in-context subject-driven generation
+                                                 (Emu2-Gen style; the spec's subjects)
 
 Scenes stand for images; the consumer renders them (``render_image``) and turns them into
 codes or embeddings. Document ``i`` of a mix is a function of (seed, i, split, mix) only,
@@ -24,9 +26,16 @@ from anygen.data.shapes import task_sample
 from anygen.data.world import Scene
 from anygen.errors import UserInputError
 
-DOCUMENT_KINDS: tuple[str, ...] = ("t2i", "caption", "vqa", "story", "edit")
-# what the bundled fusion models train on (edits come with the editing recipes)
-DEFAULT_MIX: dict[str, float] = {"t2i": 0.4, "caption": 0.2, "vqa": 0.2, "story": 0.2}
+DOCUMENT_KINDS: tuple[str, ...] = ("t2i", "caption", "vqa", "story", "edit", "subject")
+# what the bundled discrete fusion model trains on; subject documents (up to six images)
+# suit the continuous model, whose images are 16 positions rather than 64
+DEFAULT_MIX: dict[str, float] = {
+    "t2i": 0.35,
+    "caption": 0.15,
+    "vqa": 0.15,
+    "story": 0.2,
+    "edit": 0.15,
+}
 QUESTION_END = " ?"
 
 Segment = str | Scene
@@ -71,6 +80,9 @@ def document(
     if kind == "edit":
         s = task_sample("edit", seed, index, split)
         return Document(kind, (s.source, s.instruction, s.target))
+    if kind == "subject":
+        s = task_sample("subject", seed, index, split)
+        return Document(kind, (*s.references, s.prompt, s.scene))
     raise UserInputError(f"unknown document kind {kind!r}; choose from {DOCUMENT_KINDS}")
 
 

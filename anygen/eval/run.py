@@ -6,6 +6,7 @@ callables from a generator's capabilities and says clearly when a model lacks on
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from anygen.errors import UserInputError
@@ -61,6 +62,10 @@ def evaluate_model(
         )
     opts = options or Options()
     opts.progress = False
+
+    def seeded(s: int) -> Options:
+        return dataclasses.replace(opts, seed=s)
+
     log.info("evaluating %s on the %s suite (n=%d, seed=%d)", model, suite, n, seed)
     if suite == "t2i":
 
@@ -69,13 +74,36 @@ def evaluate_model(
 
         report = run_t2i(generate_fn, n=n, seed=seed, batch_size=batch_size, progress=progress)
     elif suite == "caption":
-        report = run_caption(gen.caption, getattr(gen, "answer", None), n=n, seed=seed)
+        answer = getattr(gen, "answer", None)
+        report = run_caption(
+            lambda images: gen.caption(images, opts),
+            (lambda images, questions: answer(images, questions, opts)) if answer else None,
+            n=n,
+            seed=seed,
+            batch_size=batch_size,
+            progress=progress,
+        )
     elif suite == "story":
-        report = run_story(gen.story, n=n, seed=seed)
+        report = run_story(
+            lambda prompt, scenes, s: gen.story(prompt, scenes, s, opts),
+            n=n,
+            seed=seed,
+            progress=progress,
+        )
     elif suite == "edit":
-        report = run_edit(gen.edit, n=n, seed=seed)
+        report = run_edit(
+            lambda image, instruction, s: gen.edit(image, instruction, seeded(s)).images[0],
+            n=n,
+            seed=seed,
+            progress=progress,
+        )
     else:
-        report = run_subject(gen.generate_subject, n=n, seed=seed)
+        report = run_subject(
+            lambda refs, prompt, s: gen.generate_subject(refs, prompt, seeded(s)).images[0],
+            n=n,
+            seed=seed,
+            progress=progress,
+        )
     report.meta = {"model": model, "suite": suite, "n": n, "seed": seed, **opts.to_dict()}
     return report
 

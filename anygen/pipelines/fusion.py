@@ -314,6 +314,50 @@ class Fusion(TextToImage):
             settings=self._settings(s, opts, seeds),
         )
 
+    def _one_image(self, segments: list[Segment], opts: Options) -> Output:
+        """The picture that follows ``segments`` (an edit, a subject-driven prompt)."""
+        self.check_options(opts)
+        seed = resolve_seed(opts.seed)
+        timer = Timer()
+        s = self.sampling(opts, "temperature")
+        with timer("prompt"):
+            row = self.prompt(segments, end=[self.config.boi_id])
+        with timer("decode"):
+            (image,) = [
+                seg for _, seg in self.run([row], Plan(["image"]), s, [seed], steps=opts.steps)
+            ]
+        return Output(
+            segments=[image],
+            seed=seed,
+            model=self.name,
+            timings=timer.timings,
+            settings=self._settings(s, opts, [seed]),
+        )
+
+    def edit(self, image: Image.Image, instruction: str, options: Options | None = None) -> Output:
+        """``image`` changed as ``instruction`` says (the shapes world's edits: "make the red
+        circle blue", "move ... to the top left", ...): the model reads the image and the
+        instruction in its sequence and writes the edited picture."""
+        opts = (options or Options()).validate()
+        _check_images([image])
+        if not instruction.strip():
+            raise UserInputError("the instruction is empty")
+        return self._one_image([image, instruction], opts)
+
+    def generate_subject(
+        self,
+        references: Sequence[Image.Image],
+        prompt: str,
+        options: Options | None = None,
+    ) -> Output:
+        """In-context subject-driven generation (Emu2-Gen): 1 or more reference pictures of
+        a subject, then a prompt naming it (``the sks circle above a green square``), and
+        the picture the model writes; no fine-tuning."""
+        opts = (options or Options()).validate()
+        _check_images(references)
+        check_prompt(prompt)
+        return self._one_image([*references, prompt], opts)
+
     # ------------------------------------------------------------------ interleaved
 
     def generate(self, prompt: str | Sequence[Segment], options: Options | None = None) -> Output:
