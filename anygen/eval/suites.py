@@ -509,12 +509,14 @@ def run_reconstruction(
     ``decode(encode(x))``) and judge each result against the scene's caption.
 
     Records are categorised by object count; ``metrics`` adds ``psnr_db`` (mean over images,
-    peak-to-peak 255) and ``exact_state``: the fraction whose result also keeps every
-    attribute of every object (size and cell even where the caption leaves them out).
+    peak-to-peak 255), ``exact_state``: the fraction whose result also keeps every
+    attribute of every object (size and cell even where the caption leaves them out), and
+    ``held_out``: the caption rate over the scenes holding a held-out (colour, shape) pair,
+    which a tokenizer trained on the train split has never seen.
     """
     _check_n(n)
     report = Report("reconstruction")
-    psnrs, exact = [], []
+    psnrs, exact, held_out = [], [], []
     bar = tqdm(total=n, desc="shapes-eval reconstruction", disable=not progress)
     for start in range(0, n, batch_size):
         idx = range(start, min(n, start + batch_size))
@@ -529,14 +531,18 @@ def run_reconstruction(
             psnrs.append(10 * np.log10(255.0**2 / max(mse, 1e-10)))
             exact.append(satisfies(b, _pinned(s.scene)).ok)
             n_obj = len(s.scene.objects)
+            verdict = satisfies(b, s.canonical)
+            if s.scene.pairs() & set(HELD_OUT_PAIRS):
+                held_out.append(verdict.ok)
             report.records.append(
-                _record(
-                    f"{n_obj}_object{'s' * (n_obj > 1)}", s.canonical, i, satisfies(b, s.canonical)
-                )
+                _record(f"{n_obj}_object{'s' * (n_obj > 1)}", s.canonical, i, verdict)
             )
         bar.update(len(samples))
     bar.close()
     report.metrics = {"psnr_db": float(np.mean(psnrs)), "exact_state": float(np.mean(exact))}
+    if held_out:
+        report.metrics["held_out"] = float(np.mean(held_out))
+        report.metrics["held_out_n"] = float(len(held_out))
     return report
 
 

@@ -212,6 +212,9 @@ class VitVQConfig:
     commitment_weight: float = 0.25
     codebook_ema_decay: float | None = None  # None: codebook loss; else EMA updates
     dead_code_threshold: float = 0.05  # restart codes assigned fewer times per call (EMA)
+    # width of the MLP that turns each decoded token into its patch's pixels (0: one linear
+    # layer, as in ViT-VQGAN); sharp, small shapes need the non-linearity
+    patch_head_hidden: int = 0
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -272,7 +275,14 @@ class VitVQGAN(nn.Module, PretrainedMixin):
             Block(c.hidden_size, c.num_heads, c.mlp_ratio) for _ in range(c.decoder_layers)
         )
         self.dec_norm = nn.LayerNorm(c.hidden_size)
-        self.patch_out = nn.Linear(c.hidden_size, patch_dim)
+        if c.patch_head_hidden:
+            self.patch_out = nn.Sequential(
+                nn.Linear(c.hidden_size, c.patch_head_hidden),
+                nn.GELU(),
+                nn.Linear(c.patch_head_hidden, patch_dim),
+            )
+        else:
+            self.patch_out = nn.Linear(c.hidden_size, patch_dim)
 
     # ImageTokenizer
     @property
