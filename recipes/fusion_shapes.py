@@ -38,7 +38,7 @@ from anygen.data.datasets import images_to_tensor
 from anygen.data.documents import DEFAULT_MIX, Document, check_mix, mixed_document
 from anygen.data.render import render_image
 from anygen.data.world import Scene
-from anygen.eval.suites import Report, run_caption, run_t2i
+from anygen.eval.suites import Report, run_caption, run_edit, run_story, run_subject, run_t2i
 from anygen.hub import resolve
 from anygen.models.fusion import (
     FUSION_PRESETS,
@@ -166,6 +166,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--select-n", type=int, default=70, help="validation prompts (0: skip)")
     p.add_argument("--eval-n", type=int, default=300, help="shapes-eval prompts (0: skip)")
     p.add_argument(
+        "--eval-suites",
+        default=None,
+        help="comma-separated shapes-eval suites (default: t2i,caption,story,edit, and "
+        "subject when the mix has subject documents)",
+    )
+    p.add_argument(
         "--bundle", action="store_true", help=f"also write fp16 weights to {ASSETS}/NAME"
     )
     args = p.parse_args(argv)
@@ -175,6 +181,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.mix = check_mix({k: float(v) for k, v in (x.split("=") for x in args.mix.split(","))})
     except ValueError:
         p.error(f"--mix must look like t2i=0.4,caption=0.2, got {args.mix!r}")
+    suites = args.eval_suites or "t2i,caption,story,edit" + (
+        ",subject" if "subject" in args.mix else ""
+    )
+    args.eval_suites = [x for x in suites.split(",") if x]
+    unknown = set(args.eval_suites) - {"t2i", "caption", "story", "edit", "subject"}
+    if unknown:
+        p.error(f"unknown --eval-suites {sorted(unknown)}")
     args.name = args.name or ("shapes-emu" if args.image_mode == "continuous" else "shapes-fusion")
     args.preset = args.preset or (
         "shapes-continuous" if args.image_mode == "continuous" else "shapes"
@@ -268,7 +281,7 @@ def main(argv: list[str]) -> None:
         # score the model as shipped: fp16 weights loaded back in fp32
         pipe.save_pretrained(args.output_dir / "model-fp16", dtype=torch.float16, **refs)
         shipped = Fusion.from_pretrained(args.output_dir / "model-fp16", name=args.name)
-        reports = evaluate(shipped, args.eval_n)
+        reports = evaluate(shipped, args.eval_n, args.eval_suites)
         for name, report in reports.items():
             log.info("shapes-eval %s:\n%s", name, report.table())
             facts[f"shapes_eval_{name}_overall"] = round(report.overall, 4)
@@ -285,27 +298,56 @@ def main(argv: list[str]) -> None:
         log.info("bundled fp16 weights in %s", ASSETS / args.name)
 
 
-def evaluate(pipe: Fusion, n: int) -> dict[str, Report]:
-    """shapes-eval t2i and caption (captions + VQA), seed 0, default settings."""
+def evaluate(pipe: Fusion, n: int, suites: list[str]) -> dict[str, Report]:
+    """shapes-eval suites, seed 0, default settings: t2i and caption (captions + VQA) with
+    ``n`` items, story, edit and subject with ``n // 3`` (each is several images)."""
     quiet = Options(progress=False)
-    t2i = run_t2i(
-        lambda prompts, seeds: pipe.generate_batch(prompts, seeds, quiet).images,
-        n=n,
-        seed=0,
-        batch_size=50,
-        progress=False,
-    )
-    caption = run_caption(
-        lambda images: pipe.caption(images, quiet),
-        lambda images, questions: pipe.answer(images, questions, quiet),
-        n=n,
-        seed=0,
-        batch_size=50,
-        progress=False,
-    )
-    for name, report in (("t2i", t2i), ("caption", caption)):
-        report.meta = {"model": pipe.name, "suite": name, "n": n, "seed": 0}
-    return {"t2i": t2i, "caption": caption}
+
+    def seeded(s: int) -> Options:
+        return Options(seed=s, progress=False)
+
+    runs = {
+        "t2i": lambda: run_t2i(
+            lambda prompts, seeds: pipe.generate_batch(prompts, seeds, quiet).images,
+            n=n,
+            seed=0,
+            batch_size=50,
+            progress=False,
+        ),
+        "caption": lambda: run_caption(
+            lambda images: pipe.caption(images, quiet),
+            lambda images, questions: pipe.answer(images, questions, quiet),
+            n=n,
+            seed=0,
+            batch_size=50,
+            progress=False,
+        ),
+        "story": lambda: run_story(
+            lambda prompt, scenes, s: pipe.story(prompt, scenes, s, quiet),
+            n=max(1, n // 3),
+            seed=0,
+            progress=False,
+        ),
+        "edit": lambda: run_edit(
+            lambda image, text, s: pipe.edit(image, text, seeded(s)).images[0],
+            n=max(1, n // 3),
+            seed=0,
+            progress=False,
+        ),
+        "subject": lambda: run_subject(
+            lambda refs, prompt, s: pipe.generate_subject(refs, prompt, seeded(s)).images[0],
+            n=max(1, n // 3),
+            seed=0,
+            progress=False,
+        ),
+    }
+    reports = {}
+    for name in suites:
+        report = runs[name]()
+        used = n if name in ("t2i", "caption") else max(1, n // 3)
+        report.meta = {"model": pipe.name, "suite": name, "n": used, "seed": 0}
+        reports[name] = report
+    return reports
 
 
 SAMPLING_GRID = [
@@ -353,7 +395,7 @@ def model_card(name: str, facts: dict, defaults: dict, reports: dict[str, Report
     for suite, report in reports.items():
         tables += (
             f"\nshapes-eval {suite}, {len(report.records)} items, seed 0 "
-            f"(`anygen eval --model {name} --suite {suite} --n {facts.get('eval_n', 300)}`), as "
+            f"(`anygen eval --model {name} --suite {suite} --n {report.meta['n']}`), as "
             f"shipped (fp16 weights, default settings):\n\n```\n{report.table()}\n```\n"
         )
     selection = ""
