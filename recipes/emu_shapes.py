@@ -37,6 +37,9 @@ from anygen.training import TrainConfig, load_recipe, train
 log = logging.getLogger("recipes.emu_shapes")
 
 HERE = Path(__file__).resolve().parent
+# stage 2's document mix: an image is 16 positions here, so in-context subject documents
+# (3 to 5 reference images, a prompt, the picture) fit in a row
+EMU_MIX = "t2i=0.3,caption=0.15,vqa=0.15,story=0.15,edit=0.1,subject=0.15"
 
 
 class CodecTrainer(nn.Module):
@@ -60,7 +63,9 @@ def score_codec(codec: VisualCodec, n: int, seed: int = 0) -> Report:
         calls[0] += len(x)
         return tensor_to_images(codec.decode(codec.encode(x), gens))
 
-    return run_reconstruction(roundtrip, n=n, seed=seed, batch_size=50, progress=False)
+    return run_reconstruction(
+        roundtrip, n=n, seed=seed, batch_size=50, size=codec.image_size, progress=False
+    )
 
 
 def device_name() -> str:
@@ -86,8 +91,14 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--codec-only", action="store_true", help="stop after stage 1")
+    p.add_argument(
+        "--transformer-preset",
+        default="shapes-continuous",
+        help="stage 2: the fusion transformer's preset (FUSION_PRESETS)",
+    )
     p.add_argument("--bundle", action="store_true", help="bundle the model (stage 2)")
-    # everything else goes to recipes/fusion_shapes.py (stage 2)
+    # everything else goes to recipes/fusion_shapes.py (stage 2), whose default document
+    # mix for this model adds in-context subject documents
     return p.parse_known_args(argv)
 
 
@@ -168,10 +179,13 @@ def main(argv: list[str]) -> None:
         str(codec_dir),
         "--name",
         "shapes-emu",
+        "--preset",
+        args.transformer_preset,
         "--seed",
         str(args.seed),
         *(["--resume"] if args.resume else []),
         *(["--bundle"] if args.bundle else []),
+        *([] if any(a == "--mix" or a.startswith("--mix=") for a in rest) else ["--mix", EMU_MIX]),
         *rest,
     ]
     fusion.main(stage2)
