@@ -12,8 +12,9 @@ identifier keep their behaviour. --class-images rendered uses shapes-world rende
 same prompts instead; that is ground truth rather than the model's prior, so it also
 teaches the class, a second effect mixed into what the recipe measures (kept as an
 option for comparison). The prompts are shapes-world captions of one plain object of the
-class ("a small red circle in the top left"), the grammar the base model was trained on;
---class-prompt "a circle" gives DreamBooth's single class prompt instead.
+class ("a small red circle in the top left"), the grammar the base model was trained on
+(a class word outside the shapes world gets DreamBooth's "a CLASS-WORD");
+--class-prompt "a circle" gives one class prompt of your choice instead.
 
 The result, OUT/pytorch_lora_weights.safetensors (diffusers' LoRA format, with the
 adapter config in its metadata), loads onto the base model with --lora, several at once

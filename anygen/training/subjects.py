@@ -231,24 +231,29 @@ def class_images(
     loss holds the model to what it did before for the class. ``rendered``: the shapes
     world's own pictures of the same prompts (the truth, not the model's prior: it also
     teaches the class, which mixes a second effect into what the recipe measures).
-    Prompts: ``class_prompt`` for all, else shapes-world captions of one plain object of
-    the class (``shapes_class_scenes``), which the base model was trained on.
+    Prompts: ``class_prompt`` for all; else, for a shape of the shapes world, captions of
+    one plain object of the class (``shapes_class_scenes``: the grammar the shapes models
+    were trained on, where a bare "a circle" never occurs); else DreamBooth's
+    ``a CLASS-WORD``. Rendered images need a shapes-world class and its captions.
     """
     from anygen.data.render import render_image
+    from anygen.data.world import SHAPES
     from anygen.pipelines import Options
 
     if source not in ("generated", "rendered"):
         raise UserInputError(f"class images are 'generated' or 'rendered', got {source!r}")
-    if source == "rendered" or class_prompt is None:
-        pairs = shapes_class_scenes(class_word, n, seed)
-        prompts = [p for p, _ in pairs]
-    else:
-        pairs, prompts = None, [class_prompt] * n
     if source == "rendered":
         if class_prompt is not None:
             raise UserInputError("--class-prompt applies to generated class images only")
+        pairs = shapes_class_scenes(class_word, n, seed)
         size = model.default_size
-        return ClassImages(prompts, [render_image(s, size) for _, s in pairs], source)
+        return ClassImages([p for p, _ in pairs], [render_image(s, size) for _, s in pairs], source)
+    if class_prompt is not None:
+        prompts = [class_prompt] * n
+    elif class_word in SHAPES:
+        prompts = [p for p, _ in shapes_class_scenes(class_word, n, seed)]
+    else:
+        prompts = [f"a {class_word}"] * n
     seeds = [random.Random(f"class/{seed}/{i}").randrange(2**31) for i in range(n)]
     images = []
     for i in range(0, n, 16):
