@@ -186,6 +186,13 @@ def test_class_images_are_reused_for_the_same_request(base, refs, dreambooth, ro
     assert json.loads((out / "training.json").read_text())["class_images_s"] < 1.0
 
 
+def test_subject_suite_on_an_ldm_model_points_to_the_bench(base):
+    from anygen.eval.run import evaluate_model
+
+    with pytest.raises(UserInputError, match="no generate_subject.*subject_bench.py"):
+        evaluate_model(str(base), "subject", n=1, progress=False)
+
+
 # --------------------------------------------------------------------------- textual inversion
 
 
