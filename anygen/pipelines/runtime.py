@@ -2,9 +2,9 @@
 tiling/slicing, attention.
 
 These are load-time choices (``anygen generate --lora ... --embedding ... --offload
---vae-tiling --attention math``), separate from the per-call ``Options``. diffusers pipelines honour
-all of them; transformers models only the attention backend, and refuse the rest with a
-message naming the option, never silently.
+--vae-tiling --attention math``), separate from the per-call ``Options``. diffusers
+pipelines honour all of them; transformers models only the attention backend, and refuse
+the rest with a message naming the option, never silently.
 """
 
 from __future__ import annotations
