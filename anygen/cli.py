@@ -254,6 +254,7 @@ def _load(args: argparse.Namespace):
         device=args.device,
         dtype=args.dtype,
         loras=getattr(args, "lora", None) or (),
+        embeddings=getattr(args, "embedding", None) or (),
         offload=getattr(args, "offload", False),
         vae_tiling=getattr(args, "vae_tiling", False),
         vae_slicing=getattr(args, "vae_slicing", False),
@@ -456,6 +457,13 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
         metavar="PATH[:SCALE]",
         help="a diffusers LoRA (.safetensors file, folder or hub id) with its scale "
         "(default 1); repeat to combine",
+    )
+    p.add_argument(
+        "--embedding",
+        action="append",
+        metavar="PATH",
+        help="textual-inversion embeddings (learned_embeds.safetensors, or its folder) in "
+        "diffusers' format; repeat for several",
     )
     p.add_argument(
         "--offload",

@@ -56,9 +56,16 @@ def evaluate_model(
         return report
     gen = load_generator(model, device=device, dtype=dtype)
     if not hasattr(gen, NEEDS[suite]):
+        family = getattr(gen, "family", type(gen).__name__)
+        hint = (
+            "; DreamBooth-LoRA and textual inversion fine-tune per subject: "
+            "benchmarks/subject_bench.py scores them on this suite's subjects"
+            if suite == "subject" and family == "ldm"
+            else ""
+        )
         raise UserInputError(
-            f"model {model!r} ({getattr(gen, 'family', type(gen).__name__)}) cannot run the "
-            f"{suite} suite: it has no {NEEDS[suite]}()"
+            f"model {model!r} ({family}) cannot run the {suite} suite: it has no "
+            f"{NEEDS[suite]}(){hint}"
         )
     opts = options or Options()
     opts.progress = False

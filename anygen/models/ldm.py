@@ -230,6 +230,35 @@ def build_components(cfg: LdmConfig, tokenizer) -> LdmComponents:
     )
 
 
+def widen_unet_inputs(unet: UNet2DConditionModel, extra_channels: int) -> UNet2DConditionModel:
+    """Give ``unet`` ``extra_channels`` more input channels, in place, with zero weights.
+
+    InstructPix2Pix (Brooks et al. 2023) starts its editing UNet from a text-to-image one
+    this way: the source image's latents enter as extra channels whose weights are zero, so
+    the widened UNet computes exactly what the original did until training teaches it to
+    look at them. The bias is kept too (diffusers' training script draws a new one).
+    """
+    if extra_channels < 1:
+        raise UserInputError(f"extra_channels must be >= 1, got {extra_channels}")
+    old = unet.conv_in
+    new = torch.nn.Conv2d(
+        old.in_channels + extra_channels,
+        old.out_channels,
+        old.kernel_size,
+        old.stride,
+        old.padding,
+        device=old.weight.device,
+        dtype=old.weight.dtype,
+    )
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, : old.in_channels].copy_(old.weight)  # (out, in + extra, k, k)
+        new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=new.in_channels)
+    return unet
+
+
 def make_sampler(name: str, training_scheduler) -> object:
     """A sampling scheduler by name, sharing the training scheduler's noise schedule."""
     try:
@@ -304,13 +333,16 @@ def denoiser_loss(
     input_ids: torch.Tensor,
     generator: torch.Generator | None = None,
     snr_gamma: float | None = 5.0,
+    image_latents: torch.Tensor | None = None,
 ) -> dict:
     """DDPM noise-prediction loss on scaled latents (B, C, h, w) given caption ids (B, L).
 
     ``snr_gamma`` weights each timestep by min(SNR, gamma) / SNR (Min-SNR, Hang et al.
     2023), which converges several times faster than the plain loss; None disables it.
     Captions dropped for classifier-free guidance are the empty caption, tokenised like
-    any other: the recipe decides which rows are dropped.
+    any other: the recipe decides which rows are dropped. ``image_latents`` (B, C', h, w),
+    for an InstructPix2Pix denoiser (``widen_unet_inputs``), are concatenated to the noisy
+    latents along channels, as diffusers' ``StableDiffusionInstructPix2PixPipeline`` does.
     """
     b = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator, device=latents.device)
@@ -318,6 +350,8 @@ def denoiser_loss(
         0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=latents.device
     )
     noisy = scheduler.add_noise(latents, noise, t)
+    if image_latents is not None:
+        noisy = torch.cat([noisy, image_latents], dim=1)  # (B, C + C', h, w)
     text_states = text_encoder(input_ids)[0]  # (B, L, D)
     pred = denoise(denoiser, noisy, t, text_states)
     if scheduler.config.prediction_type == "v_prediction":

@@ -81,6 +81,7 @@ def load_generator(
     device: str | None = None,
     dtype: str | None = None,
     loras: Sequence[LoraSpec | str] = (),
+    embeddings: Sequence[str] = (),
     offload: bool = False,
     vae_tiling: bool = False,
     vae_slicing: bool = False,
@@ -94,8 +95,11 @@ def load_generator(
     (``LatentDiffusion`` for anygen's own and the Stable Diffusion 1.x/2.x family, else
     ``DiffusersTextToImage``); ``config.json`` -> anygen's own model (``_class_name``) or a
     transformers model (``model_type``: Janus, Emu3, Chameleon, any image-text-to-text).
-    ``loras``, ``offload``, ``vae_tiling``, ``vae_slicing`` and ``attention`` are applied
-    at load (``anygen.pipelines.runtime``).
+    ``loras``, ``embeddings`` (textual inversion), ``offload``, ``vae_tiling``,
+    ``vae_slicing`` and ``attention`` are applied at load (``anygen.pipelines.runtime``).
+    A diffusers directory with anygen's ``anygen.json`` whose ``family`` is not ``ldm``
+    (an InstructPix2Pix editor trained by ``recipes/instruct_edit.py``) runs on
+    ``DiffusersTextToImage`` with that file's defaults.
     """
     from anygen.catalog import catalog_entry
     from anygen.hub import resolve
@@ -111,6 +115,7 @@ def load_generator(
     path = Path(resolve(name))
     runtime = Runtime(
         loras=tuple(s if isinstance(s, LoraSpec) else LoraSpec.parse(s) for s in loras),
+        embeddings=tuple(str(e) for e in embeddings),
         offload=offload,
         vae_tiling=vae_tiling,
         vae_slicing=vae_slicing,
@@ -124,7 +129,11 @@ def load_generator(
         from anygen.pipelines.text_to_image import ANYGEN_FILE, LatentDiffusion
 
         meta = read_model_index(path)
-        if (path / ANYGEN_FILE).is_file() or meta["_class_name"] in LATENT_DIFFUSION_PIPELINES:
+        own = _anygen_defaults(path / ANYGEN_FILE)
+        if own is not None and own.get("family", "ldm") != "ldm":
+            own.pop("family")
+            defaults = {**(defaults or {}), **own}
+        elif own is not None or meta["_class_name"] in LATENT_DIFFUSION_PIPELINES:
             return LatentDiffusion.from_pretrained(
                 path, name=name, device=dev, dtype=torch_dtype, runtime=runtime
             )
@@ -160,3 +169,16 @@ def load_generator(
         f"{name} ({path}) is not a model anygen can generate with"
         + (f": model class {family!r} cannot generate in by this version" if family else "")
     )
+
+
+def _anygen_defaults(file: Path) -> dict | None:
+    """anygen's ``anygen.json`` beside a diffusers ``model_index.json`` (None: absent)."""
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelNotFoundError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ModelNotFoundError(f"{file} is not a JSON object")
+    return data

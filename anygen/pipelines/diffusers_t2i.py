@@ -294,6 +294,8 @@ class DiffusersTextToImage(TextToImage):
             ("strength", opts.strength, "strength"),
             ("image guidance", opts.image_guidance_scale, "image_guidance_scale"),
         ):
+            if value is None and editing and param in params:
+                value = self.defaults.get(param)  # e.g. from an editor's anygen.json
             if value is None:
                 continue
             if param not in params:

@@ -9,12 +9,17 @@ exactly as without the adapter.
 ``load_loras`` takes a diffusers pipeline (anything with ``load_lora_weights``) or a
 single diffusers model (a UNet or transformer, with ``load_lora_adapter``), so that
 training recipes (DreamBooth, textual inversion) can reuse it on what they train.
+
+``add_lora`` and ``save_lora`` are the training side: peft adapters on a UNet (and
+optionally a CLIP text encoder), saved as diffusers' ``pytorch_lora_weights.safetensors``
+with each adapter's config in the file's metadata (so its alpha comes back on loading).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +29,10 @@ from anygen.errors import CheckpointError, UserInputError
 log = logging.getLogger(__name__)
 
 ADAPTER_PREFIX = "anygen_lora"
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # as diffusers' save_lora_weights
+# The attention projections diffusers' DreamBooth-LoRA script adapts, per model family.
+UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 @dataclass(frozen=True)
@@ -118,3 +127,64 @@ def _model_prefix(model) -> str:
     """The key prefix of a model's entries in a pipeline-level LoRA file."""
     name = type(model).__name__
     return "unet" if name.startswith("UNet") else "transformer"
+
+
+def add_lora(model, rank: int, targets: Sequence[str], *, alpha: float | None = None) -> list:
+    """Freeze ``model`` (a diffusers UNet or a transformers text encoder) and give it a
+    peft LoRA adapter of ``rank`` on the ``targets`` projections; returns the trainable
+    parameters. A starts Gaussian and B at zero, so the adapted model starts equal to the
+    base one. ``alpha`` defaults to ``rank`` (scale 1)."""
+    if rank < 1:
+        raise UserInputError(f"LoRA rank must be >= 1, got {rank}")
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise UserInputError("LoRA training needs the peft package: pip install peft") from None
+    model.requires_grad_(False)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else rank,
+        init_lora_weights="gaussian",
+        target_modules=list(targets),
+    )
+    model.add_adapter(config)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def save_lora(directory: str | os.PathLike, unet, text_encoder=None) -> Path:
+    """Write the LoRA adapters of ``unet`` (and ``text_encoder``, if it has one) to
+    ``directory/pytorch_lora_weights.safetensors`` in diffusers' format, through a
+    temporary name renamed into place. ``load_loras`` and diffusers' ``load_lora_weights``
+    read it back."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    def layers_and_metadata(model) -> tuple[dict | None, dict | None]:
+        if model is None or not getattr(model, "peft_config", None):
+            return None, None
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+        return layers, model.peft_config["default"].to_dict()
+
+    unet_layers, unet_meta = layers_and_metadata(unet)
+    if unet_layers is None:
+        raise UserInputError("save_lora: the UNet has no LoRA adapter (add_lora first)")
+    text_layers, text_meta = layers_and_metadata(text_encoder)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp_name = f".tmp-{uuid.uuid4().hex[:8]}-{LORA_WEIGHTS_NAME}"
+    target = directory / LORA_WEIGHTS_NAME
+    try:
+        StableDiffusionPipeline.save_lora_weights(
+            directory,
+            unet_lora_layers=unet_layers,
+            text_encoder_lora_layers=text_layers,
+            weight_name=tmp_name,
+            safe_serialization=True,
+            unet_lora_adapter_metadata=unet_meta,
+            text_encoder_lora_adapter_metadata=text_meta,
+        )
+        os.replace(directory / tmp_name, target)
+    finally:
+        (directory / tmp_name).unlink(missing_ok=True)
+    return target

@@ -1,9 +1,10 @@
-"""How a loaded model runs: LoRA adapters, CPU offload, VAE tiling/slicing, attention.
+"""How a loaded model runs: LoRA adapters, textual-inversion embeddings, CPU offload, VAE
+tiling/slicing, attention.
 
-These are load-time choices (``anygen generate --lora ... --offload --vae-tiling
---attention math``), separate from the per-call ``Options``. diffusers pipelines honour
-all of them; transformers models only the attention backend, and refuse the rest with a
-message naming the option, never silently.
+These are load-time choices (``anygen generate --lora ... --embedding ... --offload
+--vae-tiling --attention math``), separate from the per-call ``Options``. diffusers
+pipelines honour all of them; transformers models only the attention backend, and refuse
+the rest with a message naming the option, never silently.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Runtime:
     loras: Sequence[LoraSpec] = field(default_factory=tuple)
+    embeddings: Sequence[str] = field(default_factory=tuple)  # textual-inversion files
     offload: bool = False  # accelerate: each model on the accelerator only while it runs
     vae_tiling: bool = False  # decode large images tile by tile
     vae_slicing: bool = False  # decode a batch one image at a time
@@ -34,6 +36,7 @@ class Runtime:
             flag
             for flag, value in (
                 ("--lora", bool(self.loras)),
+                ("--embedding", bool(self.embeddings)),
                 ("--offload", self.offload),
                 ("--vae-tiling", self.vae_tiling),
                 ("--vae-slicing", self.vae_slicing),
@@ -91,6 +94,10 @@ def configure_pipeline(pipe, runtime: Runtime, device: torch.device) -> None:
         check_offload_device(device)
     if runtime.attention is not None:
         set_attention(dict(pipe.components), runtime.attention)
+    if runtime.embeddings:
+        from anygen.pipelines.embeddings import load_embeddings
+
+        load_embeddings(pipe, runtime.embeddings)
     if runtime.loras:
         load_loras(pipe, runtime.loras)
     vae = getattr(pipe, "vae", None)

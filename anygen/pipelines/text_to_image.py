@@ -111,6 +111,9 @@ class LatentDiffusion(TextToImage):
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """(B, L, D) text states from the text encoder."""
+        from anygen.pipelines.embeddings import expand_multi_vector_words
+
+        texts = expand_multi_vector_words(list(texts), self.components.tokenizer)
         ids = tokenize(self.components.tokenizer, texts, self.device)  # (B, L)
         return self.components.text_encoder(ids)[0].to(self.dtype)
 

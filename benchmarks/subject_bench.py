@@ -1,0 +1,243 @@
+"""DreamBench-style table of the ldm subject recipes on held-out shapes-world subjects.
+
+For K subjects of shapes-eval's subject suite (the samples ``run_subject`` scores, held-out
+identities only by default: a pattern and primary colour never seen together in
+training), this script
+
+1. writes the subject's 3-5 reference images to OUT/subjects/NN/refs,
+2. fine-tunes the base model on them twice, with ``recipes/dreambooth_lora.py`` and with
+   ``recipes/textual_inversion.py`` (identifier ``sks``, class word the subject's shape),
+3. draws P prompts of the subject grammar (the suite's own prompt first) with the base
+   model as it is (the reference row: it has never seen the subject), with the LoRA and
+   with the embedding, same seeds throughout,
+4. judges each image with ``score_subject`` (subject fidelity: the subject's shape, both
+   colours and its pattern; prompt fidelity: the rest of the prompt) and, given
+   ``--clip``/``--dino`` checkpoints, CLIP-I, CLIP-T and DINO (``anygen.eval.similarity``),
+
+and prints one row per recipe: the fidelities, the embedding similarities, fine-tuning
+seconds per subject on this machine and the size of what a subject costs to keep (LoRA
+or embedding file, KB). Everything lands in OUT/results.json; the fine-tuned files stay
+in OUT/subjects/NN/{dreambooth,textual-inversion}.
+
+    python benchmarks/subject_bench.py --output-dir runs/subject-bench            # K=3
+    python benchmarks/subject_bench.py --output-dir runs/subject-bench --k 5 \\
+        --clip openai/clip-vit-base-patch32 --dino facebook/dino-vits16
+    python benchmarks/subject_bench.py --output-dir /tmp/sb --model TINY_DIR --k 1 \\
+        --steps 2 --prompts 1 --num-class-images 2                                # smoke
+
+shapes-ldm is a weak base (shapes-eval t2i about 0.01), so absolute figures are low; the
+table is for comparing recipes on the same base, not for absolute quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from anygen.data import shapes
+from anygen.data.render import render_image
+from anygen.eval.judge import score_subject
+from anygen.eval.similarity import without_identifier
+from anygen.pipelines import Options, load_generator
+from anygen.training import load_recipe
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+TOKEN = "sks"
+ROWS = ("base (no fine-tuning)", "DreamBooth-LoRA", "textual inversion")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--output-dir", type=Path, required=True)
+    p.add_argument("--model", default="shapes-ldm", help="base ldm model")
+    p.add_argument("--k", type=int, default=3, help="subjects")
+    p.add_argument("--prompts", type=int, default=4, help="prompts per subject")
+    p.add_argument("--seed", type=int, default=0, help="the subject suite's seed")
+    p.add_argument(
+        "--any-subject",
+        action="store_true",
+        help="take the suite's first K subjects, held out or not",
+    )
+    p.add_argument("--steps", type=int, default=300, help="fine-tuning steps of each recipe")
+    p.add_argument("--db-lr", type=float, default=5e-4)
+    p.add_argument("--ti-lr", type=float, default=5e-3)
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--num-class-images", type=int, default=50)
+    p.add_argument("--prior-weight", type=float, default=1.0)
+    p.add_argument("--clip", help="CLIP checkpoint (directory or cached hub id) for CLIP-I/T")
+    p.add_argument("--dino", help="DINO checkpoint (Dinov2Model or ViTModel) for DINO")
+    args = p.parse_args(argv)
+    if args.k < 1 or args.prompts < 1 or args.steps < 1:
+        p.error("--k, --prompts and --steps must be >= 1")
+    return args
+
+
+def pick_subjects(k: int, seed: int, held_out_only: bool) -> list[tuple[int, object]]:
+    """(suite index, SubjectSample) of the subject suite's samples, in order."""
+    picked, i = [], 0
+    while len(picked) < k:
+        sample = shapes.subject_sample(shapes.sample_rng(seed, "eval-subject", i), "test")
+        if sample.subject.held_out or not held_out_only:
+            picked.append((i, sample))
+        i += 1
+        if i > 10_000:
+            raise RuntimeError("no held-out subjects found in 10,000 samples")
+    return picked
+
+
+def subject_prompts(sample, n: int, seed: int, index: int) -> list[str]:
+    """The suite's prompt and n - 1 more of the subject grammar for the same subject."""
+    prompts = [sample.prompt]
+    j = 0
+    while len(prompts) < n:
+        rng = shapes.sample_rng(seed, f"subject-bench/{index}", j)
+        prompt, _ = shapes.sample_subject_prompt(rng, sample.subject, "test")
+        if prompt not in prompts:
+            prompts.append(prompt)
+        j += 1
+    return prompts
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    out = args.output_dir
+    dreambooth = load_recipe(RECIPES / "dreambooth_lora.py")
+    inversion = load_recipe(RECIPES / "textual_inversion.py")
+    clip = dino = None
+    if args.clip:
+        from anygen.eval.similarity import ClipSimilarity
+
+        clip = ClipSimilarity(args.clip)
+    if args.dino:
+        from anygen.eval.similarity import DinoSimilarity
+
+        dino = DinoSimilarity(args.dino)
+    size = load_generator(args.model, dtype="fp32").default_size
+
+    records = []
+    for n, (index, sample) in enumerate(pick_subjects(args.k, args.seed, not args.any_subject)):
+        folder = out / "subjects" / f"{n:02d}"
+        refs_dir = folder / "refs"
+        refs_dir.mkdir(parents=True, exist_ok=True)
+        references = [render_image(s, size) for s in sample.references]
+        for j, image in enumerate(references):
+            image.save(refs_dir / f"{j}.png")
+        cls = sample.subject.shape
+        common = ["--subject-dir", str(refs_dir), "--token", TOKEN, "--class-word", cls]
+        common += ["--model", args.model, "--steps", str(args.steps), "--seed", str(args.seed)]
+        print(f"subject {n}: {sample.subject.to_dict()} ({len(references)} references)", flush=True)
+        db_facts = dreambooth.finetune(
+            dreambooth.parse_args(
+                [
+                    *common,
+                    "--output-dir", str(folder / "dreambooth"),
+                    "--lr", str(args.db_lr),
+                    "--rank", str(args.rank),
+                    "--prior-weight", str(args.prior_weight),
+                    "--num-class-images", str(args.num_class_images),
+                    "--class-dir", str(out / "class-images" / cls),
+                ]
+            )
+        )  # fmt: skip
+        ti_facts = inversion.finetune(
+            inversion.parse_args(
+                [
+                    *common,
+                    "--output-dir",
+                    str(folder / "textual-inversion"),
+                    "--lr",
+                    str(args.ti_lr),
+                ]
+            )
+        )
+        generators = {
+            ROWS[0]: load_generator(args.model, dtype="fp32"),
+            ROWS[1]: load_generator(args.model, dtype="fp32", loras=[str(folder / "dreambooth")]),
+            ROWS[2]: load_generator(
+                args.model, dtype="fp32", embeddings=[str(folder / "textual-inversion")]
+            ),
+        }
+        costs = {
+            ROWS[0]: (0.0, 0.0),
+            ROWS[1]: (db_facts["train_s"], db_facts["lora_kb"]),
+            ROWS[2]: (ti_facts["train_s"], ti_facts["embedding_kb"]),
+        }
+        prompts = subject_prompts(sample, args.prompts, args.seed, index)
+        for recipe, gen in generators.items():
+            images = []
+            for j, prompt in enumerate(prompts):
+                image = gen.generate(prompt, Options(seed=args.seed + j, progress=False)).images[0]
+                image.save(folder / f"{recipe.split()[0].lower()}-{j}.png")
+                images.append(image)
+                verdict = score_subject(image, prompt, sample.subject)
+                row = {
+                    "recipe": recipe,
+                    "subject": n,
+                    "suite_index": index,
+                    "identity": sample.subject.to_dict(),
+                    "prompt": prompt,
+                    "seed": args.seed + j,
+                    "subject_ok": verdict.subject_ok,
+                    "prompt_ok": verdict.prompt_ok,
+                    "ok": verdict.ok,
+                    "finetune_s": costs[recipe][0],
+                    "file_kb": costs[recipe][1],
+                }
+                if clip is not None:
+                    row["clip_i"] = clip.image_similarity([image], references)
+                    row["clip_t"] = clip.text_similarity(
+                        [image], [without_identifier(prompt, TOKEN)]
+                    )
+                if dino is not None:
+                    row["dino"] = dino.image_similarity([image], references)
+                records.append(row)
+        del generators
+
+    table = summarize(records)
+    print()
+    print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(
+        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "records": records,
+                    "table": table, "time": time.time()}, indent=2) + "\n"
+    )  # fmt: skip
+    print(f"\nwrote {out / 'results.json'}")
+    return 0
+
+
+def summarize(records: list[dict]) -> str:
+    """One row per recipe: means over every (subject, prompt) image; costs per subject."""
+    columns = ["subject fid.", "prompt fid.", "both"]
+    extra = [c for c in ("clip_i", "clip_t", "dino") if any(c in r for r in records)]
+    names = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino": "DINO"}
+    header = f"{'recipe':<24}" + "".join(f"{c:>14}" for c in columns + [names[c] for c in extra])
+    header += f"{'finetune s':>12}{'file KB':>10}{'images':>8}"
+    lines = [header, "-" * len(header)]
+    for recipe in ROWS:
+        rows = [r for r in records if r["recipe"] == recipe]
+        if not rows:
+            continue
+        values = [
+            statistics.mean(float(r[k]) for r in rows) for k in ("subject_ok", "prompt_ok", "ok")
+        ]
+        values += [statistics.mean(r[c] for r in rows) for c in extra]
+        per_subject = {r["subject"]: (r["finetune_s"], r["file_kb"]) for r in rows}
+        seconds = statistics.mean(s for s, _ in per_subject.values())
+        kb = statistics.mean(k for _, k in per_subject.values())
+        lines.append(
+            f"{recipe:<24}" + "".join(f"{v:>14.3f}" for v in values)
+            + f"{seconds:>12.1f}{kb:>10.1f}{len(rows):>8d}"
+        )  # fmt: skip
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""Instruction editing, InstructPix2Pix-style (Brooks et al. 2023), on the ldm path.
+
+The editor is the base model (default: the bundled shapes-ldm) with its UNet widened
+from 4 to 8 input channels: the noisy latents of the edited image, then the latents of
+the source image (the VAE posterior's mode, unscaled, exactly as diffusers'
+``StableDiffusionInstructPix2PixPipeline`` feeds them). The new channels' weights start
+at zero, so training starts from the text-to-image model unchanged. It trains on
+shapes-world edit triples (source, instruction, target; ``ShapesEditDataset``, train
+split) with the DDPM loss on the target's latents. As InstructPix2Pix does, 5% of
+samples drop the instruction, 5% the source image and 5% both, so that sampling can
+guide by text and by image separately (--guidance, --image-guidance). The text encoder
+trains too by default: shapes-ldm's never read an instruction ("make", "move",
+"remove" are words of its tokenizer that its captions never used);
+--freeze-text-encoder keeps it as it is, as InstructPix2Pix keeps CLIP.
+
+The result, OUT/model, is a diffusers ``StableDiffusionInstructPix2PixPipeline``
+directory (plus anygen.json with its default settings and README.md with the recipe,
+seed, steps, time, device and its shapes-eval edit score), which ``anygen edit`` and
+``anygen eval --suite edit`` load as they load any InstructPix2Pix checkpoint.
+
+    anygen train recipes/instruct_edit.py --output-dir runs/shapes-edit
+    anygen train recipes/instruct_edit.py --output-dir runs/shapes-edit --resume  # continue
+    anygen edit scene.png "make the red circle blue" --model runs/shapes-edit/model --seed 0 -o out.png
+    anygen eval --model runs/shapes-edit/model --suite edit --n 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from anygen.data.datasets import ShapesEditDataset, collate
+from anygen.hub import atomic_directory
+from anygen.models.ldm import denoiser_loss, make_sampler, tokenize, widen_unet_inputs
+from anygen.output import write_text_atomic
+from anygen.pipelines import Options, load_generator
+from anygen.pipelines.text_to_image import ANYGEN_FILE
+from anygen.training import TrainConfig, train
+from anygen.training.subjects import device_name, load_base_model
+
+log = logging.getLogger("recipes.instruct_edit")
+
+
+class ConditioningDropout(Dataset):
+    """InstructPix2Pix's conditioning dropout, fixed per sample by the seed: with r uniform,
+    r < p drops the instruction, p <= r < 2p both, 2p <= r < 3p the source image."""
+
+    def __init__(self, dataset: Dataset, p: float, seed: int) -> None:
+        self.dataset, self.p, self.seed = dataset, p, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        item = dict(self.dataset[index])
+        r = random.Random(self.seed * 1_000_003 + index).random()
+        if r < 2 * self.p:
+            item["instruction"] = ""
+        item["keep_image"] = torch.tensor(0.0 if self.p <= r < 3 * self.p else 1.0)
+        return item
+
+
+class EditTrainer(nn.Module):
+    """UNet (8 input channels) + text encoder over latents of a frozen VAE."""
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module, vae: nn.Module, scheduler):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+        self.vae = vae.requires_grad_(False).eval()
+        self.scheduler = scheduler
+
+    def forward(self, batch: dict) -> dict:
+        with torch.no_grad():
+            target = self.vae.encode(batch["target"]).latent_dist.sample()  # (B, 4, h, w)
+            target = target * self.vae.config.scaling_factor
+            # the pipeline conditions on the unscaled mode of the source's posterior
+            source = self.vae.encode(batch["source"]).latent_dist.mode()  # (B, 4, h, w)
+            source = source * batch["keep_image"].to(source.dtype)[:, None, None, None]
+        return denoiser_loss(
+            self.unet,
+            self.text_encoder,
+            self.scheduler,
+            target,
+            batch["input_ids"],
+            image_latents=source,
+        )
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="anygen train recipes/instruct_edit.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--output-dir", type=Path, required=True)
+    p.add_argument("--model", default="shapes-ldm", help="base ldm model (name or directory)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--ema-decay", type=float, default=0.999, help="0: no EMA")
+    p.add_argument("--conditioning-dropout", type=float, default=0.05)
+    p.add_argument("--freeze-text-encoder", action="store_true")
+    p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--guidance", type=float, default=4.0, help="default text guidance")
+    p.add_argument("--image-guidance", type=float, default=1.5, help="default image guidance")
+    p.add_argument("--sample-steps", type=int, default=20, help="default sampling steps")
+    p.add_argument("--eval-n", type=int, default=50, help="shapes-eval edit samples (0: skip)")
+    args = p.parse_args(argv)
+    for name in ("steps", "batch_size", "sample_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 <= args.conditioning_dropout <= 1 / 3:
+        p.error("--conditioning-dropout must be in [0, 1/3] (three disjoint shares of it)")
+    return args
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    base = load_base_model(args.model, need_unet=True)
+    c = base.components
+    size = base.default_size
+    torch.manual_seed(args.seed)
+    widen_unet_inputs(c.denoiser, c.vae.config.latent_channels)
+    c.text_encoder.requires_grad_(not args.freeze_text_encoder)
+    c.denoiser.requires_grad_(True)
+    trainer = EditTrainer(c.denoiser, c.text_encoder, c.vae, c.scheduler)
+    params = list(c.denoiser.parameters())
+    if not args.freeze_text_encoder:
+        params += list(c.text_encoder.parameters())
+
+    data = ConditioningDropout(
+        ShapesEditDataset(args.steps * args.batch_size, seed=args.seed, split="train", size=size),
+        args.conditioning_dropout,
+        args.seed,
+    )
+
+    def collate_edit(items: list[dict]) -> dict:
+        batch = collate(items)
+        batch["input_ids"] = tokenize(c.tokenizer, batch["instruction"])
+        return batch
+
+    config = TrainConfig(
+        output_dir=args.output_dir / "train",
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_schedule="cosine",
+        warmup_steps=min(args.warmup, args.steps // 10),
+        ema_decay=args.ema_decay or None,
+        checkpoint_every=args.checkpoint_every,
+        keep_last_checkpoints=2,
+        log_every=max(1, min(10, args.steps)),
+        mixed_precision=args.mixed_precision,
+        seed=args.seed,
+        resume="latest" if args.resume else None,
+    )
+    started = time.perf_counter()
+    result = train(
+        trainer,
+        lambda model, batch: model(batch),
+        data,
+        config,
+        collate_fn=collate_edit,
+        trainable_parameters=params,
+    )
+    train_s = time.perf_counter() - started
+    if not result.is_main_process:
+        return
+    steps_run = result.step - (_step_of(result.resumed_from) if result.resumed_from else 0)
+    facts = {
+        "recipe": "recipes/instruct_edit.py",
+        "argv": argv,
+        "base_model": args.model,
+        "seed": args.seed,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "learning_rate": args.lr,
+        "ema_decay": args.ema_decay or None,
+        "conditioning_dropout": args.conditioning_dropout,
+        "text_encoder_trained": not args.freeze_text_encoder,
+        "final_loss": result.loss,
+        "train_s": round(train_s, 1),
+        "s_per_step": round(train_s / max(1, steps_run), 3),
+        "device": device_name(),
+        "torch": torch.__version__,
+    }
+    defaults = {
+        "steps": args.sample_steps,
+        "guidance_scale": args.guidance,
+        "image_guidance_scale": args.image_guidance,
+        "scheduler": "dpm++",
+        "known_words": base.defaults.get("known_words") or [],
+    }
+    model_dir = args.output_dir / "model"
+    save_editor(result.model, c.tokenizer, make_sampler("dpm++", c.scheduler), model_dir, defaults)
+    report = None
+    if args.eval_n:
+        from anygen.eval.suites import run_edit
+
+        editor = load_generator(str(model_dir), dtype="fp32")
+        report = run_edit(
+            lambda image, instruction, s: editor.edit(
+                image, instruction, Options(seed=s, progress=False)
+            ).images[0],
+            n=args.eval_n,
+            seed=0,
+            size=size,
+        )
+        report.meta = {"model": str(model_dir), "suite": "edit", "n": args.eval_n, "seed": 0}
+        log.info("shapes-eval edit:\n%s", report.table())
+        facts["shapes_eval_edit_overall"] = round(report.overall, 4)
+        write_text_atomic(model_dir / "eval.json", report.to_json() + "\n")
+    write_text_atomic(model_dir / "training.json", json.dumps(facts, indent=2) + "\n")
+    write_text_atomic(model_dir / "README.md", card(facts, report))
+    log.info("saved %s (%.0f s of training, %.2f s/step)", model_dir, train_s, facts["s_per_step"])
+
+
+def _step_of(checkpoint: Path) -> int:
+    from anygen.training.checkpoint import read_marker
+
+    return int(read_marker(checkpoint)["step"])
+
+
+def save_editor(trainer: EditTrainer, tokenizer, sampler, directory: Path, defaults: dict) -> Path:
+    """Write the editor as a diffusers StableDiffusionInstructPix2PixPipeline directory
+    with anygen.json (its defaults), atomically."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        vae=trainer.vae,
+        text_encoder=trainer.text_encoder,
+        tokenizer=tokenizer,
+        unet=trainer.unet,
+        scheduler=sampler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    with atomic_directory(directory, marker="model_index.json") as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / ANYGEN_FILE).write_text(
+            json.dumps({"family": "diffusers", "task": "edit", **defaults}, indent=2) + "\n"
+        )
+    return directory
+
+
+def card(facts: dict, report=None) -> str:
+    front = "\n".join(f"{k}: {json.dumps(v)}" for k, v in facts.items())
+    if report is not None:
+        scores = (
+            f"shapes-eval, edit suite, {len(report.records)} test-split edits, seed 0 "
+            f"(`anygen eval --model THIS_FOLDER --suite edit --n {len(report.records)}`), "
+            f"default settings:\n\n```\n{report.table()}\n```\n"
+        )
+    else:
+        scores = "Not scored yet: `anygen eval --model THIS_FOLDER --suite edit --n 100`.\n"
+    return f"""---
+{front}
+---
+# Instruction editor (InstructPix2Pix-style) from {facts["base_model"]}
+
+A diffusers `StableDiffusionInstructPix2PixPipeline`: the UNet of `{facts["base_model"]}`
+widened to 8 input channels (zero-initialised), trained by `{facts["recipe"]}` on
+shapes-world edit triples (train split) for {facts["steps"]} steps (batch
+{facts["batch_size"]}, lr {facts["learning_rate"]}, seed {facts["seed"]}, text encoder
+{"trained" if facts["text_encoder_trained"] else "frozen"}) in {facts["train_s"]} s
+({facts["s_per_step"]} s/step) on {facts["device"]}.
+
+    anygen edit scene.png "make the red circle blue" --model THIS_FOLDER --seed 0 -o out.png
+
+{scores}"""

@@ -1,0 +1,481 @@
+"""Subject and edit recipes on the ldm path, end to end on a tiny random base model.
+
+DreamBooth-LoRA and textual inversion teach a subject from rendered reference images,
+the instruct-edit recipe makes an InstructPix2Pix editor; each runs a few steps through
+``anygen train`` and its result loads back the way a user loads it (``--lora``,
+``--embedding``, ``anygen edit``/``anygen eval``). The DreamBench similarity helpers run
+on tiny random CLIP and DINO models built from configs. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from PIL import Image
+
+from anygen.cli import main as cli
+from anygen.data import shapes
+from anygen.data.render import render_image
+from anygen.errors import CheckpointError, UserInputError
+from anygen.models.ldm import LDM_PRESETS, build_components, widen_unet_inputs
+from anygen.pipelines import Options, load_generator
+from anygen.pipelines.text_to_image import LatentDiffusion
+from anygen.tokenizers.text import load_text_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+SHAPES_LDM = ROOT / "anygen" / "assets" / "models" / "shapes-ldm" / "anygen.json"
+OPTS = dict(steps=2, progress=False)
+PROMPT = "the sks star to the left of a blue square"
+
+
+def reset_accelerate() -> None:
+    # accelerate keeps one state per process; each recipe run starts a fresh one
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def pixels(images: list[Image.Image]) -> np.ndarray:
+    return np.stack([np.asarray(i) for i in images]).astype(np.int16)
+
+
+def run_recipe(name: str, *args: str) -> None:
+    reset_accelerate()
+    assert cli(["train", str(RECIPES / name), *args]) == 0
+    reset_accelerate()
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("subjects")
+
+
+@pytest.fixture(scope="module")
+def base(root) -> Path:
+    """A tiny random ldm (32 px) that knows shapes-ldm's words, saved as a directory."""
+    torch.manual_seed(0)
+    components = build_components(LDM_PRESETS["tiny"], load_text_tokenizer("shapes-bpe"))
+    words = json.loads(SHAPES_LDM.read_text())["known_words"]
+    defaults = {"steps": 2, "guidance_scale": 3.0, "known_words": words}
+    LatentDiffusion(components, name="tiny", defaults=defaults).save_pretrained(root / "base")
+    return root / "base"
+
+
+@pytest.fixture(scope="module")
+def refs(root) -> Path:
+    """Reference images of a held-out test subject (a star), rendered at 32 px."""
+    subject = shapes.SubjectIdentity("star", "red", "ringed", "blue")
+    assert subject.held_out
+    rng = shapes.sample_rng(0, "test-refs", 0)
+    folder = root / "refs"
+    folder.mkdir()
+    for i, scene in enumerate(shapes.subject_references(rng, subject, n=3, split="test")):
+        render_image(scene, 32).save(folder / f"ref-{i}.png")
+    return folder
+
+
+def subject_args(base: Path, refs: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--model", str(base), "--subject-dir", str(refs), "--token", "sks",
+        "--class-word", "star", "--output-dir", str(out), "--steps", "3",
+        "--batch-size", "2", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dreambooth(base, refs, root) -> Path:
+    out = root / "db"
+    run_recipe(
+        "dreambooth_lora.py",
+        *subject_args(base, refs, out, "--lr", "1e-2", "--num-class-images", "2"),
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def dreambooth_text(base, refs, root) -> Path:
+    """A second LoRA: text encoder too, rendered class images, another seed."""
+    out = root / "db-text"
+    run_recipe(
+        "dreambooth_lora.py",
+        *subject_args(base, refs, out, "--lr", "1e-2", "--num-class-images", "2"),
+        *("--train-text-encoder", "--class-images", "rendered", "--seed", "1"),
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def inversion(base, refs, root) -> Path:
+    out = root / "ti"
+    run_recipe("textual_inversion.py", *subject_args(base, refs, out, "--lr", "5e-2"))
+    return out
+
+
+# --------------------------------------------------------------------------- DreamBooth-LoRA
+
+
+def test_dreambooth_lora_end_to_end_then_lora_generation(base, dreambooth, tmp_path, capsys):
+    """The recipe writes a diffusers LoRA file, its card and cached class images;
+    ``--lora OUT`` changes the picture and ``--lora OUT:0`` is the base model exactly."""
+    assert (dreambooth / "pytorch_lora_weights.safetensors").is_file()
+    assert sorted(p.name for p in dreambooth.glob("*.safetensors")) == [
+        "pytorch_lora_weights.safetensors"
+    ]
+    facts = json.loads((dreambooth / "training.json").read_text())
+    assert facts["steps"] == 3 and facts["class_images"] == "generated"
+    assert facts["num_class_images"] == 2 and facts["lora_kb"] > 0
+    card = (dreambooth / "README.md").read_text()
+    assert "seed 0" in card and "3 steps" in card and facts["device"] in card
+    index = (dreambooth / "class-images" / "index.jsonl").read_text().splitlines()
+    assert len(index) == 2 and "star" in json.loads(index[0])["prompt"]
+
+    opts = Options(seed=0, **OPTS)
+    plain = load_generator(str(base)).generate(PROMPT, opts)
+    full = load_generator(str(base), loras=[str(dreambooth)]).generate(PROMPT, opts)
+    zero = load_generator(str(base), loras=[f"{dreambooth}:0"]).generate(PROMPT, opts)
+    assert np.array_equal(pixels(plain.images), pixels(zero.images))
+    assert not np.array_equal(pixels(plain.images), pixels(full.images))
+
+    out = tmp_path / "sks.png"
+    argv = ["generate", PROMPT, "--model", str(base), "--lora", str(dreambooth)]
+    assert cli([*argv, "--seed", "0", "--steps", "2", "-o", str(out)]) == 0
+    assert np.array_equal(pixels([Image.open(out).convert("RGB")]), pixels(full.images))
+
+
+def test_two_loras_combine_with_scales(base, dreambooth, dreambooth_text):
+    """A text-encoder LoRA loads too; LoRAs combine with their scales (a scale of 0
+    removes one exactly)."""
+    opts = Options(seed=1, **OPTS)
+    a = load_generator(str(base), loras=[str(dreambooth)]).generate(PROMPT, opts)
+    b = load_generator(str(base), loras=[str(dreambooth_text)]).generate(PROMPT, opts)
+    a_only = load_generator(str(base), loras=[str(dreambooth), f"{dreambooth_text}:0"])
+    both = load_generator(str(base), loras=[f"{dreambooth}:0.5", f"{dreambooth_text}:0.5"])
+    assert np.array_equal(pixels(a_only.generate(PROMPT, opts).images), pixels(a.images))
+    mixed = pixels(both.generate(PROMPT, opts).images)
+    assert not np.array_equal(mixed, pixels(a.images))
+    assert not np.array_equal(mixed, pixels(b.images))
+    facts = json.loads((dreambooth_text / "training.json").read_text())
+    assert facts["train_text_encoder"] and facts["class_images"] == "rendered"
+
+
+def test_class_images_are_reused_for_the_same_request(base, refs, dreambooth, root):
+    """A second subject of the same class reuses the class images (the bench relies on it)."""
+    index = dreambooth / "class-images" / "index.jsonl"
+    before = index.stat().st_mtime_ns
+    out = root / "db-again"
+    run_recipe(
+        "dreambooth_lora.py",
+        *subject_args(base, refs, out, "--num-class-images", "2", "--steps", "1"),
+        *("--class-dir", str(dreambooth / "class-images")),
+    )
+    assert index.stat().st_mtime_ns == before
+    assert json.loads((out / "training.json").read_text())["class_images_s"] < 1.0
+
+
+def test_subject_suite_on_an_ldm_model_points_to_the_bench(base):
+    from anygen.eval.run import evaluate_model
+
+    with pytest.raises(UserInputError, match="no generate_subject.*subject_bench.py"):
+        evaluate_model(str(base), "subject", n=1, progress=False)
+
+
+# --------------------------------------------------------------------------- textual inversion
+
+
+def test_textual_inversion_learns_only_the_identifier_row(base, inversion, tmp_path):
+    """The file is diffusers' format, {"sks": (1, D)}; loading it replaces the row of the
+    tokenizer's own ``sks`` token and nothing else, changes prompts that name the
+    identifier and leaves prompts without it exactly as they were."""
+    from safetensors.torch import load_file
+
+    saved = load_file(inversion / "learned_embeds.safetensors")
+    assert list(saved) == ["sks"] and saved["sks"].shape == (1, 32)
+    facts = json.loads((inversion / "training.json").read_text())
+    assert facts["token_added"] is False and facts["init_word"] == "star"
+
+    plain = load_generator(str(base))
+    taught = load_generator(str(base), embeddings=[str(inversion)])
+    tok = plain.components.tokenizer
+    sks = tok("sks", add_special_tokens=False).input_ids[0]
+    before = plain.components.text_encoder.get_input_embeddings().weight
+    after = taught.components.text_encoder.get_input_embeddings().weight
+    assert (before != after).any(dim=1).nonzero().flatten().tolist() == [sks]
+    assert torch.equal(after[sks], saved["sks"][0])
+    star = before[tok("star", add_special_tokens=False).input_ids[0]]
+    assert not torch.equal(after[sks], star)  # it learnt, starting from "star"
+    assert len(taught.components.tokenizer) == len(tok)
+
+    opts = Options(seed=0, **OPTS)
+    for prompt, changes in ((PROMPT, True), ("a red circle above a blue square", False)):
+        a, b = plain.generate(prompt, opts), taught.generate(prompt, opts)
+        assert np.array_equal(pixels(a.images), pixels(b.images)) != changes, prompt
+
+    out = tmp_path / "ti.png"
+    argv = ["generate", PROMPT, "--model", str(base), "--embedding", str(inversion)]
+    assert cli([*argv, "--seed", "0", "--steps", "2", "-o", str(out)]) == 0
+    expected = taught.generate(PROMPT, opts).images
+    assert np.array_equal(pixels([Image.open(out).convert("RGB")]), pixels(expected))
+
+
+def test_textual_inversion_with_a_new_token_loads_in_diffusers_too(base, refs, root):
+    """An identifier the tokenizer does not hold whole is added as a new token; the file
+    then loads with diffusers' own load_textual_inversion to the same embedding."""
+    out = root / "ti-new"
+    run_recipe("textual_inversion.py", *subject_args(base, refs, out), "--token", "<my-star>")
+    assert json.loads((out / "training.json").read_text())["token_added"] is True
+
+    ours = load_generator(str(base), embeddings=[str(out / "learned_embeds.safetensors")])
+    theirs = load_generator(str(base))
+    pipe = theirs.to_diffusers()
+    pipe.load_textual_inversion(str(out))
+    for gen in (ours, theirs):
+        tok = gen.components.tokenizer
+        assert tok.convert_tokens_to_ids("<my-star>") == len(tok) - 1
+    a = ours.components.text_encoder.get_input_embeddings().weight
+    b = theirs.components.text_encoder.get_input_embeddings().weight
+    assert torch.equal(a, b)
+    opts = Options(seed=0, **OPTS)
+    with_token = ours.generate("the <my-star> star", opts)
+    assert np.array_equal(
+        pixels(with_token.images), pixels(theirs.generate("the <my-star> star", opts).images)
+    )
+
+
+def test_embedding_refusals(base, inversion, tmp_path):
+    pickle = tmp_path / "learned_embeds.bin"
+    pickle.write_bytes(b"not tensors")
+    with pytest.raises(CheckpointError, match="safetensors only"):
+        load_generator(str(base), embeddings=[str(pickle)])
+    with pytest.raises(
+        CheckpointError, match=r"no learned_embeds.safetensors.*learned_embeds\.bin"
+    ):
+        load_generator(str(base), embeddings=[str(tmp_path)])
+    from anygen.pipelines.embeddings import save_embeddings
+
+    save_embeddings(tmp_path / "wide", {"sks": torch.zeros(1, 48)})
+    with pytest.raises(CheckpointError, match="width 48.*width 32"):
+        load_generator(str(base), embeddings=[str(tmp_path / "wide")])
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "subject directory {refs}-missing does not exist"),
+        ("empty", "no images (.png, .jpg, .jpeg, .webp, .bmp) in the subject directory"),
+        ("class", "unknown class word 'dog': the base model"),
+        ("same", "the identifier and the class word are both 'star'"),
+    ],
+)
+@pytest.mark.parametrize("recipe", ["dreambooth_lora.py", "textual_inversion.py"])
+def test_bad_subject_input_is_named_in_one_line(
+    base, refs, tmp_path, capsys, recipe, case, message
+):
+    folder = {"missing": Path(f"{refs}-missing"), "empty": tmp_path / "empty"}.get(case, refs)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no pictures here")
+    args = subject_args(base, folder, tmp_path / "out")
+    if case == "class":
+        args[args.index("--class-word") + 1] = "dog"
+    if case == "same":
+        args[args.index("--token") + 1] = "star"
+    reset_accelerate()
+    assert cli(["train", str(RECIPES / recipe), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message.format(refs=refs) in err[-1] and "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- instruct edit
+
+
+def test_widened_unet_computes_what_the_original_did():
+    torch.manual_seed(0)
+    components = build_components(LDM_PRESETS["tiny"], load_text_tokenizer("shapes-bpe"))
+    unet = components.denoiser
+    x, states = torch.randn(2, 4, 16, 16), torch.randn(2, 24, 32)
+    with torch.no_grad():
+        before = unet(x, 10, encoder_hidden_states=states).sample
+        widen_unet_inputs(unet, 4)
+        after = unet(torch.cat([x, torch.randn(2, 4, 16, 16)], 1), 10, states).sample
+    assert unet.config.in_channels == 8 and unet.conv_in.in_channels == 8
+    assert torch.allclose(before, after, atol=1e-6)
+    with pytest.raises(UserInputError, match="extra_channels"):
+        widen_unet_inputs(unet, 0)
+
+
+def test_conditioning_dropout_shares():
+    from anygen.training import load_recipe
+
+    recipe = load_recipe(RECIPES / "instruct_edit.py")
+    items = [{"instruction": "make the red circle blue"}] * 6000
+    data = recipe.ConditioningDropout(items, 0.05, seed=0)
+    rows = [data[i] for i in range(len(data))]
+    no_text = np.array([r["instruction"] == "" for r in rows])
+    no_image = np.array([float(r["keep_image"]) == 0.0 for r in rows])
+    for share in (no_text & ~no_image, no_text & no_image, ~no_text & no_image):
+        assert 0.035 < share.mean() < 0.065
+
+
+@pytest.fixture(scope="module")
+def editor(base, root) -> Path:
+    out = root / "edit"
+    run_recipe(
+        "instruct_edit.py",
+        *("--model", str(base), "--output-dir", str(out), "--steps", "3"),
+        *("--batch-size", "4", "--lr", "1e-2", "--eval-n", "1", "--sample-steps", "2"),
+    )
+    return out / "model"
+
+
+def test_instruct_edit_recipe_makes_a_diffusers_editor(editor, tmp_path, capsys):
+    """The directory is a StableDiffusionInstructPix2PixPipeline with an 8-channel UNet;
+    load_generator runs it on the diffusers wrapper with its anygen.json defaults; edits
+    are the input's size, deterministic under a seed, and image guidance matters."""
+    index = json.loads((editor / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionInstructPix2PixPipeline"
+    assert json.loads((editor / "unet" / "config.json").read_text())["in_channels"] == 8
+    facts = json.loads((editor / "training.json").read_text())
+    assert facts["steps"] == 3 and facts["s_per_step"] > 0 and "shapes_eval_edit_overall" in facts
+    assert "seed 0" in (editor / "README.md").read_text()
+
+    gen = load_generator(str(editor))
+    assert type(gen).__name__ == "DiffusersTextToImage" and gen.is_editor
+    scene = shapes.sample_edit(shapes.sample_rng(0, "test-edit", 0), "test")
+    source = render_image(scene.source, 32)
+    opts = dict(OPTS, seed=3)
+    a = gen.edit(source, scene.instruction, Options(**opts))
+    b = gen.edit(source, scene.instruction, Options(**opts))
+    c = gen.edit(source, scene.instruction, Options(image_guidance_scale=3.0, **opts))
+    assert a.images[0].size == (32, 32)
+    assert a.settings["image_guidance_scale"] == 1.5 and a.settings["steps"] == 2
+    assert np.array_equal(pixels(a.images), pixels(b.images))
+    assert not np.array_equal(pixels(a.images), pixels(c.images))
+    with pytest.raises(UserInputError, match="image-editing pipeline"):
+        gen.generate("a red circle", Options(**OPTS))
+
+    image, out = tmp_path / "source.png", tmp_path / "edited.png"
+    source.save(image)
+    argv = ["edit", str(image), scene.instruction, "--model", str(editor), "--seed", "3"]
+    assert cli([*argv, "--steps", "2", "-o", str(out)]) == 0
+    assert np.array_equal(pixels([Image.open(out).convert("RGB")]), pixels(a.images))
+
+
+def test_eval_edit_suite_runs_on_the_editor(editor):
+    from anygen.eval.run import evaluate_model
+
+    report = evaluate_model(str(editor), "edit", n=2, options=Options(steps=2), progress=False)
+    assert len(report.records) == 2 and 0.0 <= report.overall <= 1.0
+
+
+# --------------------------------------------------------------------------- similarities
+
+CHARS = list(string.ascii_lowercase + string.digits + " .,'<>-")
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory) -> tuple[Path, Path]:
+    """Tiny random CLIP and DINOv2 checkpoints with their processors, saved to disk."""
+    from transformers import (
+        BitImageProcessor,
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+        Dinov2Config,
+        Dinov2Model,
+    )
+
+    root = tmp_path_factory.mktemp("encoders")
+    torch.manual_seed(0)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in CHARS:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=48)
+    text = dict(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=48, bos_token_id=0, eos_token_id=1,
+        pad_token_id=1,
+    )  # fmt: skip
+    vision = dict(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+        image_size=32, patch_size=8,
+    )  # fmt: skip
+    CLIPModel(
+        CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
+    ).save_pretrained(root / "clip")
+    crop = {"height": 32, "width": 32}
+    CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=crop),
+        tokenizer=tok,
+    ).save_pretrained(root / "clip")
+    dino = Dinov2Config(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    Dinov2Model(dino).save_pretrained(root / "dino")
+    BitImageProcessor(size={"shortest_edge": 32}, crop_size=crop).save_pretrained(root / "dino")
+    return root / "clip", root / "dino"
+
+
+def test_clip_and_dino_similarities(encoders, tmp_path):
+    from anygen.eval.similarity import ClipSimilarity, DinoSimilarity, without_identifier
+
+    clip, dino = ClipSimilarity(encoders[0]), DinoSimilarity(encoders[1])
+    red = Image.new("RGB", (64, 64), (220, 30, 30))
+    noise = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype("uint8"))
+    for scorer in (clip, dino):
+        assert scorer.image_similarity([red], [red]) == pytest.approx(1.0, abs=1e-5)
+        assert scorer.image_similarity([red], [noise]) < 0.999
+    same = clip.text_similarity([red], ["the circle"])
+    assert -1.0 <= same <= 1.0
+    assert same == pytest.approx(clip.text_similarity([red], ["the circle"]))
+    assert clip.text_similarity([red], ["a blue square"]) != pytest.approx(same)
+    assert without_identifier("the sks circle to the left of a blue square", "sks") == (
+        "the circle to the left of a blue square"
+    )
+    with pytest.raises(CheckpointError, match="cannot load the DINO model"):
+        DinoSimilarity(tmp_path)
+    with pytest.raises(UserInputError, match="2 images but 1 texts"):
+        clip.text_similarity([red, red], ["x"])
+
+
+def test_subject_bench_prints_a_table(base, encoders, tmp_path, capsys):
+    """The benchmark end to end on one held-out subject, one step of each recipe."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "subject_bench", ROOT / "benchmarks" / "subject_bench.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    reset_accelerate()
+    argv = ["--output-dir", str(tmp_path), "--model", str(base), "--k", "1", "--steps", "1"]
+    argv += ["--prompts", "1", "--num-class-images", "2"]
+    argv += ["--clip", str(encoders[0]), "--dino", str(encoders[1])]
+    assert bench.main(argv) == 0
+    reset_accelerate()
+    table = capsys.readouterr().out
+    for row in ("base (no fine-tuning)", "DreamBooth-LoRA", "textual inversion"):
+        assert row in table
+    assert "CLIP-I" in table and "DINO" in table and "file KB" in table
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert len(results["records"]) == 3
+    assert all(r["identity"] and "clip_t" in r for r in results["records"])
