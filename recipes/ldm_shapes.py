@@ -43,6 +43,7 @@ from anygen.models.ldm import (
 from anygen.pipelines import Options
 from anygen.pipelines.text_to_image import LatentDiffusion
 from anygen.tokenizers.text import load_text_tokenizer
+from anygen.tokenizers.vq import foreground_mask
 from anygen.training import TrainConfig, train
 
 log = logging.getLogger("recipes.ldm_shapes")
@@ -76,18 +77,25 @@ class VaeTrainer(nn.Module):
 
 
 class DecoderTrainer(nn.Module):
-    """Reconstruction through a frozen encoder: only the decoder learns."""
+    """Reconstruction through a frozen encoder: only the decoder learns. With
+    ``foreground_weight`` w, object pixels weigh 1 + w times the background's (the
+    shapes-vq recipe's weighting: small shapes stay sharp)."""
 
-    def __init__(self, vae: nn.Module) -> None:
+    def __init__(self, vae: nn.Module, foreground_weight: float = 0.0) -> None:
         super().__init__()
         self.vae = vae
+        self.foreground_weight = foreground_weight
 
     def forward(self, images: torch.Tensor) -> dict:
         with torch.no_grad():
             z = self.vae.encode(images).latent_dist.sample()  # (B, 4, 16, 16)
         recon = self.vae.decode(z).sample
-        l1 = torch.nn.functional.l1_loss(recon, images)
-        l2 = torch.nn.functional.mse_loss(recon, images)
+        weight = torch.ones_like(images[:, :1])
+        if self.foreground_weight:
+            weight = 1.0 + self.foreground_weight * foreground_mask(images)  # (B, 1, H, W)
+            weight = weight / weight.mean()
+        l1 = (weight * (recon - images).abs()).mean()
+        l2 = (weight * (recon - images) ** 2).mean()
         return {"loss": l1 + l2, "l1": l1, "l2": l2}
 
 
@@ -164,6 +172,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoints")
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="start from a saved ldm model (a bundled name such as shapes-ldm, or a "
+        "directory): its VAE, denoiser and text encoder; the VAE stage is skipped",
+    )
+    p.add_argument(
+        "--decoder-foreground-weight",
+        type=float,
+        default=0.0,
+        help="decoder stage: extra weight of object pixels (anygen.tokenizers.vq.foreground_mask)",
+    )
     p.add_argument("--guidance", type=float, default=4.0, help="default guidance of the model")
     p.add_argument("--sample-steps", type=int, default=20, help="default sampling steps")
     p.add_argument("--eval-n", type=int, default=300, help="shapes-eval t2i prompts (0: skip)")
@@ -176,32 +196,40 @@ def main(argv: list[str]) -> None:
     cfg = dataclasses.replace(LDM_PRESETS[args.preset])
     torch.manual_seed(args.seed)
     tokenizer = load_text_tokenizer(args.tokenizer)
-    components = build_components(cfg, tokenizer)
     started = time.time()
     out = args.output_dir
-
-    # Stage 1: the VAE.
-    images = ShapesT2IDataset(
-        args.vae_steps * args.vae_batch_size, seed=args.seed, size=cfg.image_size
-    )
-    vae_result = train(
-        VaeTrainer(components.vae),
-        lambda model, batch: model(batch["image"]),
-        images,
-        stage_config(args, out / "vae", args.vae_steps, args.vae_batch_size, args.vae_lr, 100),
-        collate_fn=collate,
-    )
-    components.vae = vae_result.model.vae
-    # computed once and kept: a resumed run must scale latents as the denoiser learnt them
-    scaling_file = out / "vae" / "scaling_factor.json"
-    if scaling_file.is_file():
-        scaling = json.loads(scaling_file.read_text())["scaling_factor"]
+    if args.init_from:
+        # continue a saved model: its components (fp32), its VAE and latent scale as they are
+        init = LatentDiffusion.from_pretrained(resolve(args.init_from), dtype=torch.float32)
+        components = init.components
+        components.scheduler = build_components(cfg, tokenizer).scheduler
+        scaling = float(components.vae.config.scaling_factor)
+        args.vae_steps = 0
+        log.info("starting from %s; latent scaling factor %.4f", args.init_from, scaling)
     else:
-        scaling = latent_scaling_factor(components.vae, images)
-        if vae_result.is_main_process:
-            scaling_file.write_text(json.dumps({"scaling_factor": scaling}) + "\n")
-    components.vae.register_to_config(scaling_factor=scaling)
-    log.info("VAE trained; latent scaling factor %.4f", scaling)
+        components = build_components(cfg, tokenizer)
+        # Stage 1: the VAE.
+        images = ShapesT2IDataset(
+            args.vae_steps * args.vae_batch_size, seed=args.seed, size=cfg.image_size
+        )
+        vae_result = train(
+            VaeTrainer(components.vae),
+            lambda model, batch: model(batch["image"]),
+            images,
+            stage_config(args, out / "vae", args.vae_steps, args.vae_batch_size, args.vae_lr, 100),
+            collate_fn=collate,
+        )
+        components.vae = vae_result.model.vae
+        # computed once and kept: a resumed run must scale latents as the denoiser learnt them
+        scaling_file = out / "vae" / "scaling_factor.json"
+        if scaling_file.is_file():
+            scaling = json.loads(scaling_file.read_text())["scaling_factor"]
+        else:
+            scaling = latent_scaling_factor(components.vae, images)
+            if vae_result.is_main_process:
+                scaling_file.write_text(json.dumps({"scaling_factor": scaling}) + "\n")
+        components.vae.register_to_config(scaling_factor=scaling)
+        log.info("VAE trained; latent scaling factor %.4f", scaling)
 
     # Stage 2: the denoiser and the text encoder, with caption dropout for guidance.
     texts = CaptionDropout(
@@ -242,7 +270,9 @@ def main(argv: list[str]) -> None:
     components.text_encoder = result.model.text_encoder
 
     # Stage 3: the decoder alone, on latents of the frozen encoder.
-    decoder = DecoderTrainer(components.vae.requires_grad_(False))
+    decoder = DecoderTrainer(
+        components.vae.requires_grad_(False), foreground_weight=args.decoder_foreground_weight
+    )
     decoder_params = list(components.vae.decoder.parameters()) + list(
         components.vae.post_quant_conv.parameters()
     )
@@ -278,6 +308,7 @@ def main(argv: list[str]) -> None:
         "argv": argv,
         "seed": args.seed,
         "preset": args.preset,
+        "init_from": args.init_from,
         "vae_steps": args.vae_steps,
         "denoiser_steps": args.steps,
         "decoder_steps": args.decoder_steps,
@@ -349,7 +380,7 @@ summary: "text to image, latent diffusion (UNet), shapes world 64 px"
 
 A latent diffusion model of the shapes world: AutoencoderKL (64 px -> 16 x 16 x 4),
 UNet2DConditionModel, CLIP text encoder over the `shapes-bpe` tokenizer, DDPM training,
-DPM-Solver++ sampling. Trained from scratch by `{facts["recipe"]}` (seed {facts["seed"]},
+DPM-Solver++ sampling. {"Continued from " + facts["init_from"] + " (its VAE, denoiser and text encoder)" if facts.get("init_from") else "Trained from scratch"} by `{facts["recipe"]}` (seed {facts["seed"]},
 {facts["vae_steps"]} VAE steps, {facts["denoiser_steps"]} denoiser steps, {facts["decoder_steps"]}
 decoder fine-tuning steps; training time {times} on {facts["device"]}).
 

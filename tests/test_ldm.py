@@ -490,3 +490,19 @@ def test_recipe_trains_every_stage_and_saves_a_loadable_model(tmp_path):
     loaded = LatentDiffusion.from_pretrained(model)
     assert loaded.components.vae.config.scaling_factor == pytest.approx(scale)
     assert loaded.generate("a red circle", Options(seed=0, **OPTS)).images[0].size == (32, 32)
+
+    # continuing from the saved model: no VAE stage, the same VAE and latent scale
+    more = tmp_path / "more"
+    args = ["--output-dir", str(more), "--preset", "tiny", "--init-from", str(model), "--steps",
+            "2", "--decoder-steps", "2", "--decoder-foreground-weight", "10", "--batch-size", "4",
+            "--vae-batch-size", "4", "--eval-n", "0"]  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-m", "anygen", "train", str(recipe), *args],
+        capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert not (more / "vae").exists() and "Continued from" in (more / "model" / "README.md").read_text()
+    again = LatentDiffusion.from_pretrained(more / "model")
+    assert again.components.vae.config.scaling_factor == pytest.approx(scale)
+    enc = loaded.components.vae.encoder.conv_in.weight
+    assert torch.equal(again.components.vae.encoder.conv_in.weight, enc)  # the encoder is kept
