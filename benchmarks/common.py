@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from anygen import attention
+
 # Datasheet peak dense bf16 tensor-core FLOP/s (no sparsity), in TFLOP/s. Matched by
 # substring of torch.cuda.get_device_name(), first match wins (so PCIe before SXM).
 GPU_PEAK_BF16_TFLOPS = {
@@ -59,6 +61,7 @@ class Settings:
     repeats: int = 3  # timed runs per case after one warm-up (median reported)
     variant: str = "eager"  # "eager", "compiled" (GPU-only variants) or "all"
     attention: tuple[str, ...] | None = None  # backends to compare; None: each one's own
+    positions: int | None = None  # decoding: image positions (None: tiny preset's / 256 real)
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:
@@ -90,6 +93,25 @@ class Settings:
         if self.dtype is not None:
             return self.dtype
         return cuda_default if self.cuda else torch.float32
+
+
+def attention_backends(s: Settings, rec: Recorder, name: str) -> list[str]:
+    """The attention backends benchmark ``name`` compares: those asked for, else xformers,
+    sdpa and math; xformers is dropped, with the reason recorded, where it cannot run."""
+    wanted = list(s.attention or ("xformers", "sdpa", "math"))
+    if "auto" in wanted:
+        wanted = [attention.auto_backend(s.device) if b == "auto" else b for b in wanted]
+        wanted = list(dict.fromkeys(wanted))
+    if "xformers" in wanted and not attention.xformers_usable(s.device):
+        reason = (
+            "xformers runs on CUDA only"
+            if not s.cuda
+            else "xformers is not installed or has no kernels for this torch/CUDA "
+            "(python -m xformers.info)"
+        )
+        rec.skip(name, "attention xformers", reason)
+        wanted.remove("xformers")
+    return wanted
 
 
 # -----------------------------------------------------------------------------
@@ -184,8 +206,6 @@ def _version(package: str) -> str | None:
 
 def environment(device: torch.device) -> dict:
     """Date, machine and software of a run."""
-    from anygen.attention import auto_backend
-
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": str(device),
@@ -198,7 +218,7 @@ def environment(device: torch.device) -> dict:
         "diffusers": _version("diffusers"),
         "transformers": _version("transformers"),
         "xformers": _version("xformers"),
-        "attention_auto": auto_backend(device),
+        "attention_auto": attention.auto_backend(device),
     }
 
 

@@ -108,19 +108,19 @@ def measure(
 
     row = {
         "mode": c.image_mode,
-        "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+        "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "batch": batch,
         "guidance": guidance,
         "image_positions": c.image_tokens,
-        "kv_cache_s": round(cached, 4),
+        "kv_cache_s": round(cached, 6),
         "positions_per_s": round(batch * steps / cached, 1),
-        "bandwidth_bound_s": round(bound_s, 5),
-        "fraction_of_bound": round(bound_s / cached, 4),
+        "bandwidth_bound_s": round(bound_s, 7),
+        "fraction_of_bound": round(bound_s / cached, 5),
     }
     if reference:
         recomputed = statistics.median(times[False])
-        row["recompute_s"] = round(recomputed, 4)
+        row["recompute_s"] = round(recomputed, 6)
         row["kv_speedup"] = round(recomputed / cached, 2)
         row["kv_identical"] = same(outs[True], outs[False])
     return row

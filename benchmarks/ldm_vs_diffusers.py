@@ -200,8 +200,8 @@ def run_pair(
         "size": size,
         "steps": steps,
         "max_pixel_diff": diff,
-        "anygen_s": round(med["anygen"], 4),
-        "diffusers_s": round(med["diffusers"], 4),
+        "anygen_s": round(med["anygen"], 6),
+        "diffusers_s": round(med["diffusers"], 6),
         "ratio": round(med["anygen"] / med["diffusers"], 3),
     }
     return row, a

@@ -96,15 +96,15 @@ def measure(
         "batch": len(texts),
         "guidance": guidance,
         "device": str(device),
-        "kv_cache_s": round(t["kv_cache"], 4),
+        "kv_cache_s": round(t["kv_cache"], 6),
         "codes_per_s": round(len(texts) * n / t["kv_cache"], 1),
     }
     if "recompute" in cases:
-        row["recompute_s"] = round(t["recompute"], 4)
+        row["recompute_s"] = round(t["recompute"], 6)
         row["kv_speedup"] = round(t["recompute"] / t["kv_cache"], 2)
         row["kv_tokens_identical"] = bool(torch.equal(outs["kv_cache"], outs["recompute"]))
     if "cfg_two_passes" in cases:
-        row["cfg_two_passes_s"] = round(t["cfg_two_passes"], 4)
+        row["cfg_two_passes_s"] = round(t["cfg_two_passes"], 6)
         row["cfg_batched_speedup"] = round(t["cfg_two_passes"] / t["kv_cache"], 2)
         row["cfg_tokens_identical"] = bool(torch.equal(outs["kv_cache"], outs["cfg_two_passes"]))
     if bandwidth is not None:
@@ -112,8 +112,8 @@ def measure(
         mean_context = (n + 1) / 2  # the self-attention cache grows from 1 to N positions
         per_step = decode_bytes_per_step(model, rows, mean_context, ids.shape[1])
         bound = bandwidth_bound_s(per_step, n, bandwidth)
-        row["bandwidth_bound_s"] = round(bound, 5)
-        row["fraction_of_bound"] = round(bound / t["kv_cache"], 4)
+        row["bandwidth_bound_s"] = round(bound, 7)
+        row["fraction_of_bound"] = round(bound / t["kv_cache"], 5)
     return row
 
 
