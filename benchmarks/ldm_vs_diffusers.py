@@ -103,8 +103,7 @@ SD15_SCHEDULER = dict(  # PNDMScheduler; anygen samples with DPM-Solver++ over i
     skip_prk_steps=True,
     set_alpha_to_one=False,
     steps_offset=1,
-    clip_sample=False,
-)
+)  # (its config.json also lists clip_sample: false, which PNDM does not take)
 
 
 def build_sd15(device: torch.device, dtype: torch.dtype) -> LatentDiffusion:
