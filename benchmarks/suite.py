@@ -95,7 +95,9 @@ def bench_ldm(s: Settings, rec: Recorder) -> None:
         gen.components.denoiser.compile()  # in place: anygen and diffusers both run it
         for batch in (1, 8):
             # the first call compiles for this batch's shapes
-            opts = Options(steps=steps, guidance_scale=guidance, width=size, height=size)
+            opts = Options(
+                steps=steps, guidance_scale=guidance, width=size, height=size, progress=False
+            )
             start = time.perf_counter()
             gen.generate_batch(["a red circle"] * batch, list(range(batch)), opts)
             sync(s.device)
