@@ -314,6 +314,52 @@ def attention(
 # diffusers
 
 
+def _classic_processors() -> dict[tuple[type, ...], dict[str, type]]:
+    """diffusers' classic processor families (plain, added-KV), each mapping a backend to
+    its processor class."""
+    from diffusers.models.attention_processor import (
+        AttnAddedKVProcessor,
+        AttnAddedKVProcessor2_0,
+        AttnProcessor,
+        AttnProcessor2_0,
+        SlicedAttnAddedKVProcessor,
+        SlicedAttnProcessor,
+        XFormersAttnAddedKVProcessor,
+        XFormersAttnProcessor,
+    )
+
+    plain = (AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor, SlicedAttnProcessor)
+    added_kv = (
+        AttnAddedKVProcessor,
+        AttnAddedKVProcessor2_0,
+        XFormersAttnAddedKVProcessor,
+        SlicedAttnAddedKVProcessor,
+    )
+    return {
+        plain: {"sdpa": AttnProcessor2_0, "math": AttnProcessor, "xformers": XFormersAttnProcessor},
+        added_kv: {
+            "sdpa": AttnAddedKVProcessor2_0,
+            "math": AttnAddedKVProcessor,
+            "xformers": XFormersAttnAddedKVProcessor,
+        },
+    }
+
+
+def has_classic_attention(model: nn.Module) -> bool:
+    """Every attention layer of a diffusers model has a classic processor (``AttnProcessor``,
+    ``AttnProcessor2_0``, ``XFormersAttnProcessor``, their added-KV and sliced variants):
+    the UNets, VAEs and PixArt, which xformers has long run under diffusers. False for
+    layers on diffusers' attention dispatcher (Flux, ...) and for joint, LoRA or custom
+    processors; also False for a model without attention layers."""
+    from diffusers.models.attention import AttentionModuleMixin
+    from diffusers.models.attention_processor import Attention
+
+    classic = tuple(t for family in _classic_processors() for t in family)
+    layers = [m for m in model.modules() if isinstance(m, (Attention, AttentionModuleMixin))]
+    # exact types, as set_diffusers_attention maps them: a subclass may change the maths
+    return bool(layers) and all(type(getattr(m, "processor", None)) in classic for m in layers)
+
+
 def set_diffusers_attention(model: nn.Module, backend: str) -> int:
     """Switch every attention layer of a diffusers model (UNet, DiT, VAE, ...) to ``backend``;
     returns how many layers were switched.
@@ -328,37 +374,13 @@ def set_diffusers_attention(model: nn.Module, backend: str) -> int:
     param = next(model.parameters(), None)
     backend = resolve_backend(backend, param.device if param is not None else "cpu")
     from diffusers.models.attention import AttentionModuleMixin
-    from diffusers.models.attention_processor import (
-        Attention,
-        AttnAddedKVProcessor,
-        AttnAddedKVProcessor2_0,
-        AttnProcessor,
-        AttnProcessor2_0,
-        SlicedAttnAddedKVProcessor,
-        SlicedAttnProcessor,
-        XFormersAttnAddedKVProcessor,
-        XFormersAttnProcessor,
-    )
+    from diffusers.models.attention_processor import Attention
 
     if backend == "xformers" and any(p.device.type != "cuda" for p in model.parameters()):
         raise UserInputError(
             "attention backend 'xformers' runs on CUDA only: move the model to a CUDA device first"
         )
-    plain = (AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor, SlicedAttnProcessor)
-    added_kv = (
-        AttnAddedKVProcessor,
-        AttnAddedKVProcessor2_0,
-        XFormersAttnAddedKVProcessor,
-        SlicedAttnAddedKVProcessor,
-    )
-    processors = {
-        plain: {"sdpa": AttnProcessor2_0, "math": AttnProcessor, "xformers": XFormersAttnProcessor},
-        added_kv: {
-            "sdpa": AttnAddedKVProcessor2_0,
-            "math": AttnAddedKVProcessor,
-            "xformers": XFormersAttnAddedKVProcessor,
-        },
-    }
+    processors = _classic_processors()
     dispatch_names = {"sdpa": "native", "math": "_native_math", "xformers": "xformers"}
 
     plan: list[Callable[[], None]] = []

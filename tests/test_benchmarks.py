@@ -167,7 +167,7 @@ def test_pipelines_switch_only_diffusers_models_and_only_to_xformers(monkeypatch
     set_diffusers_attention(tiny_unet, "auto")  # explicit auto on a CPU model: sdpa
     assert {type(p) for p in tiny_unet.attn_processors.values()} == {AttnProcessor2_0}
 
-    # where auto means xformers: the diffusers models only
+    # where auto means xformers: the diffusers models with classic processors only
     switched = []
     monkeypatch.setattr(attn, "auto_backend", lambda device: "xformers")
     monkeypatch.setattr(
@@ -176,6 +176,20 @@ def test_pipelines_switch_only_diffusers_models_and_only_to_xformers(monkeypatch
     assert auto_attention(modules, "cuda:0") == "xformers"
     assert switched == [(tiny_unet, "xformers")]
     assert text.config._attn_implementation == "sdpa"
+
+    class Custom(AttnProcessor2_0):  # e.g. a LoRA or IP-Adapter processor
+        pass
+
+    assert attn.has_classic_attention(tiny_unet)
+    name = next(iter(tiny_unet.attn_processors))
+    tiny_unet.set_attn_processor({**tiny_unet.attn_processors, name: Custom()})
+    try:
+        assert not attn.has_classic_attention(tiny_unet)
+        switched.clear()
+        auto_attention(modules, "cuda:0")
+        assert switched == []  # left alone, not half switched
+    finally:
+        tiny_unet.set_attn_processor(AttnProcessor2_0())
 
 
 def test_auto_keeps_processors_it_cannot_map(monkeypatch, tiny_unet, caplog):

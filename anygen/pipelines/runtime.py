@@ -89,11 +89,13 @@ def set_attention(modules: dict, backend: str) -> None:
 
 def auto_attention(modules: dict, device: torch.device | str) -> str:
     """Switch the diffusers models among ``modules`` (name -> component) to xformers where
-    it is usable on ``device`` (``anygen.attention.auto_backend``); returns the backend they
-    run. Nothing changes where the choice is sdpa (both libraries load with it), nor for
-    transformers models (text encoders run once per image; ``--attention xformers`` switches
-    them too). A model with processors anygen does not map keeps them, with a warning."""
-    from anygen.attention import auto_backend, set_diffusers_attention
+    it is usable on ``device`` (``anygen.attention.auto_backend``); returns the backend
+    chosen. Nothing changes where the choice is sdpa (both libraries load with it), nor for
+    transformers models (text encoders run once per image), nor for diffusers models whose
+    attention is not of the classic processors (Flux's dispatcher, SD3's joint attention):
+    ``--attention xformers`` switches those. A model that still cannot be switched keeps
+    its processors, with a warning."""
+    from anygen.attention import auto_backend, has_classic_attention, set_diffusers_attention
 
     backend = auto_backend(device)
     if backend == "sdpa":
@@ -102,6 +104,9 @@ def auto_attention(modules: dict, device: torch.device | str) -> str:
 
     for name, module in modules.items():
         if not isinstance(module, ModelMixin):
+            continue
+        if not has_classic_attention(module):
+            log.debug("%s keeps its attention: not classic processors", name)
             continue
         try:
             set_diffusers_attention(module, backend)
