@@ -12,6 +12,9 @@ Backends (``BACKENDS``):
   Slow; the reference every other backend is tested against.
 - ``xformers``: ``xformers.ops.memory_efficient_attention``; CUDA only, installed with the
   optional ``gpu`` extra.
+- ``auto`` (the default): ``xformers`` for CUDA tensors where xformers imports and its
+  kernels run on that device (probed once per device), else ``sdpa``. ``auto_backend``
+  says what it picks; ``resolve_backend`` turns any name into a concrete backend.
 
 Masks follow SDPA: ``attn_mask`` is bool (True = may attend) or float (added to the scores),
 broadcastable to (B, nh, Tq, Tk). ``is_causal`` aligns the causal mask to the bottom right:
@@ -36,7 +39,8 @@ from anygen.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BACKEND = "sdpa"
+AUTO = "auto"  # xformers where usable (CUDA + package + kernels), else sdpa
+DEFAULT_BACKEND = AUTO
 _backend: ContextVar[str] = ContextVar("anygen_attention_backend", default=DEFAULT_BACKEND)
 
 
@@ -180,11 +184,62 @@ def available_backends() -> list[str]:
     return names
 
 
+# -----------------------------------------------------------------------------
+# automatic choice
+
+
+def _xformers_probe(device: torch.device) -> bool:
+    """Whether xformers imports and its memory-efficient kernel runs on ``device``.
+
+    An xformers wheel built for another torch or CUDA imports (with a warning) but has no
+    kernels, and fails only at the first call: so call it once, on a (1, 1, 1, 64) fp16
+    problem, and treat any failure as "not usable"."""
+    try:
+        xops = _xformers_ops()
+        q = torch.zeros(1, 1, 1, 64, device=device, dtype=torch.float16)  # (B, T, nh, hs)
+        xops.memory_efficient_attention(q, q, q)
+    except (UserInputError, NotImplementedError, RuntimeError, ValueError, AssertionError) as e:
+        logger.info("xformers is not usable on %s, attention uses sdpa: %s", device, e)
+        return False
+    return True
+
+
+_xformers_usable: dict[str, bool] = {}  # device -> probe result, filled on first use
+
+
+def xformers_usable(device: torch.device | str) -> bool:
+    """xformers can run on ``device``: a CUDA device, the package, and working kernels
+    (probed on first use per device; the answer is kept for the process)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = str(device)
+    if key not in _xformers_usable:
+        _xformers_usable[key] = _xformers_probe(device)
+    return _xformers_usable[key]
+
+
+def auto_backend(device: torch.device | str) -> str:
+    """What ``auto`` runs on ``device``: ``xformers`` where usable, else ``sdpa``."""
+    return "xformers" if xformers_usable(device) else "sdpa"
+
+
+def resolve_backend(name: str | None, device: torch.device | str) -> str:
+    """The concrete backend for ``name`` (None: the current ``attention_backend``) on
+    ``device``: ``auto`` becomes ``xformers`` or ``sdpa``; others are checked."""
+    name = _check_backend(name)
+    return auto_backend(device) if name == AUTO else name
+
+
 def _check_backend(name: str | None) -> str:
     name = _backend.get() if name is None else name
+    if name == AUTO:
+        return name
     if name not in BACKENDS:
         raise UserInputError(
-            f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}"
+            f"unknown attention backend {name!r}; choose one of {AUTO}, {', '.join(BACKENDS)}"
         )
     if name == "xformers":
         _xformers_ops()
@@ -197,8 +252,8 @@ def _check_backend(name: str | None) -> str:
 
 @contextmanager
 def attention_backend(name: str) -> Iterator[str]:
-    """Use backend ``name`` for every ``attention()`` call without an explicit ``backend``
-    inside the block (this thread / task only)."""
+    """Use backend ``name`` (or ``auto``) for every ``attention()`` call without an explicit
+    ``backend`` inside the block (this thread / task only)."""
     token = _backend.set(_check_backend(name))
     try:
         yield name
@@ -242,7 +297,8 @@ def attention(
     -> (B, nh, Tq, hv).
 
     ``scale`` defaults to ``hs ** -0.5``. ``dropout_p`` is applied whenever it is non-zero:
-    pass ``p if self.training else 0.0``. ``backend`` overrides ``attention_backend()``.
+    pass ``p if self.training else 0.0``. ``backend`` overrides ``attention_backend()``;
+    ``auto`` (the default) picks by the device of ``q``.
     """
     _check_inputs(q, k, v, attn_mask, dropout_p)
     if is_causal and q.size(-2) > k.size(-2):
@@ -250,12 +306,58 @@ def attention(
             f"is_causal needs Tq <= Tk (queries are the last Tq key positions), got "
             f"Tq={q.size(-2)}, Tk={k.size(-2)}"
         )
-    name = _check_backend(backend)
+    name = resolve_backend(backend, q.device)
     return BACKENDS[name](q, k, v, attn_mask, is_causal, dropout_p, scale)
 
 
 # -----------------------------------------------------------------------------
 # diffusers
+
+
+def _classic_processors() -> dict[tuple[type, ...], dict[str, type]]:
+    """diffusers' classic processor families (plain, added-KV), each mapping a backend to
+    its processor class."""
+    from diffusers.models.attention_processor import (
+        AttnAddedKVProcessor,
+        AttnAddedKVProcessor2_0,
+        AttnProcessor,
+        AttnProcessor2_0,
+        SlicedAttnAddedKVProcessor,
+        SlicedAttnProcessor,
+        XFormersAttnAddedKVProcessor,
+        XFormersAttnProcessor,
+    )
+
+    plain = (AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor, SlicedAttnProcessor)
+    added_kv = (
+        AttnAddedKVProcessor,
+        AttnAddedKVProcessor2_0,
+        XFormersAttnAddedKVProcessor,
+        SlicedAttnAddedKVProcessor,
+    )
+    return {
+        plain: {"sdpa": AttnProcessor2_0, "math": AttnProcessor, "xformers": XFormersAttnProcessor},
+        added_kv: {
+            "sdpa": AttnAddedKVProcessor2_0,
+            "math": AttnAddedKVProcessor,
+            "xformers": XFormersAttnAddedKVProcessor,
+        },
+    }
+
+
+def has_classic_attention(model: nn.Module) -> bool:
+    """Every attention layer of a diffusers model has a classic processor (``AttnProcessor``,
+    ``AttnProcessor2_0``, ``XFormersAttnProcessor``, their added-KV and sliced variants):
+    the UNets, VAEs and PixArt, which xformers has long run under diffusers. False for
+    layers on diffusers' attention dispatcher (Flux, ...) and for joint, LoRA or custom
+    processors; also False for a model without attention layers."""
+    from diffusers.models.attention import AttentionModuleMixin
+    from diffusers.models.attention_processor import Attention
+
+    classic = tuple(t for family in _classic_processors() for t in family)
+    layers = [m for m in model.modules() if isinstance(m, (Attention, AttentionModuleMixin))]
+    # exact types, as set_diffusers_attention maps them: a subclass may change the maths
+    return bool(layers) and all(type(getattr(m, "processor", None)) in classic for m in layers)
 
 
 def set_diffusers_attention(model: nn.Module, backend: str) -> int:
@@ -267,40 +369,18 @@ def set_diffusers_attention(model: nn.Module, backend: str) -> int:
     attention dispatcher get ``set_attention_backend`` ("native", "_native_math",
     "xformers") per layer, which changes no process-wide default. Layers with any other
     processor (IP-Adapter, LoRA, custom) raise a ``UserInputError`` before anything changes.
+    ``auto`` resolves by the device of the model's parameters.
     """
-    backend = _check_backend(backend)
+    param = next(model.parameters(), None)
+    backend = resolve_backend(backend, param.device if param is not None else "cpu")
     from diffusers.models.attention import AttentionModuleMixin
-    from diffusers.models.attention_processor import (
-        Attention,
-        AttnAddedKVProcessor,
-        AttnAddedKVProcessor2_0,
-        AttnProcessor,
-        AttnProcessor2_0,
-        SlicedAttnAddedKVProcessor,
-        SlicedAttnProcessor,
-        XFormersAttnAddedKVProcessor,
-        XFormersAttnProcessor,
-    )
+    from diffusers.models.attention_processor import Attention
 
     if backend == "xformers" and any(p.device.type != "cuda" for p in model.parameters()):
         raise UserInputError(
             "attention backend 'xformers' runs on CUDA only: move the model to a CUDA device first"
         )
-    plain = (AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor, SlicedAttnProcessor)
-    added_kv = (
-        AttnAddedKVProcessor,
-        AttnAddedKVProcessor2_0,
-        XFormersAttnAddedKVProcessor,
-        SlicedAttnAddedKVProcessor,
-    )
-    processors = {
-        plain: {"sdpa": AttnProcessor2_0, "math": AttnProcessor, "xformers": XFormersAttnProcessor},
-        added_kv: {
-            "sdpa": AttnAddedKVProcessor2_0,
-            "math": AttnAddedKVProcessor,
-            "xformers": XFormersAttnAddedKVProcessor,
-        },
-    }
+    processors = _classic_processors()
     dispatch_names = {"sdpa": "native", "math": "_native_math", "xformers": "xformers"}
 
     plan: list[Callable[[], None]] = []
@@ -335,14 +415,16 @@ def set_diffusers_attention(model: nn.Module, backend: str) -> int:
 # transformers
 
 
-def transformers_attn_implementation(backend: str | None = None) -> str:
+def transformers_attn_implementation(
+    backend: str | None = None, device: torch.device | str = "cpu"
+) -> str:
     """The transformers ``attn_implementation`` for an anygen backend: "sdpa", "eager"
     (math), or for xformers a function registered in ``transformers.AttentionInterface``.
 
     Use it as ``Model.from_pretrained(..., attn_implementation=name)`` or
-    ``model.set_attn_implementation(name)``.
+    ``model.set_attn_implementation(name)``. ``auto`` resolves by ``device`` (default CPU).
     """
-    backend = _check_backend(backend)
+    backend = resolve_backend(backend, device)
     if backend == "sdpa":
         return "sdpa"
     if backend == "math":

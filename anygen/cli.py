@@ -445,8 +445,9 @@ def _add_device_flags(p: argparse.ArgumentParser) -> None:
 def _add_attention_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--attention",
-        choices=("sdpa", "xformers", "math"),
-        help="attention backend (default: sdpa; xformers needs CUDA and the gpu extra)",
+        choices=("auto", "sdpa", "xformers", "math"),
+        help="attention backend (default auto: xformers on CUDA where installed and working, "
+        "else sdpa; xformers needs CUDA and the gpu extra)",
     )
 
 

@@ -18,54 +18,62 @@ import argparse
 import dataclasses
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from anygen.models.fusion import FUSION_PRESETS, FusionTransformer, Plan, Prompt, Sampling, decode
-from anygen.pipelines import DTYPES, load_generator, pick_device
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# datasheet memory bandwidth, GB/s
-GPU_BANDWIDTH_GBS = {"H200": 4800, "H100": 3350, "A100": 2039, "L4": 300, "A10": 600}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def bandwidth_gbs(device: torch.device, override: float | None) -> tuple[float, str]:
-    if override:
-        return override, "given"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in GPU_BANDWIDTH_GBS.items():
-            if key in name:
-                return float(value), f"datasheet ({name})"
-        raise SystemExit(f"unknown GPU {name!r}: pass --bandwidth-gbs")
-    x = torch.empty(64 * 2**20 // 4)  # 64 MiB, beyond the caches
-    y = torch.empty_like(x)
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        y.copy_(x)
-        best = min(best, time.perf_counter() - start)
-    return 2 * x.numel() * 4 / best / 1e9, "measured copy"
+from anygen.models.fusion import (  # noqa: E402
+    FUSION_PRESETS,
+    FusionTransformer,
+    Plan,
+    Prompt,
+    Sampling,
+    decode,
+)
+from anygen.pipelines import DTYPES, load_generator, pick_device  # noqa: E402
+from benchmarks.common import bandwidth_bound_s, memory_bandwidth, sync  # noqa: E402
 
 
-def bytes_per_step(model: FusionTransformer, batch: int, context: int) -> float:
-    """Weights once, plus the KV cache of ``context`` positions for ``batch`` rows."""
+def bytes_per_step(model: FusionTransformer, rows: int, context: float) -> float:
+    """Bytes one cached decoding step reads at least: every weight once (the input
+    embedding table only if tied to the output head: otherwise one row per token), plus
+    the K and V cache of ``context`` positions for each of ``rows`` rows."""
     c = model.config
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
     elem = next(model.parameters()).element_size()
+    weights = sum(p.numel() for p in model.parameters())
+    if not c.tie_word_embeddings:
+        weights -= model.backbone.get_input_embeddings().weight.numel()
     head_dim = c.hidden_size // c.num_heads
-    kv = 2 * c.num_layers * c.num_kv_heads * head_dim * context * batch * elem
-    return weights + kv
+    kv = 2 * c.num_layers * c.num_kv_heads * head_dim * context * rows * elem
+    return weights * elem + kv
 
 
-def measure(model, batch: int, guidance: float, repeats: int, device, bw: float) -> dict:
+def image_prompts(model: FusionTransformer, batch: int) -> list[Prompt]:
+    """``batch`` short text prompts ending in <boi>: an image is written next."""
     c = model.config
-    prompts = [Prompt([c.bos_id, 20 + i % 50, 21, 22, c.boi_id]) for i in range(batch)]
+    return [Prompt([c.bos_id, 20 + i % 50, 21, 22, c.boi_id]) for i in range(batch)]
+
+
+def measure(
+    model: FusionTransformer,
+    batch: int,
+    guidance: float,
+    repeats: int,
+    device: torch.device,
+    bandwidth: float,
+    *,
+    reference: bool = True,
+) -> dict:
+    """Time one image span per prompt with the KV cache (and, with ``reference``, without:
+    recomputing the whole sequence every step; the outputs must agree), and the cached rate
+    as a fraction of the memory-bandwidth bound (``bandwidth`` in bytes/s)."""
+    c = model.config
+    prompts = image_prompts(model, batch)
     s = Sampling(guidance_scale=guidance)
     plan = Plan(["image"])
 
@@ -78,17 +86,18 @@ def measure(model, batch: int, guidance: float, repeats: int, device, bw: float)
         return time.perf_counter() - start, out
 
     run(True)  # warm up
-    times = {True: [], False: []}
+    modes = (True, False) if reference else (True,)
+    times = {m: [] for m in modes}
     outs = {}
     for _ in range(repeats):  # interleaved, so drift hits both alike
-        for use_cache in (True, False):
+        for use_cache in modes:
             t, outs[use_cache] = run(use_cache)
             times[use_cache].append(t)
-    cached, recomputed = statistics.median(times[True]), statistics.median(times[False])
+    cached = statistics.median(times[True])
     rows = 2 * batch if guidance != 1.0 else batch
     steps = c.image_tokens + 1  # codes, then <eoi>
-    context = len(prompts[0].ids) + c.image_tokens // 2  # mean KV length over the span
-    bound_s = steps * bytes_per_step(model, rows, context) / (bw * 1e9)
+    context = len(prompts[0].ids) + c.image_tokens / 2  # mean KV length over the span
+    bound_s = bandwidth_bound_s(bytes_per_step(model, rows, context), steps, bandwidth)
 
     def same(a, b):
         for x, y in zip(a, b, strict=True):
@@ -97,21 +106,24 @@ def measure(model, batch: int, guidance: float, repeats: int, device, bw: float)
                 return False
         return True
 
-    return {
+    row = {
         "mode": c.image_mode,
-        "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+        "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "batch": batch,
         "guidance": guidance,
         "image_positions": c.image_tokens,
-        "kv_cache_s": round(cached, 4),
-        "recompute_s": round(recomputed, 4),
-        "kv_speedup": round(recomputed / cached, 2),
-        "kv_identical": same(outs[True], outs[False]),
+        "kv_cache_s": round(cached, 6),
         "positions_per_s": round(batch * steps / cached, 1),
-        "bandwidth_bound_s": round(bound_s, 5),
-        "fraction_of_bound": round(bound_s / cached, 3),
+        "bandwidth_bound_s": round(bound_s, 7),
+        "fraction_of_bound": round(bound_s / cached, 5),
     }
+    if reference:
+        recomputed = statistics.median(times[False])
+        row["recompute_s"] = round(recomputed, 6)
+        row["kv_speedup"] = round(recomputed / cached, 2)
+        row["kv_identical"] = same(outs[True], outs[False])
+    return row
 
 
 def story_times(args, device) -> None:
@@ -158,8 +170,13 @@ def main() -> None:
         story_times(args, device)
         return
     dtype = DTYPES[args.dtype] if args.dtype else torch.float32
-    bw, source = bandwidth_gbs(device, args.bandwidth_gbs)
-    print(json.dumps({"device": str(device), "bandwidth_gbs": round(bw, 1), "source": source}))
+    if args.bandwidth_gbs:
+        bw, source = args.bandwidth_gbs * 1e9, "given"
+    else:
+        bw, source = memory_bandwidth(device)
+    print(
+        json.dumps({"device": str(device), "bandwidth_gbs": round(bw / 1e9, 1), "source": source})
+    )
     failed = []
     for preset in args.preset:
         torch.manual_seed(0)

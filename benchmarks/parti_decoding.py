@@ -15,14 +15,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
-from anygen.models.parti import PARTI_PRESETS, PartiTransformer, generate_codes, tokenize_prompts
-from anygen.pipelines import load_generator, pick_device
-from anygen.tokenizers.text import load_text_tokenizer
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from anygen.models.parti import (  # noqa: E402
+    PARTI_PRESETS,
+    PartiTransformer,
+    generate_codes,
+    tokenize_prompts,
+)
+from anygen.pipelines import load_generator, pick_device  # noqa: E402
+from anygen.tokenizers.text import load_text_tokenizer  # noqa: E402
+from benchmarks.common import bandwidth_bound_s, interleaved, memory_bandwidth  # noqa: E402
 
 PROMPTS = [
     "a red circle above a blue square",
@@ -30,23 +39,43 @@ PROMPTS = [
     "a small green star in the top left",
     "a large white cross and a purple diamond",
 ]
+CASES = {
+    "kv_cache": {},
+    "recompute": {"use_cache": False},
+    "cfg_two_passes": {"batched_guidance": False},
+}
 
 
-def timed(fn, repeats: int, device: torch.device) -> tuple[float, torch.Tensor]:
-    times, out = [], None
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+def decode_bytes_per_step(
+    model: PartiTransformer, rows: int, context: float, text_len: int
+) -> float:
+    """Bytes one cached decoding step reads at least: the decoder's weights (the tied
+    embedding once, as the output head reads it whole; not the position table, of which
+    one row is read), and for each of ``rows`` rows the self-attention K and V of
+    ``context`` positions and the cross-attention K and V of ``text_len`` text states."""
+    c = model.config
+    dec = model.decoder
+    elem = next(dec.parameters()).element_size()
+    weights = sum(p.numel() for p in dec.parameters()) - dec.transformer.wpe.weight.numel()
+    kv_per_position = 2 * c.decoder_layers * c.d_model * elem  # K and V, every layer
+    return weights * elem + kv_per_position * rows * (context + text_len)
 
 
-def measure(model, tokenizer, texts, args, device: torch.device) -> dict:
-    """Time one image length three ways; the tokens of each must be identical."""
+def measure(
+    model: PartiTransformer,
+    tokenizer,
+    texts: list[str],
+    device: torch.device,
+    *,
+    guidance: float = 3.0,
+    repeats: int = 3,
+    cases: tuple[str, ...] = tuple(CASES),
+    bandwidth: float | None = None,
+) -> dict:
+    """Time sampling one image's codes for each prompt in ``cases`` ways (the first is the
+    one timed against the others; ``kv_cache``, ``recompute``, ``cfg_two_passes``); the
+    tokens of every case must be identical. With ``bandwidth`` (bytes/s), also the cached
+    decoding rate as a fraction of the memory-bandwidth bound."""
     ids, mask = tokenize_prompts(tokenizer, texts, model.config)
     null = tokenize_prompts(tokenizer, [""] * len(texts), model.config)
     ids, mask = ids.to(device), mask.to(device)
@@ -55,34 +84,36 @@ def measure(model, tokenizer, texts, args, device: torch.device) -> dict:
     def run(**kw):
         gens = [torch.Generator(device.type).manual_seed(i) for i in range(len(texts))]
         return generate_codes(
-            model, ids, mask, *null, guidance_scale=args.guidance, generators=gens, **kw
+            model, ids, mask, *null, guidance_scale=guidance, generators=gens, **kw
         )
 
-    run()  # warm up
-    cases = {
-        "kv_cache": {},
-        "recompute": {"use_cache": False},
-        "cfg_two_passes": {"batched_guidance": False},
-    }
-    results = {name: [] for name in cases}
-    outs = {}
-    for _ in range(args.repeats):  # interleaved, so drift hits every case alike
-        for name, kw in cases.items():
-            t, outs[name] = timed(lambda kw=kw: run(**kw), 1, device)
-            results[name].append(t)
-    t = {name: statistics.median(v) for name, v in results.items()}
+    t, outs = interleaved(
+        {name: (lambda kw=CASES[name]: run(**kw)) for name in cases}, repeats, device
+    )
+    n = model.config.image_tokens
     row = {
-        "codes": model.config.image_tokens,
+        "codes": n,
         "batch": len(texts),
+        "guidance": guidance,
         "device": str(device),
-        "kv_cache_s": round(t["kv_cache"], 4),
-        "recompute_s": round(t["recompute"], 4),
-        "kv_speedup": round(t["recompute"] / t["kv_cache"], 2),
-        "kv_tokens_identical": bool(torch.equal(outs["kv_cache"], outs["recompute"])),
-        "cfg_two_passes_s": round(t["cfg_two_passes"], 4),
-        "cfg_batched_speedup": round(t["cfg_two_passes"] / t["kv_cache"], 2),
-        "cfg_tokens_identical": bool(torch.equal(outs["kv_cache"], outs["cfg_two_passes"])),
+        "kv_cache_s": round(t["kv_cache"], 6),
+        "codes_per_s": round(len(texts) * n / t["kv_cache"], 1),
     }
+    if "recompute" in cases:
+        row["recompute_s"] = round(t["recompute"], 6)
+        row["kv_speedup"] = round(t["recompute"] / t["kv_cache"], 2)
+        row["kv_tokens_identical"] = bool(torch.equal(outs["kv_cache"], outs["recompute"]))
+    if "cfg_two_passes" in cases:
+        row["cfg_two_passes_s"] = round(t["cfg_two_passes"], 6)
+        row["cfg_batched_speedup"] = round(t["cfg_two_passes"] / t["kv_cache"], 2)
+        row["cfg_tokens_identical"] = bool(torch.equal(outs["kv_cache"], outs["cfg_two_passes"]))
+    if bandwidth is not None:
+        rows = 2 * len(texts) if guidance != 1.0 else len(texts)
+        mean_context = (n + 1) / 2  # the self-attention cache grows from 1 to N positions
+        per_step = decode_bytes_per_step(model, rows, mean_context, ids.shape[1])
+        bound = bandwidth_bound_s(per_step, n, bandwidth)
+        row["bandwidth_bound_s"] = round(bound, 7)
+        row["fraction_of_bound"] = round(bound / t["kv_cache"], 5)
     return row
 
 
@@ -99,6 +130,7 @@ def main() -> None:
     device = pick_device(args.device)
     tokenizer = load_text_tokenizer("shapes-bpe")
     texts = (PROMPTS * args.batch)[: args.batch]
+    bandwidth, _ = memory_bandwidth(device)
     rows = []
     for n_codes in args.codes:
         if args.model:
@@ -110,7 +142,15 @@ def main() -> None:
             model = PartiTransformer(
                 dataclasses.replace(PARTI_PRESETS[args.preset], image_tokens=n_codes)
             )
-        row = measure(model.to(device).eval(), tokenizer, texts, args, device)
+        row = measure(
+            model.to(device).eval(),
+            tokenizer,
+            texts,
+            device,
+            guidance=args.guidance,
+            repeats=args.repeats,
+            bandwidth=bandwidth,
+        )
         rows.append(row)
         print(json.dumps(row), flush=True)
     for row in rows:

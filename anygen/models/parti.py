@@ -77,6 +77,17 @@ PARTI_PRESETS: dict[str, PartiConfig] = {
     "shapes": PartiConfig(d_model=128, encoder_layers=2, decoder_layers=4, num_heads=4),
     # Parti's shape at a size for one GPU: 8-layer decoder, 4-layer encoder, width 512
     "base": PartiConfig(d_model=512, encoder_layers=4, decoder_layers=8, num_heads=8),
+    # Parti-750M's shape (Yu et al. 2022, table 1: 12-layer encoder, 36-layer decoder,
+    # width 1024, 16 heads) over a ViT-VQGAN's 8192 codes, 32 x 32 an image; about 0.8 B
+    # parameters, for GPU benchmarks with random weights
+    "750m": PartiConfig(
+        image_vocab_size=8192,
+        image_tokens=1024,
+        d_model=1024,
+        encoder_layers=12,
+        decoder_layers=36,
+        num_heads=16,
+    ),
 }
 
 

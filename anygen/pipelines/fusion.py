@@ -52,6 +52,7 @@ from anygen.pipelines.base import (
     make_generator,
     resolve_seed,
 )
+from anygen.pipelines.runtime import auto_attention
 from anygen.tokenizers.text import load_text_tokenizer
 from anygen.tokenizers.visual import VisualCodec, load_visual_codec
 from anygen.tokenizers.vq import ImageTokenizer, load_image_tokenizer
@@ -116,6 +117,8 @@ class Fusion(TextToImage):
         self.transformer = transformer.to(device=device, dtype=dtype).eval()
         self.tokenizer = tokenizer
         self.images = images.to(device=device, dtype=dtype).eval()
+        if isinstance(images, VisualCodec):  # its diffusion decoder: xformers where usable
+            auto_attention({"unet": images.unet, "vae": images.vae}, device)
         self.name = name
         self.defaults = {**DEFAULTS, **(defaults or {})}
         self.device = torch.device(device)

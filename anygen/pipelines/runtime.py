@@ -28,7 +28,9 @@ class Runtime:
     offload: bool = False  # accelerate: each model on the accelerator only while it runs
     vae_tiling: bool = False  # decode large images tile by tile
     vae_slicing: bool = False  # decode a batch one image at a time
-    attention: str | None = None  # "sdpa" | "math" | "xformers"; None: as loaded (sdpa)
+    # "sdpa" | "math" | "xformers" | "auto"; None: auto for the diffusers models (xformers
+    # where usable on CUDA), transformers models as loaded (sdpa)
+    attention: str | None = None
 
     def refuse_for(self, model: str, family: str) -> None:
         """For models that are not diffusers pipelines: refuse the diffusers-only options."""
@@ -50,8 +52,9 @@ class Runtime:
             )
 
     def transformers_attn_implementation(self) -> str | None:
-        """The ``attn_implementation`` to load a transformers model with (None: default)."""
-        if self.attention is None:
+        """The ``attn_implementation`` to load a transformers model with (None: default;
+        ``auto`` keeps transformers' own sdpa, as ``auto_attention`` does)."""
+        if self.attention in (None, "auto"):
             return None
         from anygen.attention import transformers_attn_implementation
 
@@ -87,12 +90,44 @@ def set_attention(modules: dict, backend: str) -> None:
         log.debug("attention of %s set to %s", name, backend)
 
 
+def auto_attention(modules: dict, device: torch.device | str) -> str:
+    """Switch the diffusers models among ``modules`` (name -> component) to xformers where
+    it is usable on ``device`` (``anygen.attention.auto_backend``); returns the backend
+    chosen. Nothing changes where the choice is sdpa (both libraries load with it), nor for
+    transformers models (text encoders run once per image), nor for diffusers models whose
+    attention is not of the classic processors (Flux's dispatcher, SD3's joint attention):
+    ``--attention xformers`` switches those. A model that still cannot be switched keeps
+    its processors, with a warning."""
+    from anygen.attention import auto_backend, has_classic_attention, set_diffusers_attention
+
+    backend = auto_backend(device)
+    if backend == "sdpa":
+        return backend
+    from diffusers import ModelMixin
+
+    for name, module in modules.items():
+        if not isinstance(module, ModelMixin):
+            continue
+        if not has_classic_attention(module):
+            log.debug("%s keeps its attention: not classic processors", name)
+            continue
+        try:
+            set_diffusers_attention(module, backend)
+        except UserInputError as e:
+            log.warning("%s keeps its attention processors: %s", name, e)
+            continue
+        log.debug("attention of %s set to %s (auto)", name, backend)
+    return backend
+
+
 def configure_pipeline(pipe, runtime: Runtime, device: torch.device) -> None:
     """Apply ``runtime`` to a diffusers pipeline whose models are already on ``device``
     (or, with offload, are moved there now under accelerate's hooks)."""
     if runtime.offload:
         check_offload_device(device)
-    if runtime.attention is not None:
+    if runtime.attention in (None, "auto"):
+        auto_attention(dict(pipe.components), device)
+    else:
         set_attention(dict(pipe.components), runtime.attention)
     if runtime.embeddings:
         from anygen.pipelines.embeddings import load_embeddings

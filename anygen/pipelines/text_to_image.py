@@ -40,7 +40,7 @@ from anygen.pipelines.base import (
     check_prompt,
     make_generator,
 )
-from anygen.pipelines.runtime import Runtime, configure_pipeline
+from anygen.pipelines.runtime import Runtime, auto_attention, configure_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,8 @@ class LatentDiffusion(TextToImage):
             if param.dtype != self.dtype:
                 module.to(dtype=self.dtype)
             module.eval()
+        # xformers for the UNet/DiT and VAE where it is usable on this device, else sdpa
+        auto_attention({"vae": components.vae, "denoiser": components.denoiser}, self.device)
         self._samplers: dict[str, object] = {}
         self._edit_pipe = None
 
