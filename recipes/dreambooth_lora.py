@@ -45,13 +45,12 @@ from anygen.pipelines.lora import (
     add_lora,
     save_lora,
 )
-from anygen.training import TrainConfig, train
+from anygen.training import TrainConfig, device_description, train
 from anygen.training.subjects import (
     SubjectPairs,
     SubjectTrainer,
     cached_class_images,
     check_words,
-    device_name,
     encode_images,
     instance_prompt,
     load_base_model,
@@ -177,7 +176,7 @@ def finetune(args: argparse.Namespace) -> dict:
         "train_s": round(train_s, 1),
         "lora_file": file.name,
         "lora_kb": round(file.stat().st_size / 1024, 1),
-        "device": device_name(),
+        "device": device_description(),
         "torch": torch.__version__,
     }
     write_text_atomic(args.output_dir / "training.json", json.dumps(facts, indent=2) + "\n")

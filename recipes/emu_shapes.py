@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import platform
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from anygen.data.datasets import ShapesT2IDataset, collate, images_to_tensor, te
 from anygen.eval.suites import Report, run_reconstruction
 from anygen.hub import resolve
 from anygen.tokenizers.visual import VISUAL_PRESETS, VisualCodec
-from anygen.training import TrainConfig, load_recipe, train
+from anygen.training import TrainConfig, device_description, load_recipe, train
 
 log = logging.getLogger("recipes.emu_shapes")
 
@@ -66,12 +65,6 @@ def score_codec(codec: VisualCodec, n: int, seed: int = 0) -> Report:
     return run_reconstruction(
         roundtrip, n=n, seed=seed, batch_size=50, size=codec.image_size, progress=False
     )
-
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -154,7 +147,7 @@ def main(argv: list[str]) -> None:
             "vae": args.vae,
             "embeddings": f"{cfg.num_embeddings} x {cfg.visual_dim}",
             "train_time_s": round(time.time() - started, 1),
-            "device": device_name(),
+            "device": device_description(),
             "torch": torch.__version__,
         }
         report = None

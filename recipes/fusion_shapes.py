@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import platform
 import time
 from pathlib import Path
 
@@ -38,7 +37,15 @@ from anygen.data.datasets import images_to_tensor
 from anygen.data.documents import DEFAULT_MIX, Document, check_mix, mixed_document
 from anygen.data.render import render_image
 from anygen.data.world import Scene
-from anygen.eval.suites import Report, run_caption, run_edit, run_story, run_subject, run_t2i
+from anygen.eval.suites import (
+    Report,
+    run_caption,
+    run_edit,
+    run_story,
+    run_subject,
+    run_t2i,
+    select_t2i_settings,
+)
 from anygen.hub import resolve
 from anygen.models.fusion import (
     FUSION_PRESETS,
@@ -54,7 +61,7 @@ from anygen.pipelines.fusion import Fusion
 from anygen.tokenizers.text import load_text_tokenizer
 from anygen.tokenizers.visual import load_visual_codec
 from anygen.tokenizers.vq import load_image_tokenizer
-from anygen.training import TrainConfig, train
+from anygen.training import TrainConfig, device_description, train
 
 log = logging.getLogger("recipes.fusion_shapes")
 
@@ -266,9 +273,7 @@ def main(argv: list[str]) -> None:
         "eval_n": args.eval_n,
         "images": args.image_tokenizer if args.image_mode == "discrete" else "visual/",
         "train_time_s": round(wall, 1),
-        "device": torch.cuda.get_device_name()
-        if torch.cuda.is_available()
-        else f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)",
+        "device": device_description(),
         "torch": torch.__version__,
     }
     if args.select_n:
@@ -356,29 +361,19 @@ SAMPLING_GRID = [
 
 
 def select_sampling(pipe: Fusion, n: int) -> dict:
-    """Score each setting of ``SAMPLING_GRID`` on ``n`` validation prompts (shapes-eval t2i
-    prompts of seed 1000, which the reported evaluation, seed 0, never uses) and keep the
-    best: model selection on validation data, not on the test set. Continuous models have
-    no code temperature: only their guidance is chosen."""
+    """The default guidance and image temperature: the best of ``SAMPLING_GRID`` on
+    validation prompts (``select_t2i_settings``: seed 1000, never the reported evaluation's
+    seed 0). Continuous models have no code temperature: only their guidance is chosen."""
     grid = SAMPLING_GRID
     if pipe.config.continuous:
-        grid = [g for g in grid if g["temperature"] == 1.0]
-    scores = []
-    for setting in grid:
-        report = run_t2i(
-            lambda prompts, seeds, s=setting: (
-                pipe.generate_batch(prompts, seeds, Options(progress=False, **s)).images
-            ),
-            n=n,
-            seed=1000,
-            batch_size=50,
-            progress=False,
-        )
-        scores.append({**setting, "validation_overall": round(report.overall, 4)})
-        log.info("validation %s: %.3f", setting, report.overall)
-    best = max(scores, key=lambda r: r["validation_overall"])
-    chosen = {k: best[k] for k in ("guidance_scale", "temperature")}
-    return {"n": n, "seed": 1000, "grid": scores, "chosen": chosen}
+        grid = [{"guidance_scale": g["guidance_scale"]} for g in grid if g["temperature"] == 1.0]
+    return select_t2i_settings(
+        lambda prompts, seeds, s: (
+            pipe.generate_batch(prompts, seeds, Options(progress=False, **s)).images
+        ),
+        grid,
+        n,
+    )
 
 
 def model_card(name: str, facts: dict, defaults: dict, reports: dict[str, Report]) -> str:
@@ -402,7 +397,7 @@ def model_card(name: str, facts: dict, defaults: dict, reports: dict[str, Report
     if "sampling_selection" in facts:
         sel = facts["sampling_selection"]
         rows = "\n".join(
-            f"| {r['guidance_scale']} | {r['temperature']} | {r['validation_overall']:.3f} |"
+            f"| {r['guidance_scale']} | {r.get('temperature', '-')} | {r['validation_overall']:.3f} |"
             for r in sel["grid"]
         )
         selection = (

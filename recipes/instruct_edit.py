@@ -43,8 +43,8 @@ from anygen.models.ldm import denoiser_loss, make_sampler, tokenize, widen_unet_
 from anygen.output import write_text_atomic
 from anygen.pipelines import Options, load_generator
 from anygen.pipelines.text_to_image import ANYGEN_FILE
-from anygen.training import TrainConfig, train
-from anygen.training.subjects import device_name, load_base_model
+from anygen.training import TrainConfig, device_description, train
+from anygen.training.subjects import load_base_model
 
 log = logging.getLogger("recipes.instruct_edit")
 
@@ -193,7 +193,7 @@ def main(argv: list[str]) -> None:
         "final_loss": result.loss,
         "train_s": round(train_s, 1),
         "s_per_step": round(train_s / max(1, steps_run), 3),
-        "device": device_name(),
+        "device": device_description(),
         "torch": torch.__version__,
     }
     defaults = {

@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import platform
 import random
 import time
 from pathlib import Path
@@ -44,7 +43,7 @@ from anygen.pipelines import Options
 from anygen.pipelines.text_to_image import LatentDiffusion
 from anygen.tokenizers.text import load_text_tokenizer
 from anygen.tokenizers.vq import foreground_mask
-from anygen.training import TrainConfig, train
+from anygen.training import TrainConfig, device_description, train
 
 log = logging.getLogger("recipes.ldm_shapes")
 
@@ -317,9 +316,7 @@ def main(argv: list[str]) -> None:
             stage: round(training_seconds(out / stage / "metrics.jsonl"), 1)
             for stage in ("vae", "denoiser", "decoder")
         },
-        "device": f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-        if not torch.cuda.is_available()
-        else torch.cuda.get_device_name(),
+        "device": device_description(),
         "torch": torch.__version__,
     }
     report = None

@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import platform
 import random
 import time
 from pathlib import Path
@@ -25,14 +24,14 @@ from pathlib import Path
 import torch
 
 from anygen.data.datasets import ShapesT2IDataset
-from anygen.eval.suites import run_t2i
+from anygen.eval.suites import run_t2i, select_t2i_settings
 from anygen.hub import resolve
 from anygen.models.parti import PARTI_PRESETS, PartiTransformer, parti_loss, tokenize_prompts
 from anygen.pipelines import Options
 from anygen.pipelines.parti import Parti
 from anygen.tokenizers.text import load_text_tokenizer
 from anygen.tokenizers.vq import load_image_tokenizer
-from anygen.training import TrainConfig, train
+from anygen.training import TrainConfig, device_description, train
 
 log = logging.getLogger("recipes.parti_shapes")
 
@@ -156,9 +155,7 @@ def main(argv: list[str]) -> None:
         "image": f"{image_tokenizer.grid_size} x {image_tokenizer.grid_size} codes, "
         f"{image_tokenizer.image_size} px",
         "train_time_s": round(wall, 1),
-        "device": torch.cuda.get_device_name()
-        if torch.cuda.is_available()
-        else f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)",
+        "device": device_description(),
         "torch": torch.__version__,
     }
     if selection is not None:
@@ -196,25 +193,15 @@ SAMPLING_GRID = [
 
 
 def select_sampling(pipe: Parti, n: int) -> dict:
-    """Score each setting of ``SAMPLING_GRID`` on ``n`` validation prompts (shapes-eval t2i
-    prompts of seed 1000, which the reported evaluation, seed 0, never uses) and keep the
-    best: model selection on validation data, not on the test set."""
-    scores = []
-    for setting in SAMPLING_GRID:
-        report = run_t2i(
-            lambda prompts, seeds, s=setting: (
-                pipe.generate_batch(prompts, seeds, Options(progress=False, **s)).images
-            ),
-            n=n,
-            seed=1000,
-            batch_size=50,
-            progress=False,
-        )
-        scores.append({**setting, "validation_overall": round(report.overall, 4)})
-        log.info("validation %s: %.3f", setting, report.overall)
-    best = max(scores, key=lambda r: r["validation_overall"])
-    chosen = {k: best[k] for k in ("guidance_scale", "temperature")}
-    return {"n": n, "seed": 1000, "grid": scores, "chosen": chosen}
+    """The default guidance and temperature: the best of ``SAMPLING_GRID`` on validation
+    prompts (``select_t2i_settings``: seed 1000, never the reported evaluation's seed 0)."""
+    return select_t2i_settings(
+        lambda prompts, seeds, s: (
+            pipe.generate_batch(prompts, seeds, Options(progress=False, **s)).images
+        ),
+        SAMPLING_GRID,
+        n,
+    )
 
 
 def model_card(facts: dict, defaults: dict, report=None) -> str:

@@ -36,12 +36,11 @@ from anygen.errors import UserInputError
 from anygen.models.ldm import tokenize
 from anygen.output import write_text_atomic
 from anygen.pipelines.embeddings import save_embeddings, single_token_id
-from anygen.training import StepInfo, TrainConfig, train
+from anygen.training import StepInfo, TrainConfig, device_description, train
 from anygen.training.subjects import (
     SubjectPairs,
     SubjectTrainer,
     check_words,
-    device_name,
     encode_images,
     instance_prompt,
     load_base_model,
@@ -174,7 +173,7 @@ def finetune(args: argparse.Namespace) -> dict:
         "train_s": round(train_s, 1),
         "embedding_file": file.name,
         "embedding_kb": round(file.stat().st_size / 1024, 1),
-        "device": device_name(),
+        "device": device_description(),
         "torch": torch.__version__,
     }
     write_text_atomic(args.output_dir / "training.json", json.dumps(facts, indent=2) + "\n")

@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import platform
 import time
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from anygen.tokenizers.vq import (
     codebook_usage,
     vq_loss,
 )
-from anygen.training import TrainConfig, train
+from anygen.training import TrainConfig, device_description, train
 
 log = logging.getLogger("recipes.vq_shapes")
 
@@ -156,9 +155,7 @@ def main(argv: list[str]) -> None:
         "steps": args.steps,
         "batch_size": args.batch_size,
         "train_time_s": round(wall, 1),
-        "device": torch.cuda.get_device_name()
-        if torch.cuda.is_available()
-        else f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)",
+        "device": device_description(),
         "torch": torch.__version__,
     }
     tokenizer.save_pretrained(out / "model")

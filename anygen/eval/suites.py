@@ -287,6 +287,34 @@ def run_t2i(
     return report
 
 
+def select_t2i_settings(
+    generate: Callable[[list[str], list[int], dict], list[Image.Image]],
+    grid: Sequence[dict],
+    n: int,
+    seed: int = 1000,
+    batch_size: int = 50,
+) -> dict:
+    """Model selection on validation data: score each setting of ``grid`` (e.g.
+    ``{"guidance_scale": 3.0, "temperature": 0.7}``) on ``n`` t2i prompts of ``seed``
+    (1000: reported evaluations use seed 0, so they never see these prompts) with
+    ``generate(prompts, seeds, setting)``, and keep the best. Returns the grid's scores and
+    the chosen setting."""
+    scores = []
+    for setting in grid:
+        report = run_t2i(
+            lambda prompts, seeds, s=setting: generate(prompts, seeds, s),
+            n=n,
+            seed=seed,
+            batch_size=batch_size,
+            progress=False,
+        )
+        scores.append({**setting, "validation_overall": round(report.overall, 4)})
+        logger.info("validation %s: %.3f", setting, report.overall)
+    best = max(scores, key=lambda r: r["validation_overall"])
+    chosen = {k: v for k, v in best.items() if k != "validation_overall"}
+    return {"n": n, "seed": seed, "grid": scores, "chosen": chosen}
+
+
 # ------------------------------------------------------------------------------ caption, VQA
 
 

@@ -7,24 +7,28 @@ holds what came back (images, text segments, the seed used, timings).
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
 from PIL import Image
 
-from anygen.errors import UserInputError
+from anygen.errors import CheckpointError, UserInputError
 
 Segment = str | Image.Image
 # callback(step, total_steps, info) after each denoising / decoding step
 StepCallback = Callable[[int, int, dict], None]
 
 MAX_SEED = 2**63 - 1
+# Written beside a saved model's weights: its family, defaults and where its parts are.
+ANYGEN_FILE = "anygen.json"
 
 
 @dataclass
@@ -209,3 +213,39 @@ class TextToImage:
         )
         out.seed = seed
         return out
+
+
+# ------------------------------------------------------------------ saved model directories
+
+
+def write_model_files(
+    folder: Path,
+    meta: dict,
+    card: str | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> None:
+    """``anygen.json`` (``meta``), the ``README.md`` card and extra text files of a model
+    directory being written (``folder`` is the temporary one of ``atomic_directory``)."""
+    (folder / ANYGEN_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    if card is not None:
+        (folder / "README.md").write_text(card)
+    for name, text in (extra_files or {}).items():
+        (folder / name).write_text(text)
+
+
+def read_model_meta(path: Path, what: str) -> dict:
+    """The ``anygen.json`` of a saved model directory (``what``: "a saved parti model"...)."""
+    meta_file = Path(path) / ANYGEN_FILE
+    if not meta_file.is_file():
+        raise CheckpointError(f"{path} has no {ANYGEN_FILE}: not {what}")
+    try:
+        return json.loads(meta_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{meta_file} is not valid JSON: {e}") from None
+
+
+def part_location(path: Path, meta: dict, key: str) -> str:
+    """Where the part ``key`` of a saved model is: its subfolder, or the bundled name or hub
+    id that ``anygen.json`` records instead of a copy."""
+    ref = meta.get(key, key)
+    return str(Path(path) / ref) if (Path(path) / ref).is_dir() else ref

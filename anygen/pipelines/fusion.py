@@ -23,7 +23,6 @@ A saved model is a directory:
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -50,7 +49,10 @@ from anygen.pipelines.base import (
     Timer,
     check_prompt,
     make_generator,
+    part_location,
+    read_model_meta,
     resolve_seed,
+    write_model_files,
 )
 from anygen.pipelines.runtime import auto_attention
 from anygen.tokenizers.text import load_text_tokenizer
@@ -59,7 +61,6 @@ from anygen.tokenizers.vq import ImageTokenizer, load_image_tokenizer
 
 log = logging.getLogger(__name__)
 
-ANYGEN_FILE = "anygen.json"
 DEFAULTS = {
     "guidance_scale": 3.0,  # image spans
     "temperature": 1.0,  # image codes
@@ -487,11 +488,7 @@ class Fusion(TextToImage):
                 images_key: images_ref or images_key,
                 **self.defaults,
             }
-            (tmp / ANYGEN_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-            if card is not None:
-                (tmp / "README.md").write_text(card)
-            for name, text in (extra_files or {}).items():
-                (tmp / name).write_text(text)
+            write_model_files(tmp, meta, card, extra_files)
         return directory
 
     @classmethod
@@ -504,24 +501,13 @@ class Fusion(TextToImage):
         dtype: torch.dtype = torch.float32,
     ) -> Fusion:
         path = Path(path)
-        meta_file = path / ANYGEN_FILE
-        if not meta_file.is_file():
-            raise CheckpointError(f"{path} has no {ANYGEN_FILE}: not a saved fusion model")
-        try:
-            meta = json.loads(meta_file.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{meta_file} is not valid JSON: {e}") from None
+        meta = read_model_meta(path, "a saved fusion model")
         transformer = FusionTransformer.from_pretrained(path)
-
-        def where(key: str) -> str:
-            ref = meta.get(key, key)
-            return str(path / ref) if (path / ref).is_dir() else ref
-
-        tokenizer = load_text_tokenizer(where("tokenizer"))
+        tokenizer = load_text_tokenizer(part_location(path, meta, "tokenizer"))
         if transformer.config.continuous:
-            images = load_visual_codec(where("visual"))
+            images = load_visual_codec(part_location(path, meta, "visual"))
         else:
-            images = load_image_tokenizer(where("image_tokenizer"))
+            images = load_image_tokenizer(part_location(path, meta, "image_tokenizer"))
         skip = ("family", "tokenizer", "image_tokenizer", "visual")
         defaults = {k: v for k, v in meta.items() if k not in skip}
         return cls(

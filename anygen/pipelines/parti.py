@@ -18,7 +18,6 @@ A saved model is a directory:
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -35,13 +34,15 @@ from anygen.pipelines.base import (
     Timer,
     check_prompt,
     make_generator,
+    part_location,
+    read_model_meta,
+    write_model_files,
 )
 from anygen.tokenizers.text import load_text_tokenizer
 from anygen.tokenizers.vq import ImageTokenizer, load_image_tokenizer
 
 log = logging.getLogger(__name__)
 
-ANYGEN_FILE = "anygen.json"
 DEFAULTS = {"guidance_scale": 3.0, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
 
 
@@ -193,11 +194,7 @@ class Parti(TextToImage):
                 "image_tokenizer": image_tokenizer_ref or "image_tokenizer",
                 **self.defaults,
             }
-            (tmp / ANYGEN_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-            if card is not None:
-                (tmp / "README.md").write_text(card)
-            for name, text in (extra_files or {}).items():
-                (tmp / name).write_text(text)
+            write_model_files(tmp, meta, card, extra_files)
         return directory
 
     @classmethod
@@ -210,21 +207,10 @@ class Parti(TextToImage):
         dtype: torch.dtype = torch.float32,
     ) -> Parti:
         path = Path(path)
-        meta_file = path / ANYGEN_FILE
-        if not meta_file.is_file():
-            raise CheckpointError(f"{path} has no {ANYGEN_FILE}: not a saved parti model")
-        try:
-            meta = json.loads(meta_file.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{meta_file} is not valid JSON: {e}") from None
+        meta = read_model_meta(path, "a saved parti model")
         transformer = PartiTransformer.from_pretrained(path)
-
-        def where(key: str) -> str:
-            ref = meta.get(key, key)
-            return str(path / ref) if (path / ref).is_dir() else ref
-
-        tokenizer = load_text_tokenizer(where("tokenizer"))
-        image_tokenizer = load_image_tokenizer(where("image_tokenizer"))
+        tokenizer = load_text_tokenizer(part_location(path, meta, "tokenizer"))
+        image_tokenizer = load_image_tokenizer(part_location(path, meta, "image_tokenizer"))
         defaults = {
             k: v for k, v in meta.items() if k not in ("family", "tokenizer", "image_tokenizer")
         }

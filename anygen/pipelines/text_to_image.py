@@ -32,7 +32,8 @@ from anygen.models.ldm import (
     make_sampler,
     tokenize,
 )
-from anygen.pipelines.base import (
+from anygen.pipelines.base import (  # ANYGEN_FILE: beside model_index.json, anygen's defaults
+    ANYGEN_FILE,
     Options,
     Output,
     TextToImage,
@@ -44,8 +45,6 @@ from anygen.pipelines.runtime import Runtime, auto_attention, configure_pipeline
 
 log = logging.getLogger(__name__)
 
-# Written beside model_index.json: anygen's own defaults and facts about the model.
-ANYGEN_FILE = "anygen.json"
 MAX_SIDE = 4096
 
 

@@ -30,12 +30,24 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainingDivergedError",
+    "device_description",
     "latest_checkpoint",
     "list_checkpoints",
     "load_recipe",
     "run_recipe",
     "train",
 ]
+
+
+def device_description() -> str:
+    """What a model card says it was trained on: the GPU's name, or the CPU and threads."""
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def load_recipe(path: str | os.PathLike) -> ModuleType:

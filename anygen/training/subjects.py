@@ -50,15 +50,6 @@ def load_base_model(name: str, *, need_unet: bool = False):
     return model
 
 
-def device_name() -> str:
-    """The device training runs on, in words, for model cards."""
-    import platform
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
 def read_subject_images(directory: str | Path, size: int) -> list[Image.Image]:
     """The subject's reference images in ``directory`` (sorted by name), each centre-cropped
     to a square and resized to ``size`` (as diffusers' DreamBooth script prepares them)."""
