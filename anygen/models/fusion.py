@@ -290,6 +290,14 @@ class FusionTransformer(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.backbone.lm_head(hidden)  # (..., V)
 
+    def image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of the image codes alone (..., K): inside an image span nothing else may
+        be written, so the text rows of the head are never computed."""
+        head = self.backbone.lm_head
+        weight = head.weight[self.config.image_offset :]
+        bias = None if head.bias is None else head.bias[self.config.image_offset :]
+        return F.linear(hidden, weight, bias)
+
     def regress(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.visual_out(hidden)  # (..., visual_dim)
 
@@ -828,7 +836,7 @@ def decode_stream(
                 value = pred[:n]
                 nxt = model.visual_in(pred.to(model.dtype))  # (R, D)
             else:
-                logits = model.logits(h).float()[:, c.image_offset :]  # only image codes
+                logits = model.image_logits(h).float()  # (R, K): only image codes
                 if guided:
                     logits = guide(logits[:n], logits[n:], s.guidance_scale)
                 value = draw(logits, active, s.image_temperature, s.image_top_k, s.image_top_p)
