@@ -7,9 +7,13 @@ image into N embeddings, and a diffusion decoder that renders images from them.
   unit variance: a well-scaled target for the fusion transformer's l2 regression.
 - The decoder is latent diffusion: a diffusers ``UNet2DConditionModel`` over an
   ``AutoencoderKL``'s latents, conditioned by cross-attention on the N embeddings, trained
-  to reconstruct images from their own embeddings (as Emu2's decoder is). The embeddings
-  are dropped to zeros for 10% of training images, so the decoder also has an
-  unconditional mode and its own classifier-free guidance.
+  to reconstruct images from their own embeddings (as Emu2's decoder is). Cross-attention
+  alone does not say where an embedding belongs (neither the context tokens nor the UNet's
+  queries carry positions; a first codec of the shapes world drew the right kinds of
+  shapes in the wrong places), so the grid of embeddings is also laid over the latents:
+  upsampled to the latent size, projected to ``spatial_channels`` and concatenated to the
+  UNet's input. The embeddings are dropped to zeros for 10% of training images, so the
+  decoder also has an unconditional mode and its own classifier-free guidance.
 
 ``VisualCodec`` holds both: ``encode(images) -> (B, N, visual_dim)``,
 ``decode(embeddings, generators) -> images``, ``loss(images)`` for joint training (the
@@ -17,7 +21,7 @@ encoder learns through the decoder's denoising loss; the VAE stays frozen). Save
 
     config.json      VisualConfig, "_class_name": "VisualCodec"
     encoder/         transformers ViTModel
-    model.safetensors  the encoder's projection (anygen's own part)
+    model.safetensors  anygen's own parts: the encoder's and the grid's projections
     unet/, vae/      diffusers models
     scheduler/       the training noise schedule (DDPM)
 """
@@ -69,6 +73,7 @@ class VisualConfig:
     unet_groups: int = 16
     attention_head_dim: int = 32
     num_train_timesteps: int = 1000
+    spatial_channels: int = 8  # the embedding grid laid over the latents (0: cross-attention only)
     condition_dropout: float = 0.1  # training: embeddings dropped to zeros (unconditional)
     decode_steps: int = 20
     decode_guidance: float = 1.0  # the decoder's own classifier-free guidance
@@ -156,7 +161,7 @@ def build_unet(c: VisualConfig):
     n = len(c.unet_channels)
     return UNet2DConditionModel(
         sample_size=c.latent_size,
-        in_channels=c.latent_channels,
+        in_channels=c.latent_channels + c.spatial_channels,
         out_channels=c.latent_channels,
         down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
@@ -215,6 +220,10 @@ class VisualCodec(nn.Module):
         self.config = c = config
         self.encoder = encoder or VisualEncoder(c)
         self.unet = unet or build_unet(c)
+        # the embedding grid, projected per position to the channels laid over the latents
+        self.spatial = (
+            nn.Conv2d(c.visual_dim, c.spatial_channels, 1) if c.spatial_channels else None
+        )
         self.vae = (vae or build_vae(c)).requires_grad_(False).eval()
         self.scheduler = scheduler or build_scheduler(c)
         _check_parts(self)
@@ -254,6 +263,17 @@ class VisualCodec(nn.Module):
         self._check_images(images)
         return self.encoder(images.to(self.unet.dtype))
 
+    def _unet(self, latents: torch.Tensor, t, cond: torch.Tensor) -> torch.Tensor:
+        """The noise prediction (B, C, h, w) for latents given embeddings (B, N, visual_dim):
+        cross-attention to them, and (``spatial_channels``) their grid over the latents."""
+        x = latents
+        if self.spatial is not None:
+            g = self.config.grid
+            grid = rearrange(cond, "b (y x) d -> b d y x", y=g)  # (B, D, g, g)
+            grid = F.interpolate(grid, size=latents.shape[-2:], mode="nearest")  # (B, D, h, w)
+            x = torch.cat([latents, self.spatial(grid.to(latents.dtype))], dim=1)
+        return self.unet(x, t, encoder_hidden_states=cond, return_dict=False)[0]
+
     @torch.no_grad()
     def latents_of(self, images: torch.Tensor) -> torch.Tensor:
         return self.vae.encode(images.to(self.vae.dtype)).latent_dist.mode() * self.latent_scale
@@ -277,7 +297,7 @@ class VisualCodec(nn.Module):
         noise = torch.randn(latents.shape, generator=generator, device=latents.device)
         t = torch.randint(0, c.num_train_timesteps, (b,), generator=generator, device=images.device)
         noisy = self.scheduler.add_noise(latents, noise, t)
-        pred = self.unet(noisy, t, encoder_hidden_states=cond, return_dict=False)[0]
+        pred = self._unet(noisy, t, cond)
         per = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
         alphas = self.scheduler.alphas_cumprod.to(latents.device)[t]
         snr = alphas / (1 - alphas)
@@ -327,7 +347,7 @@ class VisualCodec(nn.Module):
         for t in tqdm(sampler.timesteps, desc="visual decoder", disable=not progress, leave=False):
             x = torch.cat([latents] * 2) if guided else latents
             x = sampler.scale_model_input(x, t)
-            eps = self.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
+            eps = self._unet(x, t, context)
             if guided:
                 eps_c, eps_u = eps.chunk(2)
                 eps = eps_u + scale * (eps_c - eps_u)
@@ -336,6 +356,15 @@ class VisualCodec(nn.Module):
         return images.float().clamp(-1, 1)
 
     # ------------------------------------------------------------------ save / load
+
+    def _own_parts(self) -> nn.Module:
+        """What is anygen's own (not a transformers or diffusers model): the encoder's
+        projection and the spatial projection, saved together in ``model.safetensors``."""
+        parts = nn.Module()
+        parts.proj = self.encoder.proj
+        if self.spatial is not None:
+            parts.spatial = self.spatial
+        return parts
 
     def save_pretrained(
         self,
@@ -347,7 +376,7 @@ class VisualCodec(nn.Module):
         directory = Path(directory)
         with atomic_directory(directory) as tmp:
             config = {"_class_name": type(self).__name__, **dataclasses.asdict(self.config)}
-            save_pretrained(self.encoder.proj, tmp, config, dtype=dtype, card=card)
+            save_pretrained(self._own_parts(), tmp, config, dtype=dtype, card=card)
             for name in ("unet", "vae"):
                 module = getattr(self, name)
                 if dtype is not None:
@@ -389,8 +418,8 @@ class VisualCodec(nn.Module):
         except (OSError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"cannot load the visual codec in {path}: {e}") from None
         encoder = VisualEncoder(config, vit=vit)
-        load_weights(encoder.proj, load_state_dict(path), source=path)
         codec = cls(config, encoder=encoder, unet=unet, vae=vae, scheduler=scheduler)
+        load_weights(codec._own_parts(), load_state_dict(path), source=path)
         return codec.to(device=device, dtype=dtype).eval()
 
 
@@ -402,10 +431,11 @@ def _check_parts(codec: VisualCodec) -> None:
             f"the UNet attends to {codec.unet.config.cross_attention_dim}-wide context, "
             f"the encoder makes {c.visual_dim}"
         )
-    if codec.unet.config.in_channels != codec.vae.config.latent_channels:
+    want = codec.vae.config.latent_channels + c.spatial_channels
+    if codec.unet.config.in_channels != want:
         problems.append(
-            f"the UNet takes {codec.unet.config.in_channels} channels, the VAE makes "
-            f"{codec.vae.config.latent_channels}"
+            f"the UNet takes {codec.unet.config.in_channels} channels, the VAE's latents and "
+            f"the embedding grid make {want}"
         )
     factor = 2 ** (len(codec.vae.config.block_out_channels) - 1)
     if factor != c.vae_factor:
