@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -31,7 +30,13 @@ from anygen.data.datasets import ShapesT2IDataset, collate, images_to_tensor, te
 from anygen.eval.suites import Report, run_reconstruction
 from anygen.hub import resolve
 from anygen.tokenizers.visual import VISUAL_PRESETS, VisualCodec
-from anygen.training import TrainConfig, device_description, load_recipe, train
+from anygen.training import (
+    TrainConfig,
+    device_description,
+    load_recipe,
+    train,
+    training_seconds,
+)
 
 log = logging.getLogger("recipes.emu_shapes")
 
@@ -110,7 +115,6 @@ def main(argv: list[str]) -> None:
             cfg, vae_factor=factor, latent_channels=vae.config.latent_channels
         )
         codec = VisualCodec(cfg, vae=vae)
-        started = time.time()
         images = ShapesT2IDataset(
             args.codec_steps * args.codec_batch_size, seed=args.seed, size=cfg.image_size
         )
@@ -146,7 +150,7 @@ def main(argv: list[str]) -> None:
             "batch_size": args.codec_batch_size,
             "vae": args.vae,
             "embeddings": f"{cfg.num_embeddings} x {cfg.visual_dim}",
-            "train_time_s": round(time.time() - started, 1),
+            "train_time_s": round(training_seconds(out / "train-visual" / "metrics.jsonl"), 1),
             "device": device_description(),
             "torch": torch.__version__,
         }

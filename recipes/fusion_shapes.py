@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -61,7 +60,7 @@ from anygen.pipelines.fusion import Fusion
 from anygen.tokenizers.text import load_text_tokenizer
 from anygen.tokenizers.visual import load_visual_codec
 from anygen.tokenizers.vq import load_image_tokenizer
-from anygen.training import TrainConfig, device_description, train
+from anygen.training import TrainConfig, device_description, train, training_seconds
 
 log = logging.getLogger("recipes.fusion_shapes")
 
@@ -230,7 +229,6 @@ def main(argv: list[str]) -> None:
     data = DocumentRows(
         args.steps * args.batch_size, args.seed, args.mix, args.row_len, slots.length
     )
-    started = time.time()
     result = train(
         model,
         fusion_loss,
@@ -255,7 +253,6 @@ def main(argv: list[str]) -> None:
     )
     if not result.is_main_process:
         return
-    wall = time.time() - started
     words = (resolve(args.tokenizer, kind="tokenizer") / "words.txt").read_text().split()
     pipe = Fusion(
         result.model, tokenizer, images, name=args.name, defaults={"known_words": sorted(words)}
@@ -272,7 +269,7 @@ def main(argv: list[str]) -> None:
         "parameters_m": round(sum(p.numel() for p in result.model.parameters()) / 1e6, 2),
         "eval_n": args.eval_n,
         "images": args.image_tokenizer if args.image_mode == "discrete" else "visual/",
-        "train_time_s": round(wall, 1),
+        "train_time_s": round(training_seconds(args.output_dir / "train" / "metrics.jsonl"), 1),
         "device": device_description(),
         "torch": torch.__version__,
     }
@@ -356,7 +353,7 @@ def evaluate(pipe: Fusion, n: int, suites: list[str]) -> dict[str, Report]:
 
 
 SAMPLING_GRID = [
-    {"guidance_scale": g, "temperature": t} for g in (1.0, 3.0, 5.0) for t in (1.0, 0.7)
+    {"guidance_scale": g, "temperature": t} for g in (1.0, 1.5, 2.0, 3.0) for t in (1.0, 0.7)
 ]
 
 

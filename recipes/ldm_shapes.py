@@ -43,7 +43,7 @@ from anygen.pipelines import Options
 from anygen.pipelines.text_to_image import LatentDiffusion
 from anygen.tokenizers.text import load_text_tokenizer
 from anygen.tokenizers.vq import foreground_mask
-from anygen.training import TrainConfig, device_description, train
+from anygen.training import TrainConfig, device_description, train, training_seconds
 
 log = logging.getLogger("recipes.ldm_shapes")
 
@@ -345,15 +345,6 @@ def main(argv: list[str]) -> None:
     if args.bundle:
         model.save_pretrained(BUNDLE_DIR, card=card, dtype=torch.float16, extra_files=files)
         log.info("bundled fp16 weights in %s", BUNDLE_DIR)
-
-
-def training_seconds(metrics: Path, gap: float = 300.0) -> float:
-    """Time spent training, from a metrics log: the sum of the intervals between rows,
-    leaving out gaps longer than ``gap`` seconds (a run stopped and resumed later)."""
-    if not metrics.is_file():
-        return 0.0
-    times = [json.loads(line)["time"] for line in metrics.read_text().splitlines() if line.strip()]
-    return float(sum(b - a for a, b in zip(times, times[1:], strict=False) if 0 < b - a < gap))
 
 
 def model_card(facts: dict, report=None, weights: str = "fp32 weights") -> str:

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import logging
 import random
-import time
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ from anygen.pipelines import Options
 from anygen.pipelines.parti import Parti
 from anygen.tokenizers.text import load_text_tokenizer
 from anygen.tokenizers.vq import load_image_tokenizer
-from anygen.training import TrainConfig, device_description, train
+from anygen.training import TrainConfig, device_description, train, training_seconds
 
 log = logging.getLogger("recipes.parti_shapes")
 
@@ -83,7 +82,6 @@ def main(argv: list[str]) -> None:
         image_tokens=image_tokenizer.grid_size**2,
     )
     model = PartiTransformer(cfg)
-    started = time.time()
     data = ShapesT2IDataset(
         args.steps * args.batch_size,
         seed=args.seed,
@@ -128,7 +126,6 @@ def main(argv: list[str]) -> None:
     )
     if not result.is_main_process:
         return
-    wall = time.time() - started
     words = (resolve(args.tokenizer, kind="tokenizer") / "words.txt").read_text().split()
     defaults = {
         "guidance_scale": args.guidance,
@@ -154,7 +151,7 @@ def main(argv: list[str]) -> None:
         "image_tokenizer": args.image_tokenizer,
         "image": f"{image_tokenizer.grid_size} x {image_tokenizer.grid_size} codes, "
         f"{image_tokenizer.image_size} px",
-        "train_time_s": round(wall, 1),
+        "train_time_s": round(training_seconds(args.output_dir / "train" / "metrics.jsonl"), 1),
         "device": device_description(),
         "torch": torch.__version__,
     }
@@ -188,7 +185,7 @@ def main(argv: list[str]) -> None:
 
 
 SAMPLING_GRID = [
-    {"guidance_scale": g, "temperature": t} for g in (2.0, 3.0, 5.0) for t in (1.0, 0.7)
+    {"guidance_scale": g, "temperature": t} for g in (1.0, 1.5, 2.0, 3.0) for t in (1.0, 0.7)
 ]
 
 

@@ -38,7 +38,7 @@ from anygen.tokenizers.vq import (
     codebook_usage,
     vq_loss,
 )
-from anygen.training import TrainConfig, device_description, train
+from anygen.training import TrainConfig, device_description, train, training_seconds
 
 log = logging.getLogger("recipes.vq_shapes")
 
@@ -120,7 +120,6 @@ def main(argv: list[str]) -> None:
     cfg = dataclasses.replace(VQ_PRESETS[args.preset])
     torch.manual_seed(args.seed)
     trainer = VQTrainer(VitVQGAN(cfg), args.gan_weight, args.foreground_weight)
-    started = time.time()
     out = args.output_dir
     images = ShapesT2IDataset(args.steps * args.batch_size, seed=args.seed, size=cfg.image_size)
     result = train(
@@ -146,7 +145,6 @@ def main(argv: list[str]) -> None:
     if not result.is_main_process:
         return
     tokenizer = result.model.tokenizer.eval()
-    wall = time.time() - started
     facts = {
         "recipe": "recipes/vq_shapes.py",
         "argv": argv,
@@ -154,7 +152,7 @@ def main(argv: list[str]) -> None:
         "preset": args.preset,
         "steps": args.steps,
         "batch_size": args.batch_size,
-        "train_time_s": round(wall, 1),
+        "train_time_s": round(training_seconds(out / "train" / "metrics.jsonl"), 1),
         "device": device_description(),
         "torch": torch.__version__,
     }

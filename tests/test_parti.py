@@ -284,7 +284,7 @@ def test_recipes_train_a_tokenizer_then_a_parti_model(tmp_path):
           "--select-n", "6", "--eval-n", "7")  # fmt: skip
     assert (parti / "train" / "checkpoints" / "step-00000003").is_dir()
     facts = json.loads((parti / "model" / "training.json").read_text())
-    assert len(facts["sampling_selection"]["grid"]) == 6
+    assert len(facts["sampling_selection"]["grid"]) == 8
     assert json.loads((parti / "model" / "eval.json").read_text())["n"] == 7
     gen = load_generator(str(parti / "model"))
     assert gen.defaults["guidance_scale"] == facts["sampling_selection"]["chosen"]["guidance_scale"]

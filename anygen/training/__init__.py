@@ -31,6 +31,7 @@ __all__ = [
     "TrainResult",
     "TrainingDivergedError",
     "device_description",
+    "training_seconds",
     "latest_checkpoint",
     "list_checkpoints",
     "load_recipe",
@@ -48,6 +49,19 @@ def device_description() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def training_seconds(metrics: str | os.PathLike, gap: float = 300.0) -> float:
+    """Time spent training, from a run's ``metrics.jsonl``: the sum of the intervals between
+    its rows, leaving out gaps longer than ``gap`` seconds (a run stopped and resumed
+    later), so a resumed run reports its training time, not the last invocation's."""
+    import json
+
+    path = Path(metrics)
+    if not path.is_file():
+        return 0.0
+    times = [json.loads(line)["time"] for line in path.read_text().splitlines() if line.strip()]
+    return float(sum(b - a for a, b in zip(times, times[1:], strict=False) if 0 < b - a < gap))
 
 
 def load_recipe(path: str | os.PathLike) -> ModuleType:
