@@ -269,6 +269,8 @@ def main(argv: list[str]) -> None:
         "parameters_m": round(sum(p.numel() for p in result.model.parameters()) / 1e6, 2),
         "eval_n": args.eval_n,
         "images": args.image_tokenizer if args.image_mode == "discrete" else "visual/",
+        # a resumed run continues the checkpoint's step under a schedule over --steps
+        "resumed_from": result.resumed_from.name if result.resumed_from else None,
         "train_time_s": round(training_seconds(args.output_dir / "train" / "metrics.jsonl"), 1),
         "device": device_description(),
         "torch": torch.__version__,

@@ -151,6 +151,8 @@ def main(argv: list[str]) -> None:
         "image_tokenizer": args.image_tokenizer,
         "image": f"{image_tokenizer.grid_size} x {image_tokenizer.grid_size} codes, "
         f"{image_tokenizer.image_size} px",
+        # a resumed run continues the checkpoint's step under a schedule over --steps
+        "resumed_from": result.resumed_from.name if result.resumed_from else None,
         "train_time_s": round(training_seconds(args.output_dir / "train" / "metrics.jsonl"), 1),
         "device": device_description(),
         "torch": torch.__version__,
