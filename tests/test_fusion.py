@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from anygen.data import sample_scene
-from anygen.data.documents import DOCUMENT_KINDS, document, mixed_document, question_text
+from anygen.data.documents import (
+    CAPTION_QUESTION,
+    DOCUMENT_KINDS,
+    document,
+    mixed_document,
+    question_text,
+)
 from anygen.data.render import render_image
 from anygen.errors import CheckpointError, UserInputError
 from anygen.models.fusion import (
@@ -459,7 +465,7 @@ def test_documents_are_reproducible_and_canonical_where_written():
     cap = document("caption", 0, 1)
     from anygen.eval.parse import in_grammar
 
-    assert in_grammar(cap.segments[1])
+    assert cap.segments[1] == CAPTION_QUESTION and in_grammar(cap.segments[2])
     vqa = document("vqa", 0, 2)
     assert vqa.segments[1].endswith(" ?") and question_text("is it red?") == "is it red?"
     story = document("story", 0, 3)

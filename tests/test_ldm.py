@@ -501,7 +501,10 @@ def test_recipe_trains_every_stage_and_saves_a_loadable_model(tmp_path):
         capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
-    assert not (more / "vae").exists() and "Continued from" in (more / "model" / "README.md").read_text()
+    assert (
+        not (more / "vae").exists()
+        and "Continued from" in (more / "model" / "README.md").read_text()
+    )
     again = LatentDiffusion.from_pretrained(more / "model")
     assert again.components.vae.config.scaling_factor == pytest.approx(scale)
     enc = loaded.components.vae.encoder.conv_in.weight

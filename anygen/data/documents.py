@@ -4,7 +4,8 @@ reading order, mixed into one stream (Chameleon and Emu2 train on such a mix).
 Kinds (``DOCUMENT_KINDS``):
 
     t2i      caption, image                     text to image
-    caption  image, caption                     image to text (canonical captions only)
+    caption  image, "what is in this image ?", caption
+                                                 image to text (canonical captions only)
     vqa      image, "question ?", answer        answering about an image
     story    text, image, event, image, ...     2 to 4 scenes (the spec's stories)
     edit     image, instruction, image          instruction editing (the spec's edits)
@@ -37,6 +38,9 @@ DEFAULT_MIX: dict[str, float] = {
     "edit": 0.15,
 }
 QUESTION_END = " ?"
+# What a caption answers. Without it a document that starts with an image could go on as a
+# caption, a question or an edit instruction, and a model asked for a caption writes any.
+CAPTION_QUESTION = "what is in this image ?"
 
 Segment = str | Scene
 
@@ -67,7 +71,7 @@ def document(
         return Document(kind, (s.text, s.scene))
     if kind == "caption":
         s = task_sample("t2i", seed, index, split)
-        return Document(kind, (s.scene, s.canonical))
+        return Document(kind, (s.scene, CAPTION_QUESTION, s.canonical))
     if kind == "vqa":
         s = task_sample("vqa", seed, index, split)
         return Document(kind, (s.scene, question_text(s.question), s.answer))

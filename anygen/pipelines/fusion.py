@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 from anygen.data.datasets import images_to_tensor, tensor_to_images
-from anygen.data.documents import question_text
+from anygen.data.documents import CAPTION_QUESTION, question_text
 from anygen.errors import CheckpointError, UserInputError
 from anygen.hub import atomic_directory
 from anygen.models.fusion import (
@@ -436,10 +436,11 @@ class Fusion(TextToImage):
         return texts
 
     def caption(self, images: Sequence[Image.Image], options: Options | None = None) -> list[str]:
-        """One caption per image (greedy by default)."""
+        """One caption per image (greedy by default): the answer to the question the
+        training documents ask of it, ``CAPTION_QUESTION``."""
         opts = (options or Options()).validate()
         _check_images(images)
-        return self._texts([self.prompt([im]) for im in images], opts)
+        return self._texts([self.prompt([im, CAPTION_QUESTION]) for im in images], opts)
 
     def answer(
         self,
