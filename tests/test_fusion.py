@@ -602,7 +602,8 @@ def test_bundled_shapes_fusion_draws_and_captions():
     gen = load_generator("shapes-fusion")
     image = gen.generate("a large red circle", Options(seed=0)).images[0]
     assert image.size == (64, 64)
-    assert gen.caption([scene_image(64)])[0].split()[0] in {"a", "two", "three"}
+    (caption,) = gen.caption([scene_image(64)])
+    assert isinstance(caption, str) and caption.strip()
 
 
 @pytest.mark.slow

@@ -76,3 +76,15 @@ def test_bad_settings_are_named():
         process_logits(torch.zeros(1, 3), top_p=1.5)
     with pytest.raises(ValueError, match="2 generators for 3 rows"):
         sample_tokens(torch.zeros(3, 4), [torch.Generator()] * 2)
+
+
+def test_options_refuse_names_the_first_setting_given_and_passes_unset_ones():
+    from anygen.pipelines.base import SETTING_LABELS, TOKEN_SETTINGS, Options
+
+    Options(steps=4).refuse(TOKEN_SETTINGS, "means nothing here")  # none of them set
+    with pytest.raises(UserInputError, match=r"^top-p means nothing here$"):
+        Options(top_p=0.9, steps=4).refuse(TOKEN_SETTINGS, "means nothing here")
+    # top-k 0 ("off") is still a setting the user gave
+    with pytest.raises(UserInputError, match=r"^top-k is odd$"):
+        Options(top_k=0).refuse(("top_k",), "is odd")
+    assert set(SETTING_LABELS) <= set(Options.__dataclass_fields__)

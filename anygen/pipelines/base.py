@@ -31,6 +31,27 @@ MAX_SEED = 2**63 - 1
 ANYGEN_FILE = "anygen.json"
 
 
+# How errors name Options' fields: the words of the CLI's flags.
+SETTING_LABELS = {
+    "guidance_scale": "guidance",
+    "negative_prompt": "negative prompt",
+    "steps": "steps",
+    "width": "width",
+    "height": "height",
+    "scheduler": "scheduler",
+    "temperature": "temperature",
+    "top_k": "top-k",
+    "top_p": "top-p",
+    "max_new_tokens": "max new tokens",
+    "strength": "strength",
+    "image_guidance_scale": "image guidance",
+}
+# settings of the two kinds of sampler, and of editing
+TOKEN_SETTINGS = ("temperature", "top_k", "top_p", "max_new_tokens")
+DIFFUSION_SETTINGS = ("steps", "scheduler")
+EDIT_SETTINGS = ("strength", "image_guidance_scale")
+
+
 @dataclass
 class Options:
     """Per-call generation settings. ``None`` means "the model's default"."""
@@ -84,6 +105,14 @@ class Options:
                 f"image guidance scale must be >= 0, got {self.image_guidance_scale}"
             )
         return self
+
+    def refuse(self, names: Sequence[str], why: str) -> None:
+        """Raise ``UserInputError`` "<setting> <why>" for the first of ``names`` that is set.
+
+        For settings a path cannot honour: better one clear line than silently ignored."""
+        for name in names:
+            if getattr(self, name) is not None:
+                raise UserInputError(f"{SETTING_LABELS[name]} {why}")
 
     def to_dict(self) -> dict:
         """The settings worth recording (no callback)."""

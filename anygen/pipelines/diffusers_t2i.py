@@ -31,6 +31,7 @@ from PIL import Image
 
 from anygen.errors import CheckpointError, ModelNotFoundError, UserInputError
 from anygen.pipelines.base import (
+    TOKEN_SETTINGS,
     Options,
     Output,
     TextToImage,
@@ -143,17 +144,11 @@ def _first_line(e: BaseException) -> str:
 
 
 def _refuse_sampling_options(opts: Options, name: str) -> None:
-    for label, value in (
-        ("temperature", opts.temperature),
-        ("top-k", opts.top_k),
-        ("top-p", opts.top_p),
-        ("max new tokens", opts.max_new_tokens),
-    ):
-        if value is not None:
-            raise UserInputError(
-                f"{label} means nothing to {name!r}: a diffusion model samples no tokens; "
-                "use --steps, --scheduler and --guidance"
-            )
+    opts.refuse(
+        TOKEN_SETTINGS,
+        f"means nothing to {name!r}: a diffusion model samples no tokens; "
+        "use --steps, --scheduler and --guidance",
+    )
 
 
 class DiffusersTextToImage(TextToImage):

@@ -34,6 +34,8 @@ from anygen.models.ldm import (
 )
 from anygen.pipelines.base import (  # ANYGEN_FILE: beside model_index.json, anygen's defaults
     ANYGEN_FILE,
+    EDIT_SETTINGS,
+    TOKEN_SETTINGS,
     Options,
     Output,
     TextToImage,
@@ -140,23 +142,12 @@ class LatentDiffusion(TextToImage):
         self, prompts: list[str], generators: list[torch.Generator], opts: Options
     ) -> tuple[list[Image.Image], dict, dict]:
         c = self.components
-        for label, value in (
-            ("temperature", opts.temperature),
-            ("top-k", opts.top_k),
-            ("top-p", opts.top_p),
-            ("max new tokens", opts.max_new_tokens),
-        ):
-            if value is not None:
-                raise UserInputError(
-                    f"{label} means nothing to {self.name!r}: a diffusion model samples no "
-                    "tokens; use --steps, --scheduler and --guidance"
-                )
-        for label, value in (
-            ("strength", opts.strength),
-            ("image guidance", opts.image_guidance_scale),
-        ):
-            if value is not None:
-                raise UserInputError(f"{label} is an editing setting (anygen edit)")
+        opts.refuse(
+            TOKEN_SETTINGS,
+            f"means nothing to {self.name!r}: a diffusion model samples no tokens; "
+            "use --steps, --scheduler and --guidance",
+        )
+        opts.refuse(EDIT_SETTINGS, "is an editing setting (anygen edit)")
         timer = Timer()
         steps = opts.steps if opts.steps is not None else self.defaults["steps"]
         guidance = (

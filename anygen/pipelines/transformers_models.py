@@ -28,6 +28,8 @@ from PIL import Image
 from anygen.data.datasets import tensor_to_images
 from anygen.errors import CheckpointError, UserInputError
 from anygen.pipelines.base import (
+    DIFFUSION_SETTINGS,
+    EDIT_SETTINGS,
     Options,
     Output,
     TextToImage,
@@ -150,18 +152,11 @@ class TransformersGenerator(TextToImage):
 
     def _image_sampling(self, opts: Options) -> tuple[float, int | None, float | None, float]:
         """(temperature, top-k, top-p, guidance) for image tokens; diffusion settings refused."""
-        for label, value in (
-            ("steps", opts.steps),
-            ("scheduler", opts.scheduler),
-            ("strength", opts.strength),
-            ("image guidance", opts.image_guidance_scale),
-            ("max new tokens", opts.max_new_tokens),
-        ):
-            if value is not None:
-                raise UserInputError(
-                    f"{label} means nothing to {self.name!r}: it draws image tokens one by one; "
-                    "use --guidance, --temperature, --top-k and --top-p"
-                )
+        opts.refuse(
+            (*DIFFUSION_SETTINGS, *EDIT_SETTINGS, "max_new_tokens"),
+            f"means nothing to {self.name!r}: it draws image tokens one by one; "
+            "use --guidance, --temperature, --top-k and --top-p",
+        )
         d = self.defaults
         temperature = (
             opts.temperature if opts.temperature is not None else d.get("temperature", 1.0)
@@ -213,18 +208,17 @@ class TransformersGenerator(TextToImage):
             if not isinstance(image, Image.Image):
                 raise UserInputError(f"image {i} is a {type(image).__name__}, not a PIL image")
         opts = (options or Options()).validate()
-        for label, value in (
-            ("steps", opts.steps),
-            ("scheduler", opts.scheduler),
-            ("guidance", opts.guidance_scale),
-            ("negative prompt", opts.negative_prompt),
-            ("width", opts.width),
-            ("height", opts.height),
-            ("strength", opts.strength),
-            ("image guidance", opts.image_guidance_scale),
-        ):
-            if value is not None:
-                raise UserInputError(f"{label} means nothing when {self.name} writes text")
+        opts.refuse(
+            (
+                *DIFFUSION_SETTINGS,
+                "guidance_scale",
+                "negative_prompt",
+                "width",
+                "height",
+                *EDIT_SETTINGS,
+            ),
+            f"means nothing when {self.name} writes text",
+        )
         if opts.num_images != 1:
             raise UserInputError("number of images applies to image generation, not to text")
         seed = resolve_seed(opts.seed)
