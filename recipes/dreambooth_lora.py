@@ -50,28 +50,22 @@ from anygen.training.subjects import (
     SubjectPairs,
     SubjectTrainer,
     cached_class_images,
+    check_positive,
     check_words,
     encode_images,
     instance_prompt,
     load_base_model,
     read_subject_images,
+    subject_recipe_parser,
 )
 
 log = logging.getLogger("recipes.dreambooth_lora")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="anygen train recipes/dreambooth_lora.py",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = subject_recipe_parser(
+        "dreambooth_lora.py", __doc__, "the identifier that names the subject"
     )
-    p.add_argument("--subject-dir", type=Path, required=True, help="the subject's images")
-    p.add_argument("--token", default="sks", help="the identifier that names the subject")
-    p.add_argument("--class-word", required=True, help="the subject's class, e.g. circle")
-    p.add_argument("--output-dir", type=Path, required=True)
-    p.add_argument("--model", default="shapes-ldm", help="base ldm model (name or directory)")
-    p.add_argument("--instance-prompt", help="default: 'the TOKEN CLASS-WORD'")
     p.add_argument("--rank", type=int, default=4, help="LoRA rank")
     p.add_argument("--train-text-encoder", action="store_true", help="LoRA on the text encoder too")
     p.add_argument("--steps", type=int, default=300)
@@ -84,14 +78,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--class-dir", type=Path, help="where class images are kept (default OUT/class-images)"
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=None)
-    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/train's checkpoint")
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "rank"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    check_positive(p, args, "steps", "batch_size", "rank")
     if args.prior_weight < 0:
         p.error("--prior-weight must be >= 0")
     if args.prior_weight > 0 and args.num_class_images < 1:

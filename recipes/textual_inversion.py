@@ -28,7 +28,6 @@ import argparse
 import json
 import logging
 import time
-from pathlib import Path
 
 import torch
 
@@ -40,40 +39,28 @@ from anygen.training import StepInfo, TrainConfig, device_description, train
 from anygen.training.subjects import (
     SubjectPairs,
     SubjectTrainer,
+    check_positive,
     check_words,
     encode_images,
     instance_prompt,
     load_base_model,
     read_subject_images,
+    subject_recipe_parser,
 )
 
 log = logging.getLogger("recipes.textual_inversion")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="anygen train recipes/textual_inversion.py",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = subject_recipe_parser(
+        "textual_inversion.py", __doc__, "the identifier whose embedding is learnt"
     )
-    p.add_argument("--subject-dir", type=Path, required=True, help="the subject's images")
-    p.add_argument("--token", default="sks", help="the identifier whose embedding is learnt")
-    p.add_argument("--class-word", required=True, help="the subject's class, e.g. circle")
-    p.add_argument("--output-dir", type=Path, required=True)
-    p.add_argument("--model", default="shapes-ldm", help="base ldm model (name or directory)")
-    p.add_argument("--instance-prompt", help="default: 'the TOKEN CLASS-WORD'")
     p.add_argument("--init-word", help="the word whose embedding starts the row (class word)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=None)
-    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/train's checkpoint")
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    check_positive(p, args, "steps", "batch_size")
     return args
 
 

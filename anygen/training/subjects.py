@@ -9,6 +9,7 @@ the module whose forward is the loss; the recipes in ``recipes/`` put them toget
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import random
@@ -27,6 +28,34 @@ from anygen.models.ldm import denoiser_loss
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def subject_recipe_parser(recipe: str, doc: str, token_help: str) -> argparse.ArgumentParser:
+    """The options every subject recipe shares: its images, identifier, class, base model,
+    output and the training loop's seed, checkpoints, precision and resume."""
+    p = argparse.ArgumentParser(
+        prog=f"anygen train recipes/{recipe}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--subject-dir", type=Path, required=True, help="the subject's images")
+    p.add_argument("--token", default="sks", help=token_help)
+    p.add_argument("--class-word", required=True, help="the subject's class, e.g. circle")
+    p.add_argument("--output-dir", type=Path, required=True)
+    p.add_argument("--model", default="shapes-ldm", help="base ldm model (name or directory)")
+    p.add_argument("--instance-prompt", help="default: 'the TOKEN CLASS-WORD'")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=None)
+    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/train's checkpoint")
+    return p
+
+
+def check_positive(p: argparse.ArgumentParser, args: argparse.Namespace, *names: str) -> None:
+    """Exit through ``p.error`` naming the first of ``names`` below 1."""
+    for name in names:
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
 
 
 def load_base_model(name: str, *, need_unet: bool = False):
