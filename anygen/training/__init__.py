@@ -48,7 +48,8 @@ def device_description() -> str:
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"{platform.processor() or platform.machine()} ({threads} thread{'s' * (threads != 1)})"
 
 
 def training_seconds(metrics: str | os.PathLike, gap: float = 300.0) -> float:
