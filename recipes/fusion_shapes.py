@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -294,12 +295,24 @@ def main(argv: list[str]) -> None:
     for name, report in reports.items():
         files[f"eval-{name}.json"] = report.to_json() + "\n"
     pipe.save_pretrained(args.output_dir / "model", card=card, extra_files=files, **refs)
+    copy_codec_card(args.visual, args.output_dir / "model")
     log.info("saved %s", args.output_dir / "model")
     if args.bundle:
         pipe.save_pretrained(
             ASSETS / args.name, card=card, dtype=torch.float16, extra_files=files, **refs
         )
+        copy_codec_card(args.visual, ASSETS / args.name)
         log.info("bundled fp16 weights in %s", ASSETS / args.name)
+
+
+def copy_codec_card(visual: str | None, model_dir: Path) -> None:
+    """The visual codec's card and held-out scores travel with a model that stores it."""
+    if visual is None or not (model_dir / "visual").is_dir():
+        return
+    for name in ("README.md", "eval.json"):
+        source = Path(visual) / name
+        if source.is_file():
+            shutil.copyfile(source, model_dir / "visual" / name)
 
 
 def evaluate(pipe: Fusion, n: int, suites: list[str]) -> dict[str, Report]:
