@@ -586,6 +586,11 @@ def test_recipes_train_fusion_models_end_to_end(tmp_path):
           "--transformer-preset", "tiny-continuous", "--steps", "2", "--batch-size", "2",
           "--select-n", "0", "--eval-n", "2", "--eval-suites", "t2i,subject")  # fmt: skip
     assert "held_out_reconstruction" in (emu / "visual" / "README.md").read_text()
+    # the codec's card and scores travel with the model that stores the codec
+    assert (emu / "model" / "visual" / "README.md").read_text() == (
+        emu / "visual" / "README.md"
+    ).read_text()
+    assert (emu / "model" / "visual" / "eval.json").is_file()
     gen = load_generator(str(emu / "model"))
     assert gen.config.continuous and gen.config.image_tokens == VISUAL_PRESETS["tiny"].grid ** 2
     assert gen.generate("a red circle", Options(seed=0)).images[0].size == (32, 32)
@@ -609,6 +614,24 @@ def test_bundled_shapes_fusion_draws_and_captions():
     for seed in range(3):
         (caption,) = gen.caption([scene_image(64, seed)])
         assert parse_caption(caption).objects, caption
+
+
+@bundled("shapes-emu")
+def test_bundled_shapes_emu_draws_reads_and_takes_subjects():
+    from anygen.eval.parse import parse_caption
+
+    gen = load_generator("shapes-emu")
+    assert gen.config.continuous
+    options = Options(seed=3, progress=False)
+    image = gen.generate("a large red circle", options).images[0]
+    assert image.size == (64, 64)
+    again = gen.generate("a large red circle", options).images[0]
+    assert np.array_equal(np.asarray(image), np.asarray(again))  # seeded, decoder included
+    (caption,) = gen.caption([scene_image(64, 1)])
+    assert parse_caption(caption).objects, caption
+    refs = [scene_image(64, seed) for seed in (4, 5)]
+    out = gen.generate_subject(refs, "the sks circle above a green square", options)
+    assert [im.size for im in out.images] == [(64, 64)]
 
 
 @pytest.mark.slow
