@@ -420,3 +420,18 @@ def test_example_recipe_learns_and_saves(tmp_path):
     weights = load_file(out / "final" / "model.safetensors")
     assert weights["net.0.weight"].shape == (64, 2)
     assert json.loads((out / "final" / "config.json").read_text())["hidden"] == 64
+
+
+def test_training_seconds_sums_row_intervals_and_skips_a_resume_gap(tmp_path):
+    import json
+
+    from anygen.training import training_seconds
+
+    metrics = tmp_path / "metrics.jsonl"
+    times = [100.0, 110.0, 125.0, 5000.0, 5020.0]  # stopped after 125, resumed at 5000
+    metrics.write_text(
+        "".join(json.dumps({"step": i, "time": t}) + "\n" for i, t in enumerate(times))
+    )
+    assert training_seconds(metrics) == 45.0
+    assert training_seconds(metrics, gap=10_000) == 4920.0
+    assert training_seconds(tmp_path / "missing.jsonl") == 0.0

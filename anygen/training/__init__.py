@@ -8,6 +8,7 @@ it through `run_recipe`. Losses live with their models, not here.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -56,8 +57,6 @@ def training_seconds(metrics: str | os.PathLike, gap: float = 300.0) -> float:
     """Time spent training, from a run's ``metrics.jsonl``: the sum of the intervals between
     its rows, leaving out gaps longer than ``gap`` seconds (a run stopped and resumed
     later), so a resumed run reports its training time, not the last invocation's."""
-    import json
-
     path = Path(metrics)
     if not path.is_file():
         return 0.0
