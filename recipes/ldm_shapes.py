@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from anygen.data.datasets import ShapesT2IDataset, collate
+from anygen.errors import UserInputError
 from anygen.eval.suites import run_t2i
 from anygen.hub import resolve
 from anygen.models.ldm import (
@@ -178,6 +179,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "directory): its VAE, denoiser and text encoder; the VAE stage is skipped",
     )
     p.add_argument(
+        "--vae-from",
+        default=None,
+        help="take only the VAE (and its latent scale) of a saved ldm model and train a new "
+        "denoiser and text encoder of --preset over it; the VAE stage is skipped",
+    )
+    p.add_argument(
         "--decoder-foreground-weight",
         type=float,
         default=0.0,
@@ -197,7 +204,23 @@ def main(argv: list[str]) -> None:
     tokenizer = load_text_tokenizer(args.tokenizer)
     started = time.time()
     out = args.output_dir
-    if args.init_from:
+    if args.init_from and args.vae_from:
+        raise UserInputError("--init-from and --vae-from exclude each other")
+    if args.vae_from:
+        components = build_components(cfg, tokenizer)
+        donor = LatentDiffusion.from_pretrained(resolve(args.vae_from), dtype=torch.float32)
+        if donor.components.vae.config.latent_channels != cfg.latent_channels or (
+            donor.components.vae.config.sample_size != cfg.image_size
+        ):
+            raise UserInputError(
+                f"the VAE of {args.vae_from} does not fit preset {args.preset!r} "
+                f"({cfg.image_size} px, {cfg.latent_channels} latent channels)"
+            )
+        components.vae = donor.components.vae
+        scaling = float(components.vae.config.scaling_factor)
+        args.vae_steps = 0
+        log.info("VAE of %s; latent scaling factor %.4f", args.vae_from, scaling)
+    elif args.init_from:
         # continue a saved model: its components (fp32), its VAE and latent scale as they are
         init = LatentDiffusion.from_pretrained(resolve(args.init_from), dtype=torch.float32)
         components = init.components
@@ -268,29 +291,30 @@ def main(argv: list[str]) -> None:
     components.denoiser = result.model.denoiser
     components.text_encoder = result.model.text_encoder
 
-    # Stage 3: the decoder alone, on latents of the frozen encoder.
-    decoder = DecoderTrainer(
-        components.vae.requires_grad_(False), foreground_weight=args.decoder_foreground_weight
-    )
-    decoder_params = list(components.vae.decoder.parameters()) + list(
-        components.vae.post_quant_conv.parameters()
-    )
-    for param in decoder_params:
-        param.requires_grad_(True)
-    decoder_result = train(
-        decoder,
-        lambda model, batch: model(batch["image"]),
-        ShapesT2IDataset(
-            args.decoder_steps * args.vae_batch_size, seed=args.seed + 2, size=cfg.image_size
-        ),
-        stage_config(
-            args, out / "decoder", args.decoder_steps, args.vae_batch_size, args.decoder_lr, 50
-        ),
-        collate_fn=collate,
-        trainable_parameters=decoder_params,
-    )
-    components.vae = decoder_result.model.vae.requires_grad_(False)
-    if not decoder_result.is_main_process:
+    # Stage 3: the decoder alone, on latents of the frozen encoder (--decoder-steps 0: skip).
+    if args.decoder_steps:
+        decoder = DecoderTrainer(
+            components.vae.requires_grad_(False), foreground_weight=args.decoder_foreground_weight
+        )
+        decoder_params = list(components.vae.decoder.parameters()) + list(
+            components.vae.post_quant_conv.parameters()
+        )
+        for param in decoder_params:
+            param.requires_grad_(True)
+        result = train(
+            decoder,
+            lambda model, batch: model(batch["image"]),
+            ShapesT2IDataset(
+                args.decoder_steps * args.vae_batch_size, seed=args.seed + 2, size=cfg.image_size
+            ),
+            stage_config(
+                args, out / "decoder", args.decoder_steps, args.vae_batch_size, args.decoder_lr, 50
+            ),
+            collate_fn=collate,
+            trainable_parameters=decoder_params,
+        )
+        components.vae = result.model.vae.requires_grad_(False)
+    if not result.is_main_process:
         return
     wall = time.time() - started
 
@@ -308,6 +332,7 @@ def main(argv: list[str]) -> None:
         "seed": args.seed,
         "preset": args.preset,
         "init_from": args.init_from,
+        "vae_from": args.vae_from,
         "vae_steps": args.vae_steps,
         "denoiser_steps": args.steps,
         "decoder_steps": args.decoder_steps,
@@ -359,16 +384,34 @@ def model_card(facts: dict, report=None, weights: str = "fp32 weights") -> str:
         )
     else:
         scores = "Not scored yet: `anygen eval --model shapes-ldm --suite t2i --n 300`.\n"
+    dit = LDM_PRESETS[facts["preset"]].denoiser == "dit"
+    kind, denoiser = (
+        ("DiT", "PixArtTransformer2DModel (DiT)")
+        if dit
+        else (
+            "UNet",
+            "UNet2DConditionModel",
+        )
+    )
+    if facts.get("init_from"):
+        origin = f"Continued from {facts['init_from']} (its VAE, denoiser and text encoder)"
+    elif facts.get("vae_from"):
+        origin = (
+            f"The VAE is {facts['vae_from']}'s; the denoiser and text encoder were trained "
+            "from scratch over it"
+        )
+    else:
+        origin = "Trained from scratch"
     return f"""---
 name: shapes-ldm
-summary: "text to image, latent diffusion (UNet), shapes world 64 px"
+summary: "text to image, latent diffusion ({kind}), shapes world 64 px"
 {front}
 ---
 # shapes-ldm
 
 A latent diffusion model of the shapes world: AutoencoderKL (64 px -> 16 x 16 x 4),
-UNet2DConditionModel, CLIP text encoder over the `shapes-bpe` tokenizer, DDPM training,
-DPM-Solver++ sampling. {"Continued from " + facts["init_from"] + " (its VAE, denoiser and text encoder)" if facts.get("init_from") else "Trained from scratch"} by `{facts["recipe"]}` (seed {facts["seed"]},
+{denoiser}, CLIP text encoder over the `shapes-bpe` tokenizer, DDPM training,
+DPM-Solver++ sampling. {origin} by `{facts["recipe"]}` (seed {facts["seed"]},
 {facts["vae_steps"]} VAE steps, {facts["denoiser_steps"]} denoiser steps, {facts["decoder_steps"]}
 decoder fine-tuning steps; training time {times} on {facts["device"]}).
 

@@ -509,3 +509,31 @@ def test_recipe_trains_every_stage_and_saves_a_loadable_model(tmp_path):
     assert again.components.vae.config.scaling_factor == pytest.approx(scale)
     enc = loaded.components.vae.encoder.conv_in.weight
     assert torch.equal(again.components.vae.encoder.conv_in.weight, enc)  # the encoder is kept
+
+    # a new denoiser over the saved VAE: no VAE stage, no decoder stage with 0 steps,
+    # every VAE weight and the latent scale as saved
+    fresh = tmp_path / "fresh"
+    args = ["--output-dir", str(fresh), "--preset", "tiny", "--vae-from", str(model), "--steps",
+            "2", "--decoder-steps", "0", "--batch-size", "4", "--checkpoint-every", "2",
+            "--eval-n", "0"]  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-m", "anygen", "train", str(recipe), *args],
+        capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert not (fresh / "vae").exists() and not (fresh / "decoder").exists()
+    assert "The VAE is" in (fresh / "model" / "README.md").read_text()
+    new = LatentDiffusion.from_pretrained(fresh / "model")
+    assert new.components.vae.config.scaling_factor == pytest.approx(scale)
+    old_vae = loaded.components.vae.state_dict()
+    assert all(torch.equal(v, old_vae[k]) for k, v in new.components.vae.state_dict().items())
+    assert (fresh / "denoiser" / "checkpoints" / "step-00000002").is_dir()
+
+    # a VAE that does not fit the preset: one clear line, no traceback
+    args = ["--output-dir", str(tmp_path / "bad"), "--preset", "shapes", "--vae-from", str(model)]
+    run = subprocess.run(
+        [sys.executable, "-m", "anygen", "train", str(recipe), *args],
+        capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert run.returncode != 0 and "does not fit preset 'shapes'" in run.stderr
+    assert "Traceback" not in run.stderr
