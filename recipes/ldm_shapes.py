@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from anygen.data.datasets import ShapesT2IDataset, collate
 from anygen.errors import UserInputError
-from anygen.eval.suites import run_t2i
+from anygen.eval.suites import run_t2i, select_t2i_settings
 from anygen.hub import resolve
 from anygen.models.ldm import (
     LDM_PRESETS,
@@ -192,6 +192,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--guidance", type=float, default=4.0, help="default guidance of the model")
     p.add_argument("--sample-steps", type=int, default=20, help="default sampling steps")
+    p.add_argument(
+        "--select-n",
+        type=int,
+        default=70,
+        help="validation prompts (seed 1000, never the eval's seed 0) on which to choose the "
+        "default guidance from GUIDANCE_GRID (0: keep --guidance)",
+    )
     p.add_argument("--eval-n", type=int, default=300, help="shapes-eval t2i prompts (0: skip)")
     p.add_argument("--bundle", action="store_true", help=f"also write fp16 weights to {BUNDLE_DIR}")
     return p.parse_args(argv)
@@ -326,6 +333,10 @@ def main(argv: list[str]) -> None:
         "known_words": sorted(words),
     }
     model = LatentDiffusion(components, name="shapes-ldm", defaults=defaults)
+    selection = None
+    if args.select_n:
+        selection = select_guidance(model, args.select_n)
+        model.defaults.update(selection["chosen"])
     facts = {
         "recipe": "recipes/ldm_shapes.py",
         "argv": argv,
@@ -344,6 +355,8 @@ def main(argv: list[str]) -> None:
         "device": device_description(),
         "torch": torch.__version__,
     }
+    if selection is not None:
+        facts["sampling_selection"] = selection
     report = None
     if args.eval_n:
         # the bundled weights are fp16: score the model as it will be shipped
@@ -372,6 +385,22 @@ def main(argv: list[str]) -> None:
         log.info("bundled fp16 weights in %s", BUNDLE_DIR)
 
 
+GUIDANCE_GRID = [{"guidance_scale": g} for g in (1.5, 3.0, 5.0, 8.0)]
+
+
+def select_guidance(model: LatentDiffusion, n: int) -> dict:
+    """The default guidance: the best of ``GUIDANCE_GRID`` on validation prompts
+    (``select_t2i_settings``: seed 1000, never the reported evaluation's seed 0)."""
+    return select_t2i_settings(
+        lambda prompts, seeds, s: (
+            model.generate_batch(prompts, seeds, Options(progress=False, **s)).images
+        ),
+        GUIDANCE_GRID,
+        n,
+        batch_size=35,
+    )
+
+
 def model_card(facts: dict, report=None, weights: str = "fp32 weights") -> str:
     front = "\n".join(f"{k}: {json.dumps(v)}" for k, v in facts.items())
     times = ", ".join(f"{stage} {s:.0f} s" for stage, s in facts["train_time_s"].items())
@@ -384,6 +413,17 @@ def model_card(facts: dict, report=None, weights: str = "fp32 weights") -> str:
         )
     else:
         scores = "Not scored yet: `anygen eval --model shapes-ldm --suite t2i --n 300`.\n"
+    selection = ""
+    if "sampling_selection" in facts:
+        sel = facts["sampling_selection"]
+        rows = "\n".join(
+            f"| {r['guidance_scale']} | {r['validation_overall']:.3f} |" for r in sel["grid"]
+        )
+        selection = (
+            f"\nThe default guidance was chosen on {sel['n']} validation prompts (shapes-eval "
+            f"t2i, seed {sel['seed']}; the scores above use seed 0):\n\n"
+            f"| guidance | validation overall |\n|---|---|\n{rows}\n"
+        )
     dit = LDM_PRESETS[facts["preset"]].denoiser == "dit"
     kind, denoiser = (
         ("DiT", "PixArtTransformer2DModel (DiT)")
@@ -415,4 +455,4 @@ DPM-Solver++ sampling. {origin} by `{facts["recipe"]}` (seed {facts["seed"]},
 {facts["vae_steps"]} VAE steps, {facts["denoiser_steps"]} denoiser steps, {facts["decoder_steps"]}
 decoder fine-tuning steps; training time {times} on {facts["device"]}).
 
-{scores}"""
+{scores}{selection}"""

@@ -474,7 +474,7 @@ def test_recipe_trains_every_stage_and_saves_a_loadable_model(tmp_path):
     out = tmp_path / "run"
     args = ["--output-dir", str(out), "--preset", "tiny", "--vae-steps", "2", "--steps", "2",
             "--decoder-steps", "2", "--batch-size", "4", "--vae-batch-size", "4",
-            "--checkpoint-every", "2", "--eval-n", "7"]  # fmt: skip
+            "--checkpoint-every", "2", "--select-n", "4", "--eval-n", "7"]  # fmt: skip
     run = subprocess.run(
         [sys.executable, "-m", "anygen", "train", str(recipe), *args],
         capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
@@ -486,6 +486,14 @@ def test_recipe_trains_every_stage_and_saves_a_loadable_model(tmp_path):
     card = (model / "README.md").read_text()
     assert "recipes/ldm_shapes.py" in card and "overall" in card
     assert json.loads((model / "eval.json").read_text())["n"] == 7
+    # the default guidance is the best of the grid on validation prompts, and the card says so
+    selection = json.loads((model / "training.json").read_text())["sampling_selection"]
+    assert [r["guidance_scale"] for r in selection["grid"]] == [1.5, 3.0, 5.0, 8.0]
+    best = max(selection["grid"], key=lambda r: r["validation_overall"])
+    assert selection["n"] == 4 and selection["chosen"] == {"guidance_scale": best["guidance_scale"]}
+    saved = json.loads((model / "anygen.json").read_text())
+    assert saved["guidance_scale"] == best["guidance_scale"]
+    assert "validation overall" in card
     scale = json.loads((out / "vae" / "scaling_factor.json").read_text())["scaling_factor"]
     loaded = LatentDiffusion.from_pretrained(model)
     assert loaded.components.vae.config.scaling_factor == pytest.approx(scale)
@@ -495,7 +503,7 @@ def test_recipe_trains_every_stage_and_saves_a_loadable_model(tmp_path):
     more = tmp_path / "more"
     args = ["--output-dir", str(more), "--preset", "tiny", "--init-from", str(model), "--steps",
             "2", "--decoder-steps", "2", "--decoder-foreground-weight", "10", "--batch-size", "4",
-            "--vae-batch-size", "4", "--eval-n", "0"]  # fmt: skip
+            "--vae-batch-size", "4", "--select-n", "0", "--eval-n", "0"]  # fmt: skip
     run = subprocess.run(
         [sys.executable, "-m", "anygen", "train", str(recipe), *args],
         capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
@@ -515,7 +523,7 @@ def test_recipe_trains_every_stage_and_saves_a_loadable_model(tmp_path):
     fresh = tmp_path / "fresh"
     args = ["--output-dir", str(fresh), "--preset", "tiny", "--vae-from", str(model), "--steps",
             "2", "--decoder-steps", "0", "--batch-size", "4", "--checkpoint-every", "2",
-            "--eval-n", "0"]  # fmt: skip
+            "--select-n", "0", "--eval-n", "0"]  # fmt: skip
     run = subprocess.run(
         [sys.executable, "-m", "anygen", "train", str(recipe), *args],
         capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
