@@ -12,6 +12,8 @@ pipeline directory in OUT/model.
     anygen train recipes/ldm_shapes.py --output-dir runs/shapes-ldm
     anygen train recipes/ldm_shapes.py --output-dir runs/shapes-ldm --resume   # continue
     anygen train recipes/ldm_shapes.py ... --bundle   # also write anygen/assets/models/shapes-ldm
+    anygen train recipes/ldm_shapes.py --output-dir runs/shapes-dit --preset shapes-dit \
+        --vae-from shapes-ldm --decoder-steps 0 --name shapes-dit   # a DiT over shapes-ldm's VAE
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from anygen.training import TrainConfig, device_description, train, training_sec
 
 log = logging.getLogger("recipes.ldm_shapes")
 
-BUNDLE_DIR = Path(__file__).resolve().parents[1] / "anygen" / "assets" / "models" / "shapes-ldm"
+BUNDLED_MODELS = Path(__file__).resolve().parents[1] / "anygen" / "assets" / "models"
 
 
 class CaptionDropout(Dataset):
@@ -200,7 +202,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "default guidance from GUIDANCE_GRID (0: keep --guidance)",
     )
     p.add_argument("--eval-n", type=int, default=300, help="shapes-eval t2i prompts (0: skip)")
-    p.add_argument("--bundle", action="store_true", help=f"also write fp16 weights to {BUNDLE_DIR}")
+    p.add_argument("--name", default="shapes-ldm", help="the model's name (and bundle folder)")
+    p.add_argument(
+        "--bundle",
+        action="store_true",
+        help=f"also write fp16 weights to {BUNDLED_MODELS}/NAME",
+    )
     return p.parse_args(argv)
 
 
@@ -332,12 +339,13 @@ def main(argv: list[str]) -> None:
         "scheduler": "dpm++",
         "known_words": sorted(words),
     }
-    model = LatentDiffusion(components, name="shapes-ldm", defaults=defaults)
+    model = LatentDiffusion(components, name=args.name, defaults=defaults)
     selection = None
     if args.select_n:
         selection = select_guidance(model, args.select_n)
         model.defaults.update(selection["chosen"])
     facts = {
+        "name": args.name,
         "recipe": "recipes/ldm_shapes.py",
         "argv": argv,
         "seed": args.seed,
@@ -363,7 +371,7 @@ def main(argv: list[str]) -> None:
         shipped = model
         if args.bundle:
             model.save_pretrained(out / "model-fp16", dtype=torch.float16)
-            shipped = LatentDiffusion.from_pretrained(out / "model-fp16", name="shapes-ldm")
+            shipped = LatentDiffusion.from_pretrained(out / "model-fp16", name=args.name)
         report = run_t2i(
             lambda prompts, seeds: (
                 shipped.generate_batch(prompts, seeds, Options(progress=False)).images
@@ -372,7 +380,7 @@ def main(argv: list[str]) -> None:
             seed=0,
             batch_size=32,
         )
-        report.meta = {"model": "shapes-ldm", "suite": "t2i", "n": args.eval_n, "seed": 0}
+        report.meta = {"model": args.name, "suite": "t2i", "n": args.eval_n, "seed": 0}
         log.info("shapes-eval t2i:\n%s", report.table())
     card = model_card(facts, report, "fp16 weights" if args.bundle else "fp32 weights")
     files = {"training.json": json.dumps(facts, indent=2) + "\n"}
@@ -381,8 +389,9 @@ def main(argv: list[str]) -> None:
     model.save_pretrained(out / "model", card=card, extra_files=files)
     log.info("saved %s (%.0f s)", out / "model", wall)
     if args.bundle:
-        model.save_pretrained(BUNDLE_DIR, card=card, dtype=torch.float16, extra_files=files)
-        log.info("bundled fp16 weights in %s", BUNDLE_DIR)
+        bundle = BUNDLED_MODELS / args.name
+        model.save_pretrained(bundle, card=card, dtype=torch.float16, extra_files=files)
+        log.info("bundled fp16 weights in %s", bundle)
 
 
 GUIDANCE_GRID = [{"guidance_scale": g} for g in (1.5, 3.0, 5.0, 8.0)]
@@ -402,17 +411,18 @@ def select_guidance(model: LatentDiffusion, n: int) -> dict:
 
 
 def model_card(facts: dict, report=None, weights: str = "fp32 weights") -> str:
-    front = "\n".join(f"{k}: {json.dumps(v)}" for k, v in facts.items())
+    name = facts["name"]
+    front = "\n".join(f"{k}: {json.dumps(v)}" for k, v in facts.items() if k != "name")
     times = ", ".join(f"{stage} {s:.0f} s" for stage, s in facts["train_time_s"].items())
     if report is not None:
         front += f"\nshapes_eval_t2i_overall: {report.overall:.3f}"
         scores = (
             f"shapes-eval, t2i suite, {len(report.records)} prompts, seed 0 "
-            f"(`anygen eval --model shapes-ldm --suite t2i --n {len(report.records)}`), "
+            f"(`anygen eval --model {name} --suite t2i --n {len(report.records)}`), "
             f"as shipped ({weights}, default settings):\n\n```\n{report.table()}\n```\n"
         )
     else:
-        scores = "Not scored yet: `anygen eval --model shapes-ldm --suite t2i --n 300`.\n"
+        scores = f"Not scored yet: `anygen eval --model {name} --suite t2i --n 300`.\n"
     selection = ""
     if "sampling_selection" in facts:
         sel = facts["sampling_selection"]
@@ -443,11 +453,11 @@ def model_card(facts: dict, report=None, weights: str = "fp32 weights") -> str:
     else:
         origin = "Trained from scratch"
     return f"""---
-name: shapes-ldm
+name: {name}
 summary: "text to image, latent diffusion ({kind}), shapes world 64 px"
 {front}
 ---
-# shapes-ldm
+# {name}
 
 A latent diffusion model of the shapes world: AutoencoderKL (64 px -> 16 x 16 x 4),
 {denoiser}, CLIP text encoder over the `shapes-bpe` tokenizer, DDPM training,
