@@ -303,6 +303,8 @@ def main(argv: list[str]) -> None:
         + list(trainer.text_encoder.parameters()),
     )
     components.denoiser = result.model.denoiser
+    # a resumed run continues the checkpoint's step under a schedule over --steps
+    resumed_from = result.resumed_from.name if result.resumed_from else None
     components.text_encoder = result.model.text_encoder
 
     # Stage 3: the decoder alone, on latents of the frozen encoder (--decoder-steps 0: skip).
@@ -356,6 +358,7 @@ def main(argv: list[str]) -> None:
         "denoiser_steps": args.steps,
         "decoder_steps": args.decoder_steps,
         "latent_scaling_factor": round(scaling, 5),
+        "denoiser_resumed_from": resumed_from,
         "train_time_s": {
             stage: round(training_seconds(out / stage / "metrics.jsonl"), 1)
             for stage in ("vae", "denoiser", "decoder")
