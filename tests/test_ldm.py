@@ -12,6 +12,7 @@ from PIL import Image
 
 from anygen.cli import main as cli
 from anygen.errors import UserInputError
+from anygen.hub import bundled_models
 from anygen.models.ldm import LDM_PRESETS, SCHEDULERS, build_components
 from anygen.output import read_png_metadata
 from anygen.pipelines import Options, load_generator
@@ -443,6 +444,26 @@ def test_bundled_card_records_recipe_and_score():
     meta = card_metadata("shapes-ldm")
     assert meta["recipe"] == "recipes/ldm_shapes.py" and "seed" in meta
     assert 0.0 <= meta["shapes_eval_t2i_overall"] <= 1.0
+
+
+@pytest.mark.skipif("shapes-dit" not in bundled_models("model"), reason="not bundled")
+def test_bundled_shapes_dit_is_a_seeded_dit_over_shapes_ldms_vae(bundled):
+    """shapes-dit: a PixArt DiT trained over shapes-ldm's VAE (`--vae-from shapes-ldm`);
+    its default guidance is the one its card says was chosen on validation prompts."""
+    from diffusers import PixArtTransformer2DModel
+
+    from anygen.hub import card_metadata
+
+    dit = load_generator("shapes-dit", device="cpu")
+    assert isinstance(dit.components.denoiser, PixArtTransformer2DModel)
+    ours, base = dit.components.vae.state_dict(), bundled.components.vae.state_dict()
+    assert all(torch.equal(v, base[k]) for k, v in ours.items())
+    a = dit.generate("a red circle", Options(seed=3, steps=4, progress=False))
+    b = dit.generate("a red circle", Options(seed=3, steps=4, progress=False))
+    assert a.images[0].size == (64, 64) and np.array_equal(pixels(a.images), pixels(b.images))
+    meta = card_metadata("shapes-dit")
+    assert meta["vae_from"] == "shapes-ldm" and meta["preset"] == "shapes-dit"
+    assert dit.defaults["guidance_scale"] == meta["sampling_selection"]["chosen"]["guidance_scale"]
 
 
 @pytest.mark.slow
