@@ -223,12 +223,16 @@ def main(argv: list[str]) -> None:
     if args.vae_from:
         components = build_components(cfg, tokenizer)
         donor = LatentDiffusion.from_pretrained(resolve(args.vae_from), dtype=torch.float32)
-        if donor.components.vae.config.latent_channels != cfg.latent_channels or (
-            donor.components.vae.config.sample_size != cfg.image_size
-        ):
+        vae_config = donor.components.vae.config
+        fits = (vae_config.sample_size, vae_config.latent_channels, donor.vae_factor) == (
+            cfg.image_size,
+            cfg.latent_channels,
+            cfg.vae_factor,
+        )
+        if not fits:
             raise UserInputError(
-                f"the VAE of {args.vae_from} does not fit preset {args.preset!r} "
-                f"({cfg.image_size} px, {cfg.latent_channels} latent channels)"
+                f"the VAE of {args.vae_from} does not fit preset {args.preset!r} ({cfg.image_size}"
+                f" px to {cfg.latent_size} x {cfg.latent_size} x {cfg.latent_channels} latents)"
             )
         components.vae = donor.components.vae
         scaling = float(components.vae.config.scaling_factor)
@@ -409,7 +413,6 @@ def select_guidance(model: LatentDiffusion, n: int) -> dict:
         ),
         GUIDANCE_GRID,
         n,
-        batch_size=35,
     )
 
 
@@ -438,14 +441,8 @@ def model_card(facts: dict, report=None, weights: str = "fp32 weights") -> str:
             f"| guidance | validation overall |\n|---|---|\n{rows}\n"
         )
     dit = LDM_PRESETS[facts["preset"]].denoiser == "dit"
-    kind, denoiser = (
-        ("DiT", "PixArtTransformer2DModel (DiT)")
-        if dit
-        else (
-            "UNet",
-            "UNet2DConditionModel",
-        )
-    )
+    kind = "DiT" if dit else "UNet"
+    denoiser = "PixArtTransformer2DModel (DiT)" if dit else "UNet2DConditionModel"
     if facts.get("init_from"):
         origin = f"Continued from {facts['init_from']} (its VAE, denoiser and text encoder)"
     elif facts.get("vae_from"):

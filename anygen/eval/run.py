@@ -30,7 +30,7 @@ NEEDS = {
     "story": "story",
     "edit": "edit",
     "subject": "generate_subject",
-    "reconstruction": "encode",  # image tokenizers: decode(encode(x))
+    "reconstruction": "encode",  # image tokenizers and ldm VAEs: decode(encode(x))
 }
 
 
@@ -47,7 +47,7 @@ def evaluate_model(
     progress: bool = True,
 ) -> Report:
     """Load ``model`` and score it on ``suite`` (t2i, caption, story, edit, subject; or
-    reconstruction, for an image tokenizer)."""
+    reconstruction, for an image tokenizer or an ldm model's VAE)."""
     if suite not in NEEDS:
         raise UserInputError(f"unknown suite {suite!r}; choose one of {', '.join(NEEDS)}")
     if suite == "reconstruction":
@@ -118,14 +118,33 @@ def evaluate_model(
 def _reconstruction(
     model: str, *, n: int, seed: int, batch_size: int, device: str | None
 ) -> Report:
+    """decode(encode(x)) through an image tokenizer, or through the VAE of an ``ldm``
+    pipeline directory (the latent distribution's mode: what its denoiser learnt)."""
+    import torch
+
     from anygen.data.datasets import images_to_tensor, tensor_to_images
+    from anygen.hub import resolve
     from anygen.pipelines import pick_device
     from anygen.tokenizers.vq import load_image_tokenizer
 
     dev = pick_device(device)
-    tok = load_image_tokenizer(model, device=dev)
+    path = resolve(model)
+    if (path / "model_index.json").is_file():
+        from anygen.pipelines.text_to_image import LatentDiffusion
 
-    def roundtrip(images):
-        return tensor_to_images(tok.decode(tok.encode(images_to_tensor(images).to(dev))))
+        vae = LatentDiffusion.from_pretrained(path, device=dev).components.vae
+        size = int(vae.config.sample_size)
 
-    return run_reconstruction(roundtrip, n=n, seed=seed, batch_size=batch_size, size=tok.image_size)
+        @torch.no_grad()
+        def roundtrip(images):
+            x = images_to_tensor(images).to(dev, vae.dtype)
+            return tensor_to_images(vae.decode(vae.encode(x).latent_dist.mode()).sample.float())
+
+    else:
+        tok = load_image_tokenizer(path, device=dev)
+        size = tok.image_size
+
+        def roundtrip(images):
+            return tensor_to_images(tok.decode(tok.encode(images_to_tensor(images).to(dev))))
+
+    return run_reconstruction(roundtrip, n=n, seed=seed, batch_size=batch_size, size=size)
