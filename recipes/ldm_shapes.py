@@ -45,7 +45,7 @@ from anygen.models.ldm import (
 from anygen.pipelines import Options
 from anygen.pipelines.text_to_image import LatentDiffusion
 from anygen.tokenizers.text import load_text_tokenizer
-from anygen.tokenizers.vq import foreground_mask
+from anygen.tokenizers.vq import reconstruction_errors
 from anygen.training import TrainConfig, device_description, train, training_seconds
 
 log = logging.getLogger("recipes.ldm_shapes")
@@ -92,12 +92,7 @@ class DecoderTrainer(nn.Module):
         with torch.no_grad():
             z = self.vae.encode(images).latent_dist.sample()  # (B, 4, 16, 16)
         recon = self.vae.decode(z).sample
-        weight = torch.ones_like(images[:, :1])
-        if self.foreground_weight:
-            weight = 1.0 + self.foreground_weight * foreground_mask(images)  # (B, 1, H, W)
-            weight = weight / weight.mean()
-        l1 = (weight * (recon - images).abs()).mean()
-        l2 = (weight * (recon - images) ** 2).mean()
+        l1, l2 = reconstruction_errors(recon, images, self.foreground_weight)
         return {"loss": l1 + l2, "l1": l1, "l2": l2}
 
 

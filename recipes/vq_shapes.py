@@ -15,6 +15,18 @@ scored, as shipped (fp16), on 1,000 held-out scenes: caption kept by
 
     anygen train recipes/vq_shapes.py --output-dir runs/shapes-vq
     anygen train recipes/vq_shapes.py --output-dir runs/shapes-vq --bundle   # -> tokenizers/shapes-vq
+
+``--decoder-from MODEL`` fine-tunes only the decoder side of a saved tokenizer (the
+encoder, down-projection and codebook stay frozen: ``VitVQGAN.code_parameters``), on the
+codes that tokenizer gives; ``--decoder-layers`` also deepens the decoder (Parti trained a
+larger decoder over its frozen encoder and codebook). Every image keeps its codes, so the
+Parti and fusion models trained over them stay valid and draw with the better decoder. The
+bundled shapes-vq is stage 1 above, then:
+
+    anygen train recipes/vq_shapes.py --output-dir runs/shapes-vq-dec \
+        --decoder-from runs/shapes-vq/model --steps 3000 --lr 4e-4
+    anygen train recipes/vq_shapes.py --output-dir runs/shapes-vq-dec8 \
+        --decoder-from runs/shapes-vq-dec/model --decoder-layers 8 --steps 4000 --lr 4e-4 --bundle
 """
 
 from __future__ import annotations
@@ -30,12 +42,16 @@ import torch
 from torch import nn
 
 from anygen.data.datasets import ShapesT2IDataset, collate, images_to_tensor, tensor_to_images
+from anygen.errors import UserInputError
 from anygen.eval.suites import Report, run_reconstruction
+from anygen.hub import card_metadata
 from anygen.tokenizers.vq import (
     VQ_PRESETS,
     PatchDiscriminator,
     VitVQGAN,
     codebook_usage,
+    load_image_tokenizer,
+    reconstruction_errors,
     vq_loss,
 )
 from anygen.training import TrainConfig, device_description, train, training_seconds
@@ -61,6 +77,46 @@ class VQTrainer(nn.Module):
             discriminator=self.discriminator,
             gan_weight=self.gan_weight,
         )
+
+
+class DecoderTrainer(nn.Module):
+    """Reconstruction from a trained tokenizer's own codes: the parameters that decide the
+    codes are frozen, the decoder side (up-projection, decoder, patch head) learns."""
+
+    def __init__(self, tokenizer: VitVQGAN, foreground_weight: float) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.foreground_weight = foreground_weight
+        for param in tokenizer.code_parameters():
+            param.requires_grad_(False)
+
+    def forward(self, images: torch.Tensor) -> dict:
+        tok = self.tokenizer
+        codes = tok.encode(images).flatten(1)  # (B, N), no gradient
+        recon = tok.decode_features(tok.quantizer.embed(codes))
+        l1, l2 = reconstruction_errors(recon, images, self.foreground_weight)
+        return {"loss": l1 + l2, "l1": l1.detach(), "l2": l2.detach()}
+
+
+def build_trainer(args: argparse.Namespace) -> nn.Module:
+    if args.decoder_from is None:
+        if args.decoder_layers is not None:
+            raise UserInputError("--decoder-layers needs --decoder-from")
+        cfg = dataclasses.replace(VQ_PRESETS[args.preset])
+        return VQTrainer(VitVQGAN(cfg), args.gan_weight, args.foreground_weight)
+    if args.gan_weight:
+        raise UserInputError("--gan-weight is not supported with --decoder-from")
+    if args.decoder_layers is not None and args.decoder_layers < 1:
+        raise UserInputError(f"--decoder-layers must be at least 1, got {args.decoder_layers}")
+    tokenizer = load_image_tokenizer(args.decoder_from, dtype=torch.float32)
+    if not isinstance(tokenizer, VitVQGAN):
+        raise UserInputError(
+            f"--decoder-from {args.decoder_from}: a VitVQGAN is needed, "
+            f"got a {type(tokenizer).__name__}"
+        )
+    if args.decoder_layers is not None:
+        tokenizer = tokenizer.with_decoder_layers(args.decoder_layers)
+    return DecoderTrainer(tokenizer.train(), args.foreground_weight)
 
 
 @torch.no_grad()
@@ -110,6 +166,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     p.add_argument("--resume", action="store_true")
+    p.add_argument(
+        "--decoder-from",
+        metavar="MODEL",
+        help="fine-tune only the decoder of this saved VitVQGAN (its codes stay the same)",
+    )
+    p.add_argument(
+        "--decoder-layers",
+        type=int,
+        help="with --decoder-from: grow the decoder to this many blocks (new ones start as "
+        "the identity)",
+    )
     p.add_argument("--eval-n", type=int, default=1000, help="held-out scenes to score (0: skip)")
     p.add_argument("--bundle", action="store_true", help=f"also write fp16 weights to {BUNDLE_DIR}")
     return p.parse_args(argv)
@@ -117,11 +184,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
-    cfg = dataclasses.replace(VQ_PRESETS[args.preset])
     torch.manual_seed(args.seed)
-    trainer = VQTrainer(VitVQGAN(cfg), args.gan_weight, args.foreground_weight)
+    trainer = build_trainer(args)
+    size = trainer.tokenizer.image_size
     out = args.output_dir
-    images = ShapesT2IDataset(args.steps * args.batch_size, seed=args.seed, size=cfg.image_size)
+    images = ShapesT2IDataset(args.steps * args.batch_size, seed=args.seed, size=size)
     result = train(
         trainer,
         lambda model, batch: model(batch["image"]),
@@ -149,13 +216,18 @@ def main(argv: list[str]) -> None:
         "recipe": "recipes/vq_shapes.py",
         "argv": argv,
         "seed": args.seed,
-        "preset": args.preset,
+        "preset": args.preset if args.decoder_from is None else None,
         "steps": args.steps,
         "batch_size": args.batch_size,
         "train_time_s": round(training_seconds(out / "train" / "metrics.jsonl"), 1),
         "device": device_description(),
         "torch": torch.__version__,
     }
+    if args.decoder_from is not None:
+        base = card_metadata(args.decoder_from)
+        facts["decoder_from"] = str(args.decoder_from)
+        keys = ("argv", "steps", "batch_size", "train_time_s", "decoder_from", "base")
+        facts["base"] = {k: base[k] for k in keys if k in base}
     tokenizer.save_pretrained(out / "model")
     report = None
     if args.eval_n:
@@ -201,8 +273,7 @@ summary: "ViT-VQGAN image tokenizer, shapes world, {facts["shape"]}"
 # shapes-vq
 
 A ViT-VQGAN (Parti's image tokenizer) for the shapes world: {facts["shape"]} (RGB in
-[-1, 1]; factorized lookup in an l2-normalised low-dimensional codebook), and back. Trained from scratch by `{facts["recipe"]}` (seed {facts["seed"]}, {facts["steps"]}
-steps of batch {facts["batch_size"]}, {facts["train_time_s"]:.0f} s on {facts["device"]}).
+[-1, 1]; factorized lookup in an l2-normalised low-dimensional codebook), and back. {provenance(facts)}
 
 ```python
 from anygen.tokenizers.vq import load_image_tokenizer
@@ -212,3 +283,34 @@ images = tok.decode(codes)
 ```
 
 {scores}"""
+
+
+def provenance(facts: dict) -> str:
+    """How the tokenizer was made: one sentence, or the stages of a chain of
+    ``--decoder-from`` fine-tunes, oldest first."""
+    stages = [facts]
+    while "base" in stages[-1]:
+        stages.append(stages[-1]["base"])
+    stages.reverse()
+
+    def run(f: dict) -> str:
+        return f"{f['steps']} steps of batch {f['batch_size']}, {f['train_time_s']:.0f} s"
+
+    if len(stages) == 1:
+        return (
+            f"Trained from scratch by `{facts['recipe']}` (seed {facts['seed']}, {run(facts)} "
+            f"on {facts['device']})."
+        )
+    lines = [f"Trained by `{facts['recipe']}` in {len(stages)} stages, on {facts['device']}:"]
+    for i, f in enumerate(stages, 1):
+        what = (
+            f"the decoder side fine-tuned on the codes of `{f['decoder_from']}`"
+            if "decoder_from" in f
+            else "from scratch"
+        )
+        lines.append(f"{i}. {what}: {run(f)} (arguments `{' '.join(f.get('argv', []))}`).")
+    lines.append(
+        "\nThe encoder, down-projection and codebook have not changed since stage 1, so every "
+        "image keeps the codes it had and the models trained over them stay valid."
+    )
+    return "\n".join(lines)

@@ -223,7 +223,7 @@ def test_reconstruction_suite_scores_identity_and_noise():
 @pytest.mark.skipif("shapes-vq" not in bundled_models("tokenizer"), reason="not bundled yet")
 def test_bundled_shapes_vq_keeps_what_its_card_says():
     """A regression guard, not the bar: on the first 100 of its card's 1,000 held-out
-    scenes the shipped tokenizer scores 0.86 (0.812 on all 1,000); a change that loses more
+    scenes the shipped tokenizer scores 0.85 (0.839 on all 1,000); a change that loses more
     than a few of them fails. Issue 4's bar is the slow test below."""
     from anygen.hub import card_metadata
 
@@ -235,8 +235,8 @@ def test_bundled_shapes_vq_keeps_what_its_card_says():
         seed=0,
         progress=False,
     )
-    assert report.overall >= 0.83, report.table()
-    assert card_metadata("shapes-vq")["shapes_eval_reconstruction"] >= 0.8
+    assert report.overall >= 0.82, report.table()
+    assert card_metadata("shapes-vq")["shapes_eval_reconstruction"] >= 0.83
 
 
 @pytest.mark.slow
@@ -299,3 +299,59 @@ def test_foreground_weight_reweights_the_reconstruction_terms():
     torch.manual_seed(1)
     weighted = vq_loss(tok, x, foreground_weight=10.0)
     assert not torch.allclose(plain["l1"], weighted["l1"])
+
+
+def test_decoder_fine_tuning_keeps_every_code(tmp_path):
+    """`recipes/vq_shapes.py --decoder-from`: the decoder side learns, the parameters that
+    decide the codes (and so every image's codes) stay exactly as they were."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from anygen.hub import card_metadata
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "vq_shapes.py"
+
+    def train(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "anygen", "train", str(recipe), *args],
+            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    run = train("--output-dir", str(base), "--preset", "tiny", "--steps", "2", "--batch-size", "4",
+                "--eval-n", "0")  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    run = train("--output-dir", str(tuned), "--decoder-from", str(base / "model"), "--steps", "3",
+                "--batch-size", "4", "--lr", "1e-2", "--decoder-layers", "2", "--eval-n", "4")  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+
+    before = VitVQGAN.from_pretrained(base / "model")
+    after = VitVQGAN.from_pretrained(tuned / "model")
+    for old, new in zip(before.code_parameters(), after.code_parameters(), strict=True):
+        assert torch.equal(old, new)
+    x = images()
+    assert torch.equal(before.encode(x), after.encode(x))
+    assert (before.config.decoder_layers, after.config.decoder_layers) == (1, 2)
+    assert not torch.equal(before.patch_out.weight, after.patch_out.weight)
+    assert not torch.equal(before.quantizer.up.weight, after.quantizer.up.weight)
+    meta = card_metadata(tuned / "model")
+    assert meta["decoder_from"] == str(base / "model") and meta["base"]["steps"] == 2
+    assert "fine-tuned on the codes of" in (tuned / "model" / "README.md").read_text()
+
+    run = train("--output-dir", str(tmp_path / "x"), "--decoder-from", str(base / "model"),
+                "--gan-weight", "0.1")  # fmt: skip
+    assert run.returncode != 0
+    assert "--gan-weight is not supported with --decoder-from" in run.stderr
+
+
+def test_a_grown_decoder_starts_as_the_same_decoder():
+    tok = tiny()
+    grown = tok.with_decoder_layers(3)
+    assert len(grown.decoder) == 3 and grown.config.decoder_layers == 3
+    codes = torch.randint(0, tok.codebook_size, (2, tok.grid_size, tok.grid_size))
+    assert torch.equal(grown.decode(codes), tok.decode(codes))
+    assert torch.equal(grown.encode(images()), tok.encode(images()))
+    with pytest.raises(UserInputError, match="cannot shrink the decoder from 1 to 0 layers"):
+        tok.with_decoder_layers(0)

@@ -19,6 +19,7 @@ hub id, by the ``_class_name`` its ``config.json`` records.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -297,6 +298,29 @@ class VitVQGAN(nn.Module, PretrainedMixin):
     def grid_size(self) -> int:
         return self.config.grid_size
 
+    def code_parameters(self) -> list[nn.Parameter]:
+        """The parameters that decide an image's codes: the encoder, the down-projection
+        and the codebook. Frozen, they keep every code's meaning while the decoder learns on
+        (models trained over these codes stay valid)."""
+        q = self.quantizer
+        modules = (self.patch_in, self.encoder, self.enc_norm, q.down)
+        return [self.enc_pos, q.codebook, *(p for m in modules for p in m.parameters())]
+
+    def with_decoder_layers(self, layers: int) -> VitVQGAN:
+        """A copy with a deeper decoder (Parti fine-tunes a larger decoder over a frozen
+        encoder and codebook): the first blocks are this one's, the added ones start as the
+        identity (zero output projections), so the copy decodes exactly as this one does."""
+        have = self.config.decoder_layers
+        if layers < have:
+            raise UserInputError(f"cannot shrink the decoder from {have} to {layers} layers")
+        grown = VitVQGAN(dataclasses.replace(self.config, decoder_layers=layers))
+        grown.load_state_dict(self.state_dict(), strict=False)  # all but the new blocks
+        for block in grown.decoder[have:]:
+            for layer in (block.proj, block.mlp[-1]):
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
+        return grown.to(self.patch_in.weight)
+
     def _check_images(self, images: torch.Tensor) -> None:
         c = self.config
         want = (c.channels, c.image_size, c.image_size)
@@ -406,14 +430,7 @@ def vq_loss(
     anygen ships none, since it can download none.
     """
     recon, indices, quant_loss = tokenizer(images)
-    if foreground_weight:
-        weight = 1.0 + foreground_weight * foreground_mask(images)  # (B, 1, H, W)
-        weight = weight / weight.mean()
-        l1 = (weight * (recon - images).abs()).mean()
-        l2 = (weight * (recon - images) ** 2).mean()
-    else:
-        l1 = F.l1_loss(recon, images)
-        l2 = F.mse_loss(recon, images)
+    l1, l2 = reconstruction_errors(recon, images, foreground_weight)
     loss = l1_weight * l1 + l2_weight * l2 + quant_loss
     terms = {"l1": l1.detach(), "l2": l2.detach(), "vq": quant_loss.detach()}
     if discriminator is not None:
@@ -433,6 +450,19 @@ def vq_loss(
         used = torch.unique(indices).numel()
     terms["codes_used"] = torch.tensor(float(used))
     return {"loss": loss, **terms}
+
+
+def reconstruction_errors(
+    recon: torch.Tensor, images: torch.Tensor, foreground_weight: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean l1 and l2 errors of ``recon`` against ``images`` (B, C, H, W). With
+    ``foreground_weight`` w > 0, pixels that differ from their image's background
+    (``foreground_mask``) weigh 1 + w times the rest, weights normalised to mean 1."""
+    if not foreground_weight:
+        return F.l1_loss(recon, images), F.mse_loss(recon, images)
+    weight = 1.0 + foreground_weight * foreground_mask(images)  # (B, 1, H, W)
+    weight = weight / weight.mean()
+    return (weight * (recon - images).abs()).mean(), (weight * (recon - images) ** 2).mean()
 
 
 def foreground_mask(images: torch.Tensor, tolerance: float = 2 / 127.5) -> torch.Tensor:
