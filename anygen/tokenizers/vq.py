@@ -314,7 +314,9 @@ class VitVQGAN(nn.Module, PretrainedMixin):
         if layers < have:
             raise UserInputError(f"cannot shrink the decoder from {have} to {layers} layers")
         grown = VitVQGAN(dataclasses.replace(self.config, decoder_layers=layers))
-        grown.load_state_dict(self.state_dict(), strict=False)  # all but the new blocks
+        missing, unexpected = grown.load_state_dict(self.state_dict(), strict=False)
+        new_blocks = tuple(f"decoder.{i}." for i in range(have, layers))
+        assert not unexpected and all(k.startswith(new_blocks) for k in missing), missing
         for block in grown.decoder[have:]:
             for layer in (block.proj, block.mlp[-1]):
                 nn.init.zeros_(layer.weight)
