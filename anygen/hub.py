@@ -264,6 +264,27 @@ def fsync_tree(folder: Path) -> None:
             fsync_file(file)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_modes(path: Path) -> None:
+    """Give ``path`` (a file, or every file under a folder) the mode a plain ``open``
+    would have: ``0o666`` less the umask.
+
+    safetensors >= 0.8 writes through a temporary file created ``0o600`` and renamed
+    (safetensors#782), so weights saved by it, or by diffusers and transformers over it,
+    would be readable by their owner alone while the config beside them is not.
+    """
+    mode = 0o666 & ~_umask()
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    for file in files:
+        if file.stat().st_mode & 0o777 != mode:
+            os.chmod(file, mode)
+
+
 def fsync_dir(folder: Path) -> None:
     """Make a rename in ``folder`` durable; not possible on every platform (Windows)."""
     try:
@@ -306,6 +327,7 @@ def atomic_directory(
     tmp.mkdir()
     try:
         yield tmp
+        default_file_modes(tmp)
         fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

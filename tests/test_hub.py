@@ -1,6 +1,7 @@
 """anygen.hub: resolution, atomic checkpoints, safe loading, PretrainedMixin, packaging."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -117,6 +118,30 @@ def test_save_replaces_a_checkpoint_but_never_other_folders(tmp_path):
     with pytest.raises(CheckpointError, match="refusing to replace .*photos"):
         save_pretrained({"w": torch.zeros(2)}, precious, {})
     assert [p.name for p in precious.iterdir()] == ["cat.jpg"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX permission bits")
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_saved_weights_get_the_umask_mode_like_their_config(tmp_path, umask):
+    # safetensors writes 0o600 temporary files and renames them (safetensors#782)
+    from anygen.pipelines.embeddings import save_embeddings
+
+    old = os.umask(umask)
+    try:
+        out = save_pretrained({"w": torch.zeros(2)}, tmp_path / "ckpt", {"v": 1})
+        embeds = save_embeddings(tmp_path / "ti", {"sks": torch.zeros(1, 4)})
+    finally:
+        os.umask(old)
+    expected = 0o666 & ~umask
+    modes = {
+        p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777
+        for p in [*out.iterdir(), embeds]
+    }
+    assert modes == {
+        "ckpt/config.json": expected,
+        "ckpt/model.safetensors": expected,
+        "ti/learned_embeds.safetensors": expected,
+    }
 
 
 def test_failed_save_leaves_the_old_checkpoint_whole(tmp_path, monkeypatch):

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from anygen.errors import CheckpointError, UserInputError
+from anygen.hub import default_file_modes
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ def save_embeddings(directory: str | os.PathLike, embeddings: Mapping[str, torch
     }
     try:
         save_file(tensors, tmp)
+        default_file_modes(tmp)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

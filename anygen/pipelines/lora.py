@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from anygen.errors import CheckpointError, UserInputError
+from anygen.hub import default_file_modes
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,7 @@ def save_lora(directory: str | os.PathLike, unet, text_encoder=None) -> Path:
             unet_lora_adapter_metadata=unet_meta,
             text_encoder_lora_adapter_metadata=text_meta,
         )
+        default_file_modes(directory / tmp_name)
         os.replace(directory / tmp_name, target)
     finally:
         (directory / tmp_name).unlink(missing_ok=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from anygen.errors import CheckpointError
-from anygen.hub import fsync_dir, fsync_file
+from anygen.hub import default_file_modes, fsync_dir, fsync_file
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -201,6 +201,7 @@ def save_checkpoint(
     if accelerator.is_main_process:
         if ema is not None:
             save_ema(ema, tmp)
+        default_file_modes(tmp)
         for path in sorted(tmp.rglob("*")):
             if path.is_file():
                 fsync_file(path)
