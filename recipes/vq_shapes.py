@@ -226,7 +226,7 @@ def main(argv: list[str]) -> None:
     if args.decoder_from is not None:
         base = card_metadata(args.decoder_from)
         facts["decoder_from"] = str(args.decoder_from)
-        keys = ("argv", "steps", "batch_size", "train_time_s", "decoder_from", "base")
+        keys = ("argv", "steps", "batch_size", "train_time_s", "device", "decoder_from", "base")
         facts["base"] = {k: base[k] for k in keys if k in base}
     tokenizer.save_pretrained(out / "model")
     report = None
@@ -294,14 +294,14 @@ def provenance(facts: dict) -> str:
     stages.reverse()
 
     def run(f: dict) -> str:
-        return f"{f['steps']} steps of batch {f['batch_size']}, {f['train_time_s']:.0f} s"
+        where = f" on {f['device']}" if f.get("device") else ""
+        return f"{f['steps']} steps of batch {f['batch_size']}, {f['train_time_s']:.0f} s{where}"
 
     if len(stages) == 1:
         return (
-            f"Trained from scratch by `{facts['recipe']}` (seed {facts['seed']}, {run(facts)} "
-            f"on {facts['device']})."
+            f"Trained from scratch by `{facts['recipe']}` (seed {facts['seed']}, {run(facts)})."
         )
-    lines = [f"Trained by `{facts['recipe']}` in {len(stages)} stages, on {facts['device']}:"]
+    lines = [f"Trained by `{facts['recipe']}` in {len(stages)} stages:"]
     for i, f in enumerate(stages, 1):
         what = (
             f"the decoder side fine-tuned on the codes of `{f['decoder_from']}`"
