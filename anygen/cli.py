@@ -48,11 +48,24 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from anygen.eval.suites import score_folder
 
+    given = [f"--{f.replace('_', '-')}" for f in SAMPLING_FLAGS if getattr(args, f) is not None]
+    if given and (args.images is not None or args.suite == "reconstruction"):
+        what = "--images" if args.images is not None else "the reconstruction suite"
+        raise UserInputError(f"{', '.join(given)} cannot apply to {what}: nothing is sampled")
     if args.images is not None:
         report = score_folder(args.images)
     else:
         from anygen.eval.run import evaluate_model
+        from anygen.pipelines import Options
 
+        options = Options(
+            steps=args.steps,
+            guidance_scale=args.guidance,
+            scheduler=args.scheduler,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+        ).validate()
         report = evaluate_model(
             args.model,
             args.suite,
@@ -60,6 +73,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             seed=args.seed,
             batch_size=args.batch_size,
             device=args.device,
+            options=options,
         )
     print(report.table())
     if args.output is not None:
@@ -437,6 +451,22 @@ MODEL_HELP = (
 )
 
 
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """How images are sampled (default: the model's own settings)."""
+    p.add_argument("--steps", type=int, help="denoising steps (ldm models)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    p.add_argument(
+        "--scheduler",
+        help="diffusion sampler (ldm): dpm++, ddim, euler, euler-a, heun, unipc, pndm, ddpm",
+    )
+    p.add_argument("--temperature", type=float, help="code sampling temperature (parti; 0: greedy)")
+    p.add_argument("--top-k", type=int, help="sample among the k likeliest codes (parti; 0: off)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass (parti; 1: off)")
+
+
+SAMPLING_FLAGS = ("steps", "guidance", "scheduler", "temperature", "top_k", "top_p")
+
+
 def _add_device_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", help="fp32, fp16 or bf16 (default: fp32 on CPU, fp16 on CUDA)")
@@ -495,19 +525,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--seed", type=int, help="random seed (default: a fresh one, recorded)")
-    p.add_argument("--steps", type=int, help="denoising steps (ldm models)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    _add_sampling_flags(p)
     p.add_argument("--negative", help="negative prompt")
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
     p.add_argument("-n", type=_positive_int, default=1, help="images per prompt")
-    p.add_argument(
-        "--scheduler",
-        help="diffusion sampler (ldm): dpm++, ddim, euler, euler-a, heun, unipc, pndm, ddpm",
-    )
-    p.add_argument("--temperature", type=float, help="code sampling temperature (parti; 0: greedy)")
-    p.add_argument("--top-k", type=int, help="sample among the k likeliest codes (parti; 0: off)")
-    p.add_argument("--top-p", type=float, help="nucleus sampling mass (parti; 1: off)")
     _add_device_flags(p)
     _add_runtime_flags(p)
     p.add_argument("-o", "--output", type=Path, help="output .png (default: from the prompt)")
@@ -628,6 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: best)")
+    _add_sampling_flags(p)
     p.add_argument("-o", "--output", type=Path, help="write the report as JSON here")
     p.set_defaults(func=cmd_eval)
 

@@ -586,3 +586,22 @@ def test_recipe_trains_every_stage_and_saves_a_loadable_model(tmp_path):
     )  # fmt: skip
     assert run.returncode != 0 and "does not fit preset 'shapes'" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_cli_eval_samples_with_the_given_settings(saved, tmp_path, capsys):
+    report = tmp_path / "report.json"
+    args = ["eval", "--model", str(saved), "--suite", "t2i", "--n", "2", "--batch-size", "2"]
+    assert cli([*args, "--steps", "2", "--scheduler", "euler", "-o", str(report)]) == 0
+    meta = json.loads(report.read_text())["meta"]
+    assert (meta["steps"], meta["scheduler"], meta["guidance_scale"]) == (2, "euler", None)
+    capsys.readouterr()
+    # the settings reach the model: its own error for a sampler it does not have
+    assert cli([*args, "--scheduler", "nope"]) == 2
+    assert "unknown scheduler 'nope'" in capsys.readouterr().err
+    assert cli([*args, "--steps", "0"]) == 2
+    assert "steps must be at least 1" in capsys.readouterr().err
+    # nothing is sampled when scoring a folder or a reconstruction
+    assert cli(["eval", "--images", str(tmp_path), "--guidance", "2"]) == 2
+    assert "--guidance cannot apply to --images" in capsys.readouterr().err
+    assert cli(["eval", "--model", str(saved), "--suite", "reconstruction", "--steps", "5"]) == 2
+    assert "--steps cannot apply to the reconstruction suite" in capsys.readouterr().err
