@@ -40,9 +40,7 @@ BUNDLE_DIR = Path(__file__).resolve().parents[1] / "anygen" / "assets" / "models
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="anygen train recipes/parti_shapes.py", description=__doc__)
     p.add_argument("--output-dir", type=Path, required=True)
-    p.add_argument(
-        "--preset", choices=sorted(PARTI_PRESETS), default="shapes-m", help="model size"
-    )
+    p.add_argument("--preset", choices=sorted(PARTI_PRESETS), default="shapes-m", help="model size")
     p.add_argument("--tokenizer", default="shapes-bpe")
     p.add_argument("--image-tokenizer", default="shapes-vq")
     p.add_argument("--seed", type=int, default=0)
