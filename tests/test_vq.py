@@ -338,7 +338,11 @@ def test_decoder_fine_tuning_keeps_every_code(tmp_path):
     assert not torch.equal(before.quantizer.up.weight, after.quantizer.up.weight)
     meta = card_metadata(tuned / "model")
     assert meta["decoder_from"] == str(base / "model") and meta["base"]["steps"] == 2
-    assert "fine-tuned on the codes of" in (tuned / "model" / "README.md").read_text()
+    assert meta["base"]["device"] == meta["device"]  # each stage names where it ran
+    stages = [line for line in (tuned / "model" / "README.md").read_text().splitlines()
+              if line[:3] in ("1. ", "2. ")]  # fmt: skip
+    assert len(stages) == 2 and "fine-tuned on the codes of" in stages[1]
+    assert all(f"s on {meta['device']} (arguments" in line for line in stages)
 
     run = train("--output-dir", str(tmp_path / "x"), "--decoder-from", str(base / "model"),
                 "--gan-weight", "0.1")  # fmt: skip
