@@ -58,14 +58,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from anygen.eval.run import evaluate_model
         from anygen.pipelines import Options
 
-        options = Options(
-            steps=args.steps,
-            guidance_scale=args.guidance,
-            scheduler=args.scheduler,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-        ).validate()
+        options = Options(**_sampling_options(args)).validate()
         report = evaluate_model(
             args.model,
             args.suite,
@@ -148,16 +141,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     options = Options(
         seed=seed,
         num_images=args.n,
-        guidance_scale=args.guidance,
         negative_prompt=args.negative,
-        steps=args.steps,
         width=args.width,
         height=args.height,
-        scheduler=args.scheduler,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
         progress=not args.json,
+        **_sampling_options(args),
     ).validate()
 
     # Plan every file first, so that a bad path fails before minutes of generation.
@@ -465,6 +453,18 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 SAMPLING_FLAGS = ("steps", "guidance", "scheduler", "temperature", "top_k", "top_p")
+
+
+def _sampling_options(args: argparse.Namespace) -> dict:
+    """The ``Options`` fields that ``_add_sampling_flags`` fills."""
+    return {
+        "steps": args.steps,
+        "guidance_scale": args.guidance,
+        "scheduler": args.scheduler,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+    }
 
 
 def _add_device_flags(p: argparse.ArgumentParser) -> None:
