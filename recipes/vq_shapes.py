@@ -26,7 +26,9 @@ bundled shapes-vq is stage 1 above, then:
     anygen train recipes/vq_shapes.py --output-dir runs/shapes-vq-dec \
         --decoder-from runs/shapes-vq/model --steps 3000 --lr 4e-4
     anygen train recipes/vq_shapes.py --output-dir runs/shapes-vq-dec8 \
-        --decoder-from runs/shapes-vq-dec/model --decoder-layers 8 --steps 4000 --lr 4e-4 --bundle
+        --decoder-from runs/shapes-vq-dec/model --decoder-layers 8 --steps 4000 --lr 4e-4
+    anygen train recipes/vq_shapes.py --output-dir runs/shapes-vq-dec8b \
+        --decoder-from runs/shapes-vq-dec8/model --steps 4000 --lr 3e-4 --bundle
 """
 
 from __future__ import annotations
@@ -298,9 +300,7 @@ def provenance(facts: dict) -> str:
         return f"{f['steps']} steps of batch {f['batch_size']}, {f['train_time_s']:.0f} s{where}"
 
     if len(stages) == 1:
-        return (
-            f"Trained from scratch by `{facts['recipe']}` (seed {facts['seed']}, {run(facts)})."
-        )
+        return f"Trained from scratch by `{facts['recipe']}` (seed {facts['seed']}, {run(facts)})."
     lines = [f"Trained by `{facts['recipe']}` in {len(stages)} stages:"]
     for i, f in enumerate(stages, 1):
         what = (
