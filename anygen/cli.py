@@ -49,6 +49,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from anygen.eval.suites import score_folder
 
     given = [f"--{f.replace('_', '-')}" for f in SAMPLING_FLAGS if getattr(args, f) is not None]
+    if args.rerank is not None and (args.images is not None or args.suite != "t2i"):
+        what = "--images" if args.images is not None else f"the {args.suite} suite"
+        raise UserInputError(f"--rerank applies to the t2i suite, not to {what}")
     if given and (args.images is not None or args.suite == "reconstruction"):
         what = "--images" if args.images is not None else "the reconstruction suite"
         raise UserInputError(f"{', '.join(given)} cannot apply to {what}: nothing is sampled")
@@ -67,6 +70,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             device=args.device,
             options=options,
+            wrap=lambda generator: _reranked(generator, args),
         )
     print(report.table())
     if args.output is not None:
@@ -165,7 +169,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_writable(file, overwrite=args.overwrite, make_parent=args.prompts is not None)
 
     references = _open_images(args.subject) if args.subject else None
-    generator = _load(args)
+    if references and args.rerank is not None:
+        raise UserInputError("--rerank draws from a text prompt; it cannot take --subject")
+    generator = _reranked(_load(args), args)
     print(f"anygen: model {generator.name}", file=sys.stderr)
     if references:
         _require(generator, "generate_subject", "take subject reference images (--subject)")
@@ -192,8 +198,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             out = generator.generate_batch(
                 [p for _, p, _ in chunk], [s for _, _, s in chunk], options
             )
-        settings = {k: v for k, v in out.settings.items() if k != "seeds"}
-        for (file, prompt, image_seed), image in zip(chunk, out.images, strict=True):
+        per_image = ("seeds", "rerank", "rerank_scores")
+        settings = {k: v for k, v in out.settings.items() if k not in per_image}
+        for i, ((file, prompt, image_seed), image) in enumerate(
+            zip(chunk, out.images, strict=True)
+        ):
             record = {
                 "file": str(file),
                 "prompt": prompt,
@@ -201,6 +210,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 "model": generator.name,
                 **{k: v for k, v in settings.items() if v is not None},
             }
+            if "rerank" in out.settings:  # the candidate kept: its own seed and score
+                record["rerank"] = {
+                    **out.settings["rerank"],
+                    "seed": out.settings["seeds"][i],
+                    "score": out.settings["rerank_scores"][i],
+                }
             save_png(image, file, metadata=record, overwrite=args.overwrite)
             records.append(record)
             if args.json:
@@ -455,6 +470,39 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
 SAMPLING_FLAGS = ("steps", "guidance", "scheduler", "temperature", "top_k", "top_p")
 
 
+def _add_rerank_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--rerank",
+        type=_positive_int,
+        metavar="K",
+        help="draw K candidates per image and keep the one the reranker scores best",
+    )
+    p.add_argument(
+        "--reranker",
+        metavar="MODEL",
+        help="the fusion model that scores candidates (default: the model itself, if it can)",
+    )
+    p.add_argument(
+        "--rerank-by",
+        choices=("caption", "pmi"),
+        help="caption (default): log p(prompt | image); pmi: log p(image | prompt) - log p(image)",
+    )
+
+
+def _reranked(generator, args: argparse.Namespace):
+    """The generator, reranked when --rerank asks; --reranker or --rerank-by alone refused."""
+    if args.rerank is None:
+        if args.reranker is not None or args.rerank_by is not None:
+            given = "--reranker" if args.reranker is not None else "--rerank-by"
+            raise UserInputError(f"{given} needs --rerank K, the candidates per image")
+        return generator
+    from anygen.pipelines.rerank import rerank
+
+    return rerank(
+        generator, args.rerank, args.reranker, by=args.rerank_by or "caption", device=args.device
+    )
+
+
 def _sampling_options(args: argparse.Namespace) -> dict:
     """The ``Options`` fields that ``_add_sampling_flags`` fills."""
     return {
@@ -526,6 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--seed", type=int, help="random seed (default: a fresh one, recorded)")
     _add_sampling_flags(p)
+    _add_rerank_flags(p)
     p.add_argument("--negative", help="negative prompt")
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
@@ -651,6 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: best)")
     _add_sampling_flags(p)
+    _add_rerank_flags(p)
     p.add_argument("-o", "--output", type=Path, help="write the report as JSON here")
     p.set_defaults(func=cmd_eval)
 

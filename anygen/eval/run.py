@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 
 from anygen.errors import UserInputError
 from anygen.eval.suites import (
@@ -19,7 +20,7 @@ from anygen.eval.suites import (
     run_subject,
     run_t2i,
 )
-from anygen.pipelines import Options, load_generator
+from anygen.pipelines import Generator, Options, load_generator
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +46,11 @@ def evaluate_model(
     dtype: str | None = None,
     options: Options | None = None,
     progress: bool = True,
+    wrap: Callable[[Generator], Generator] | None = None,
 ) -> Report:
     """Load ``model`` and score it on ``suite`` (t2i, caption, story, edit, subject; or
-    reconstruction, for an image tokenizer or an ldm model's VAE)."""
+    reconstruction, for an image tokenizer or an ldm model's VAE). ``wrap`` turns the
+    loaded generator into the one scored (``anygen.pipelines.rerank.rerank``: best of K)."""
     if suite not in NEEDS:
         raise UserInputError(f"unknown suite {suite!r}; choose one of {', '.join(NEEDS)}")
     if suite == "reconstruction":
@@ -55,6 +58,8 @@ def evaluate_model(
         report.meta = {"model": model, "suite": suite, "n": n, "seed": seed}
         return report
     gen = load_generator(model, device=device, dtype=dtype)
+    if wrap is not None:
+        gen = wrap(gen)
     if not hasattr(gen, NEEDS[suite]):
         family = getattr(gen, "family", type(gen).__name__)
         hint = (
@@ -112,6 +117,14 @@ def evaluate_model(
             progress=progress,
         )
     report.meta = {"model": model, "suite": suite, "n": n, "seed": seed, **opts.to_dict()}
+    from anygen.pipelines.rerank import Reranked
+
+    if isinstance(gen, Reranked):
+        report.meta["rerank"] = {
+            "candidates": gen.candidates,
+            "by": gen.by,
+            "scorer": gen.scorer.name,
+        }
     return report
 
 

@@ -525,6 +525,59 @@ def fusion_loss(model: FusionTransformer, batch: Batch) -> dict[str, torch.Tenso
     return {"loss": loss, **out}
 
 
+@torch.no_grad()
+def log_likelihood(
+    model: FusionTransformer,
+    prompts: Sequence[Prompt],
+    scored: Sequence[int],
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Log-probability (R,) of the last ``scored[r]`` ids of each row given the ids before
+    them, under the distributions decoding samples from: an image code among the image
+    codes alone (``image_logits``), any other id under the text phase's mask. Rows are
+    scored in batches of ``batch_size``; a row's score does not depend on its batch."""
+    c = model.config
+    if len(scored) != len(prompts):
+        raise ValueError(f"{len(scored)} scored lengths for {len(prompts)} rows")
+    text_mask = _text_mask(c, "text", c.vocab_size, model.device)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        rows = prompts[start : start + batch_size]
+        counts = scored[start : start + batch_size]
+        width = max(len(p.ids) for p in rows)
+        ids = torch.full((len(rows), width), c.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        where, targets = [], []  # (row, position) whose hidden state predicts the target
+        for i, (p, k) in enumerate(zip(rows, counts, strict=True)):
+            n = len(p.ids)
+            if not 0 < k < n:
+                raise ValueError(f"cannot score {k} of a row of {n} ids")
+            ids[i, :n] = torch.tensor(p.ids)
+            mask[i, :n] = 1
+            for t in range(n - k, n):
+                if p.ids[t] == c.img_id:
+                    raise UserInputError("regressed visual embeddings have no likelihood")
+                where.append((i, t - 1))
+                targets.append(p.ids[t])
+        visual = [p.visual for p in rows if p.visual is not None and len(p.visual)]
+        visual = torch.cat(visual).to(model.device) if visual else None
+        ids, mask = ids.to(model.device), mask.to(model.device)
+        h, _ = model.hidden(model.embed(ids, visual), mask, _positions(mask))  # (B, T, D)
+        r, t = torch.tensor(where, device=model.device).T
+        h = h[r, t]  # (S, D)
+        target = torch.tensor(targets, device=model.device)
+        is_image = target >= c.image_offset
+        logp = torch.empty(len(targets), device=model.device)
+        if is_image.any():
+            lp = model.image_logits(h[is_image]).float().log_softmax(-1)
+            logp[is_image] = lp.gather(1, (target[is_image] - c.image_offset)[:, None])[:, 0]
+        if (~is_image).any():
+            lp = (model.logits(h[~is_image]).float() + text_mask).log_softmax(-1)
+            logp[~is_image] = lp.gather(1, target[~is_image][:, None])[:, 0]
+        out.append(torch.zeros(len(rows), device=model.device).index_add_(0, r, logp))
+    return torch.cat(out).cpu()
+
+
 # -----------------------------------------------------------------------------
 # decoding: one interleaved loop over phases, KV cache carried across them
 

@@ -40,6 +40,7 @@ from anygen.models.fusion import (
     Prompt,
     Sampling,
     decode_stream,
+    log_likelihood,
 )
 from anygen.pipelines.base import (
     Options,
@@ -70,6 +71,8 @@ DEFAULTS = {
     "story_temperature": 1.0,  # story events: sampled (seeded)
     "max_new_tokens": 24,
 }
+# what ``Fusion.score`` can measure (see there)
+SCORES = ("caption", "pmi")
 
 
 class Fusion(TextToImage):
@@ -460,6 +463,51 @@ class Fusion(TextToImage):
             self.prompt([im, question_text(q)]) for im, q in zip(images, questions, strict=False)
         ]
         return self._texts(prompts, opts)
+
+    # ------------------------------------------------------------------ image <-> text fit
+
+    def score(
+        self, images: Sequence[Image.Image], texts: Sequence[str], *, by: str = "caption"
+    ) -> list[float]:
+        """How well each image fits its text, in nats (higher: better), for reranking.
+
+        ``by="caption"``: log p(text | image), the model reading the image and writing the
+        text as its caption (Parti reranks with a captioner, CoCa). ``by="pmi"`` (discrete
+        models): log p(image | text) - log p(image), the image's codes written after the
+        text against after no text: the evidence the text adds, as classifier-free guidance
+        uses it. Scores compare images of one text; across texts they are not calibrated.
+        """
+        _check_images(images)
+        if len(images) != len(texts):
+            raise UserInputError(f"{len(images)} images but {len(texts)} texts")
+        for t in texts:
+            check_prompt(t)
+        c = self.config
+        if by == "caption":
+            rows, counts = [], []
+            for im, t in zip(images, texts, strict=True):
+                ids = [*self.text_ids(t), c.eos_id]
+                rows.append(self.prompt([im, CAPTION_QUESTION], end=ids))
+                counts.append(len(ids))
+            return log_likelihood(self.transformer, rows, counts).tolist()
+        if by != "pmi":
+            raise UserInputError(f"unknown score {by!r}; choose one of {', '.join(SCORES)}")
+        if c.continuous:
+            raise UserInputError(
+                f"{self.name!r} regresses its images (continuous): they have no likelihood "
+                "to score by pmi; score by caption"
+            )
+        codes = [(x + c.image_offset).tolist() for x in self.encode_images(images)]
+        with_text = [
+            Prompt([c.bos_id, *self.text_ids(t), c.boi_id, *x])
+            for t, x in zip(texts, codes, strict=True)
+        ]
+        without = [Prompt([c.bos_id, c.boi_id, *x]) for x in codes]
+        n = [c.image_tokens] * len(codes)
+        return (
+            log_likelihood(self.transformer, with_text, n)
+            - log_likelihood(self.transformer, without, n)
+        ).tolist()
 
     # ------------------------------------------------------------------ save / load
 

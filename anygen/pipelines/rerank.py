@@ -1,0 +1,113 @@
+"""Best of K: draw K candidates per image and keep the one a scorer says fits the prompt.
+
+Parti reranked its samples with a captioner (CoCa), DALL-E with CLIP. Here any
+text-to-image generator draws the candidates and a fusion model scores them
+(``Fusion.score``: by caption likelihood, or by the evidence the prompt adds to the
+image's codes), so one model of anygen checks another's work:
+
+    best = Reranked(load_generator("shapes-parti"), load_generator("shapes-fusion"), 8)
+    best.generate("a red circle above a blue square", Options(seed=0))
+
+Candidate 0 of seed s is drawn with s itself, so K = 1 is the base model unchanged and a
+larger K only adds candidates; candidate j > 0 is drawn with ``candidate_seeds(s, K)[j]``.
+The seed that drew each kept image is recorded (``Output.settings["seeds"]``): the base
+model alone, given that seed, draws the same image again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from anygen.errors import UserInputError
+from anygen.pipelines.base import MAX_SEED, Options, Output, TextToImage, Timer, check_prompt
+from anygen.pipelines.fusion import SCORES
+
+
+def candidate_seeds(seed: int, k: int) -> list[int]:
+    """The seeds of the ``k`` candidates for ``seed``: ``seed`` itself first, then seeds
+    derived by hashing, so that neighbouring seeds share no candidate."""
+    out = [seed]
+    for j in range(1, k):
+        digest = hashlib.blake2b(f"anygen-rerank:{seed}:{j}".encode(), digest_size=8).digest()
+        out.append(int.from_bytes(digest, "little") & MAX_SEED)
+    return out
+
+
+class Reranked(TextToImage):
+    """``base`` behind the generator interface, keeping the best of ``candidates`` images
+    per requested image as ``scorer.score(images, prompts, by=by)`` ranks them."""
+
+    def __init__(self, base: TextToImage, scorer, candidates: int, *, by: str = "caption"):
+        if not hasattr(base, "generate_batch"):
+            raise UserInputError(
+                f"model {base.name!r} ({base.family}) does not draw images from a prompt in "
+                "batches; it cannot be reranked"
+            )
+        if not hasattr(scorer, "score"):
+            raise UserInputError(
+                f"model {scorer.name!r} ({getattr(scorer, 'family', '?')}) cannot score images "
+                "against text; a reranker must be a fusion model such as shapes-fusion"
+            )
+        if candidates < 1:
+            raise UserInputError(f"candidates must be at least 1, got {candidates}")
+        if by not in SCORES:
+            raise UserInputError(f"unknown score {by!r}; choose one of {', '.join(SCORES)}")
+        self.base, self.scorer, self.candidates, self.by = base, scorer, candidates, by
+        self.name, self.family, self.defaults = base.name, base.family, base.defaults
+
+    def generate_batch(
+        self, prompts: list[str], seeds: list[int], options: Options | None = None
+    ) -> Output:
+        """One image per (prompt, seed): the best of that pair's candidates."""
+        if len(prompts) != len(seeds):
+            raise UserInputError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        for p in prompts:
+            check_prompt(p)
+        opts = (options or Options()).validate()
+        k = self.candidates
+        all_prompts = [p for p in prompts for _ in range(k)]
+        all_seeds = [c for s in seeds for c in candidate_seeds(s, k)]
+        timer = Timer()
+        with timer("candidates"):
+            drawn = self.base.generate_batch(all_prompts, all_seeds, opts)
+        with timer("score"):
+            scores = torch.tensor(self.scorer.score(drawn.images, all_prompts, by=self.by))
+        best = scores.view(len(prompts), k).argmax(dim=1)  # (B,)
+        keep = [i * k + int(j) for i, j in enumerate(best)]
+        settings = {
+            **drawn.settings,
+            "seeds": [all_seeds[i] for i in keep],
+            "rerank": {"candidates": k, "by": self.by, "scorer": self.scorer.name},
+            "rerank_scores": [round(float(scores[i]), 4) for i in keep],
+        }
+        return Output(
+            segments=[drawn.images[i] for i in keep],
+            seed=seeds[0],
+            model=self.name,
+            timings={**drawn.timings, **timer.timings},
+            settings=settings,
+        )
+
+
+def rerank(
+    generator: TextToImage,
+    candidates: int,
+    scorer: str | None = None,
+    *,
+    by: str = "caption",
+    device: str | None = None,
+) -> Reranked:
+    """``generator`` keeping the best of ``candidates`` images, scored by the model named
+    ``scorer`` (loaded on ``device``), or by ``generator`` itself when it can score."""
+    if scorer is None:
+        if not hasattr(generator, "score"):
+            raise UserInputError(
+                f"model {generator.name!r} ({generator.family}) cannot score its own images; "
+                "name a reranker, a fusion model such as shapes-fusion"
+            )
+        return Reranked(generator, generator, candidates, by=by)
+    from anygen.pipelines import load_generator
+
+    return Reranked(generator, load_generator(scorer, device=device), candidates, by=by)

@@ -1,0 +1,271 @@
+"""Best-of-K reranking with tiny random models: the fusion likelihoods against a
+hand-computed reference, the kept candidate against scoring every candidate, K = 1 against
+the base model, the recorded seed against drawing it again, the CLI, and bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from anygen.cli import main as cli
+from anygen.errors import UserInputError
+from anygen.models.fusion import FUSION_PRESETS, FusionTransformer, Prompt, log_likelihood
+from anygen.models.parti import PARTI_PRESETS, PartiTransformer
+from anygen.output import read_png_metadata
+from anygen.pipelines import Options
+from anygen.pipelines.fusion import Fusion
+from anygen.pipelines.parti import Parti
+from anygen.pipelines.rerank import Reranked, candidate_seeds, rerank
+from anygen.tokenizers.text import load_text_tokenizer
+from anygen.tokenizers.visual import VISUAL_PRESETS, VisualCodec
+from anygen.tokenizers.vq import VQ_PRESETS, VitVQGAN
+
+OPTS = Options(progress=False)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_text_tokenizer("shapes-bpe")
+
+
+def fusion(tokenizer, mode: str = "discrete") -> Fusion:
+    preset = "tiny" if mode == "discrete" else "tiny-continuous"
+    c = dataclasses.replace(FUSION_PRESETS[preset], text_vocab_size=len(tokenizer))
+    torch.manual_seed(0)
+    transformer = FusionTransformer(c).eval()
+    images = VisualCodec(VISUAL_PRESETS["tiny"]) if c.continuous else VitVQGAN(VQ_PRESETS["tiny"])
+    return Fusion(transformer, tokenizer, images, name=f"tiny-fusion-{mode}")
+
+
+@pytest.fixture(scope="module")
+def scorer(tokenizer) -> Fusion:
+    return fusion(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def parti(tokenizer) -> Parti:
+    cfg = dataclasses.replace(PARTI_PRESETS["tiny"], image_vocab_size=32, image_tokens=16)
+    torch.manual_seed(1)
+    return Parti(
+        PartiTransformer(cfg).eval(),
+        tokenizer,
+        VitVQGAN(VQ_PRESETS["tiny"]),
+        name="tiny-parti",
+        # temperature 2: candidates of a tiny random model differ from one another
+        defaults={"temperature": 2.0},
+    )
+
+
+@torch.no_grad()
+def reference_log_likelihood(model: FusionTransformer, prompt: Prompt, k: int) -> float:
+    """The row alone, teacher-forced, each target under the distribution decoding draws
+    it from: image codes among the codes, text under the text phase's allowed ids."""
+    c = model.config
+    ids = torch.tensor([prompt.ids])
+    h, logits = model(ids, torch.ones_like(ids), prompt.visual)
+    total = 0.0
+    banned = (c.pad_id, c.eoi_id, c.img_id, c.bos_id, c.boi_id)
+    for t in range(len(prompt.ids) - k, len(prompt.ids)):
+        target = prompt.ids[t]
+        if target >= c.image_offset:
+            lp = model.image_logits(h[0, t - 1]).log_softmax(-1)[target - c.image_offset]
+        else:
+            row = logits[0, t - 1, : c.text_vocab_size].clone()
+            row[list(banned)] = float("-inf")
+            lp = row.log_softmax(-1)[target]
+        total += float(lp)
+    return total
+
+
+@pytest.mark.parametrize("mode", ["discrete", "continuous"])
+def test_log_likelihood_equals_each_row_teacher_forced_alone(tokenizer, mode):
+    model = fusion(tokenizer, mode).transformer
+    c = model.config
+    g = torch.Generator().manual_seed(0)
+    if c.continuous:
+        visual = torch.randn(1, c.image_tokens, c.visual_dim, generator=g)
+        image = [c.boi_id, *[c.img_id] * c.image_tokens, c.eoi_id]
+        rows = [
+            Prompt([c.bos_id, *image, 20, 21, 22, c.eos_id], visual),
+            Prompt([c.bos_id, 30, 31]),
+        ]
+        scored = [4, 2]
+    else:
+        codes = (
+            torch.randint(0, c.image_vocab_size, (c.image_tokens,), generator=g) + c.image_offset
+        )
+        rows = [
+            Prompt([c.bos_id, 20, 21, c.boi_id, *codes.tolist()]),  # image codes scored
+            Prompt([c.bos_id, c.boi_id, *codes.tolist(), c.eoi_id, 25, c.eos_id]),  # text
+            Prompt([c.bos_id, 30, 31]),
+        ]
+        scored = [c.image_tokens, 2, 1]
+    got = log_likelihood(model, rows, scored, batch_size=2)  # batches of unequal widths
+    want = [reference_log_likelihood(model, p, k) for p, k in zip(rows, scored, strict=True)]
+    assert got.shape == (len(rows),)
+    torch.testing.assert_close(got, torch.tensor(want), rtol=1e-4, atol=1e-4)
+    assert (got < 0).all()
+
+
+def test_regressed_embeddings_have_no_likelihood(tokenizer):
+    model = fusion(tokenizer, "continuous").transformer
+    c = model.config
+    visual = torch.zeros(1, c.image_tokens, c.visual_dim)
+    row = Prompt([c.bos_id, c.boi_id, *[c.img_id] * c.image_tokens, c.eoi_id], visual)
+    with pytest.raises(UserInputError, match="no likelihood"):
+        log_likelihood(model, [row], [3])
+
+
+def test_scores_are_the_caption_likelihood_and_the_evidence_of_the_prompt(scorer, parti):
+    images = parti.generate_batch(["a red circle", "a blue square"], [0, 1], OPTS).images
+    texts = ["a red circle", "two green stars"]
+    c = scorer.config
+    by_caption = scorer.score(images, texts)
+    rows = [
+        scorer.prompt([im, "what is in this image ?"], end=[*scorer.text_ids(t), c.eos_id])
+        for im, t in zip(images, texts, strict=True)
+    ]
+    want = [
+        reference_log_likelihood(scorer.transformer, r, len(scorer.text_ids(t)) + 1)
+        for r, t in zip(rows, texts, strict=True)
+    ]
+    assert by_caption == pytest.approx(want, abs=1e-4)
+
+    pmi = scorer.score(images, texts, by="pmi")
+    codes = [(x + c.image_offset).tolist() for x in scorer.encode_images(images)]
+    want = [
+        reference_log_likelihood(
+            scorer.transformer, Prompt([c.bos_id, *scorer.text_ids(t), c.boi_id, *x]), len(x)
+        )
+        - reference_log_likelihood(scorer.transformer, Prompt([c.bos_id, c.boi_id, *x]), len(x))
+        for t, x in zip(texts, codes, strict=True)
+    ]
+    assert pmi == pytest.approx(want, abs=1e-4)
+    # the same image scores differently against different texts
+    assert scorer.score(images[:1], ["a yellow star"]) != by_caption[:1]
+
+
+def test_bad_scoring_requests_are_named(scorer, tokenizer, parti):
+    image = parti.generate_batch(["a red circle"], [0], OPTS).images
+    with pytest.raises(UserInputError, match="1 images but 2 texts"):
+        scorer.score(image, ["a", "b"])
+    with pytest.raises(UserInputError, match="unknown score 'clip'"):
+        scorer.score(image, ["a red circle"], by="clip")
+    with pytest.raises(UserInputError, match="the prompt is empty"):
+        scorer.score(image, [" "])
+    with pytest.raises(UserInputError, match="no likelihood to score by pmi"):
+        fusion(tokenizer, "continuous").score(image, ["a red circle"], by="pmi")
+    # continuous models score by caption
+    assert len(fusion(tokenizer, "continuous").score(image, ["a red circle"])) == 1
+
+
+def test_candidate_seeds_start_with_the_seed_and_never_repeat():
+    seeds = candidate_seeds(7, 16)
+    assert seeds[0] == 7 and len(set(seeds)) == 16
+    assert all(0 <= s < 2**63 for s in seeds)
+    assert candidate_seeds(7, 16) == seeds and candidate_seeds(7, 4) == seeds[:4]
+    assert not set(candidate_seeds(8, 16)) & set(seeds)
+
+
+def pixels(image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image).copy())
+
+
+def test_one_candidate_is_the_base_model_unchanged(parti, scorer):
+    prompts, seeds = ["a red circle", "a blue square"], [3, 4]
+    base = parti.generate_batch(prompts, seeds, OPTS)
+    out = Reranked(parti, scorer, 1).generate_batch(prompts, seeds, OPTS)
+    for a, b in zip(base.images, out.images, strict=True):
+        assert torch.equal(pixels(a), pixels(b))
+    assert out.settings["seeds"] == seeds
+    assert out.settings["rerank"] == {"candidates": 1, "by": "caption", "scorer": scorer.name}
+
+
+@pytest.mark.parametrize("by", ["caption", "pmi"])
+def test_the_kept_image_is_the_best_scored_candidate_and_its_seed_redraws_it(parti, scorer, by):
+    prompts, seeds, k = ["a red circle", "a blue square"], [10, 20], 4
+    out = Reranked(parti, scorer, k, by=by).generate_batch(prompts, seeds, OPTS)
+    for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
+        cands = candidate_seeds(seed, k)
+        images = parti.generate_batch([prompt] * k, cands, OPTS).images
+        scores = scorer.score(images, [prompt] * k, by=by)
+        best = max(range(k), key=lambda j: scores[j])
+        assert len(set(scores)) == k  # no ties: the choice is the scorer's, not the order's
+        assert out.settings["seeds"][i] == cands[best]
+        assert out.settings["rerank_scores"][i] == pytest.approx(scores[best], abs=1e-3)
+        assert torch.equal(pixels(out.images[i]), pixels(images[best]))
+        again = parti.generate_batch([prompt], [out.settings["seeds"][i]], OPTS).images[0]
+        assert torch.equal(pixels(again), pixels(out.images[i]))
+
+
+def test_a_reranked_batch_equals_its_items_one_by_one(parti, scorer):
+    best = Reranked(parti, scorer, 3)
+    batch = best.generate_batch(["a red circle", "a green star"], [5, 6], OPTS)
+    for i, (p, s) in enumerate([("a red circle", 5), ("a green star", 6)]):
+        alone = best.generate_batch([p], [s], OPTS)
+        assert torch.equal(pixels(alone.images[0]), pixels(batch.images[i]))
+        assert alone.settings["seeds"] == [batch.settings["seeds"][i]]
+
+
+def test_a_reranker_must_score_and_a_model_that_cannot_must_be_given_one(parti, scorer):
+    with pytest.raises(UserInputError, match="cannot score images against text"):
+        Reranked(scorer, parti, 4)
+    with pytest.raises(UserInputError, match="cannot score its own images; name a reranker"):
+        rerank(parti, 4)
+    with pytest.raises(UserInputError, match="candidates must be at least 1"):
+        Reranked(parti, scorer, 0)
+    # a fusion model reranks its own images
+    own = rerank(scorer, 2)
+    assert own.scorer is scorer and len(own.generate("a red circle", OPTS).images) == 1
+
+
+def test_cli_generates_and_evaluates_reranked(parti, scorer, tmp_path, capsys):
+    model, judge = tmp_path / "parti", tmp_path / "fusion"
+    parti.save_pretrained(model)
+    scorer.save_pretrained(judge, tokenizer_ref="shapes-bpe")
+    out = tmp_path / "best.png"
+    args = ["generate", "a red circle", "--model", str(model), "--seed", "2", "-o", str(out)]
+    assert cli([*args, "--rerank", "3", "--reranker", str(judge), "--rerank-by", "pmi"]) == 0
+    meta = read_png_metadata(out)
+    assert meta["seed"] == 2
+    kept = meta["rerank"]
+    assert kept["candidates"] == 3 and kept["by"] == "pmi" and kept["scorer"] == str(judge)
+    assert kept["seed"] in candidate_seeds(2, 3)
+    redrawn = parti.generate_batch(["a red circle"], [kept["seed"]], OPTS).images[0]
+    from PIL import Image
+
+    assert torch.equal(pixels(Image.open(out).convert("RGB")), pixels(redrawn))
+
+    report_file = tmp_path / "report.json"
+    ev = ["eval", "--model", str(model), "--n", "2", "-o", str(report_file)]
+    assert cli([*ev, "--rerank", "2", "--reranker", str(judge)]) == 0
+    meta = json.loads(report_file.read_text())["meta"]
+    assert meta["rerank"] == {"candidates": 2, "by": "caption", "scorer": str(judge)}
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--reranker", "shapes-fusion"], "--reranker needs --rerank K"),
+        (["--rerank-by", "pmi"], "--rerank-by needs --rerank K"),
+        (["--rerank", "2"], "cannot score its own images; name a reranker"),
+    ],
+)
+def test_cli_refuses_reranking_it_cannot_do(parti, tmp_path, capsys, extra, message):
+    model = tmp_path / "parti"
+    parti.save_pretrained(model)
+    code = cli(
+        ["generate", "a red circle", "--model", str(model), "-o", str(tmp_path / "x.png"), *extra]
+    )
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_eval_refuses_reranking_outside_the_t2i_suite(capsys):
+    assert cli(["eval", "--model", "shapes-fusion", "--suite", "caption", "--rerank", "2"]) == 2
+    assert "--rerank applies to the t2i suite, not to the caption suite" in capsys.readouterr().err
