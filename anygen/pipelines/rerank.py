@@ -67,26 +67,31 @@ class Reranked(TextToImage):
             check_prompt(p)
         opts = (options or Options()).validate()
         k = self.candidates
-        all_prompts = [p for p in prompts for _ in range(k)]
-        all_seeds = [c for s in seeds for c in candidate_seeds(s, k)]
+        cands = [candidate_seeds(s, k) for s in seeds]  # (B, K)
         timer = Timer()
-        with timer("candidates"):
-            drawn = self.base.generate_batch(all_prompts, all_seeds, opts)
-        with timer("score"):
-            scores = torch.tensor(self.scorer.score(drawn.images, all_prompts, by=self.by))
-        best = scores.view(len(prompts), k).argmax(dim=1)  # (B,)
-        keep = [i * k + int(j) for i, j in enumerate(best)]
+        images, scores = [], []  # [candidate j][prompt i]
+        settings, timings = {}, {}
+        for j in range(k):  # candidate j of every prompt: memory as without reranking
+            with timer("candidates"):
+                drawn = self.base.generate_batch(prompts, [c[j] for c in cands], opts)
+            with timer("score"):
+                scores.append(self.scorer.score(drawn.images, prompts, by=self.by))
+            images.append(drawn.images)
+            settings = drawn.settings
+            for name, t in drawn.timings.items():
+                timings[name] = timings.get(name, 0.0) + t
+        best = torch.tensor(scores).argmax(dim=0).tolist()  # (B,): the kept candidate
         settings = {
-            **drawn.settings,
-            "seeds": [all_seeds[i] for i in keep],
+            **settings,
+            "seeds": [c[j] for c, j in zip(cands, best, strict=True)],
             "rerank": {"candidates": k, "by": self.by, "scorer": self.scorer.name},
-            "rerank_scores": [round(float(scores[i]), 4) for i in keep],
+            "rerank_scores": [round(scores[j][i], 4) for i, j in enumerate(best)],
         }
         return Output(
-            segments=[drawn.images[i] for i in keep],
+            segments=[images[j][i] for i, j in enumerate(best)],
             seed=seeds[0],
             model=self.name,
-            timings={**drawn.timings, **timer.timings},
+            timings={**timings, **timer.timings},
             settings=settings,
         )
 
