@@ -269,3 +269,36 @@ def test_cli_refuses_reranking_it_cannot_do(parti, tmp_path, capsys, extra, mess
 def test_cli_eval_refuses_reranking_outside_the_t2i_suite(capsys):
     assert cli(["eval", "--model", "shapes-fusion", "--suite", "caption", "--rerank", "2"]) == 2
     assert "--rerank applies to the t2i suite, not to the caption suite" in capsys.readouterr().err
+
+
+def test_rerank_curve_keeps_the_best_scored_candidate_and_bounds_it_by_the_oracle():
+    from benchmarks.rerank_curve import curve
+
+    rows = [  # two prompts, three candidates each: the verdicts and both scores
+        {"category": "a", "right": [False, True, False], "caption": [0, 2, 1], "pmi": [3, 0, 0]},
+        {"category": "b", "right": [True, False, True], "caption": [1, 1, 5], "pmi": [0, 9, 0]},
+    ]
+    table = curve(rows, [1, 2, 3])
+    for method in ("caption", "pmi", "oracle"):  # K = 1: the first candidate, for every method
+        assert table[1][method]["overall"] == 0.5
+    assert table[2]["caption"] == {"a": 1.0, "b": 1.0, "overall": 1.0}  # ties: the first
+    assert table[2]["pmi"] == {"a": 0.0, "b": 0.0, "overall": 0.0}
+    assert table[3]["caption"]["overall"] == 1.0 and table[3]["pmi"]["overall"] == 0.0
+    assert table[3]["oracle"]["overall"] == 1.0
+
+
+def test_rerank_curve_runs_on_saved_models(parti, scorer, tmp_path, capsys):
+    from benchmarks.rerank_curve import main
+
+    model, judge = tmp_path / "parti", tmp_path / "fusion"
+    parti.save_pretrained(model)
+    scorer.save_pretrained(judge, tokenizer_ref="shapes-bpe")
+    out = tmp_path / "curve.json"
+    args = ["--model", str(model), "--reranker", str(judge), "--k", "3", "--n", "2"]
+    assert main([*args, "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "2 t2i prompts (seed 1000)" in printed and "\n3    oracle" in printed
+    result = json.loads(out.read_text())
+    assert sorted(result["curve"]) == ["1", "2", "3"]
+    assert [len(r["right"]) for r in result["rows"]] == [3, 3]
+    assert result["rows"][0]["seeds"] == candidate_seeds(1000, 3)
