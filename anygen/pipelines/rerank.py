@@ -110,7 +110,7 @@ def rerank(
         if not hasattr(generator, "score"):
             raise UserInputError(
                 f"model {generator.name!r} ({generator.family}) cannot score its own images; "
-                "name a reranker, a fusion model such as shapes-fusion"
+                "name a reranker, a fusion model such as shapes-fusion (--reranker)"
             )
         return Reranked(generator, generator, candidates, by=by)
     from anygen.pipelines import load_generator
