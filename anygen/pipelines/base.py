@@ -181,6 +181,16 @@ def check_prompt(prompt: str | Sequence[Segment]) -> None:
             )
 
 
+def check_batch(prompts: Sequence[str], seeds: Sequence[int], options: Options | None) -> Options:
+    """What every ``generate_batch`` checks first: one seed per prompt, no empty prompt,
+    valid options. Returns the validated options (the defaults when none were given)."""
+    if len(prompts) != len(seeds):
+        raise UserInputError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    for p in prompts:
+        check_prompt(p)
+    return (options or Options()).validate()
+
+
 class Timer:
     """Collects named wall-clock timings: ``with timer("denoise"): ...``."""
 

@@ -36,6 +36,7 @@ from anygen.pipelines.base import (
     Output,
     TextToImage,
     Timer,
+    check_batch,
     check_prompt,
     make_generator,
     resolve_seed,
@@ -377,11 +378,7 @@ class DiffusersTextToImage(TextToImage):
             raise UserInputError(
                 f"{self.name} is an image-editing pipeline ({self.class_name}): use `anygen edit`"
             )
-        if len(prompts) != len(seeds):
-            raise UserInputError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        for p in prompts:
-            check_prompt(p)
-        opts = (options or Options()).validate()
+        opts = check_batch(prompts, seeds, options)
         kwargs, settings = self._call_kwargs(self.pipe, opts, editing=False)
         width = opts.width or self.defaults.get("width") or self.default_size
         height = opts.height or self.defaults.get("height") or self.default_size

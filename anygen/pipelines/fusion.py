@@ -48,6 +48,7 @@ from anygen.pipelines.base import (
     Segment,
     TextToImage,
     Timer,
+    check_batch,
     check_prompt,
     make_generator,
     part_location,
@@ -290,9 +291,7 @@ class Fusion(TextToImage):
         self, prompts: list[str], seeds: list[int], options: Options | None = None
     ) -> Output:
         """One image per (prompt, seed); image i depends on prompt i and seed i only."""
-        if len(prompts) != len(seeds):
-            raise UserInputError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        opts = (options or Options()).validate()
+        opts = check_batch(prompts, seeds, options)
         self.check_options(opts)
         timer = Timer()
         s = self.sampling(opts, "temperature")

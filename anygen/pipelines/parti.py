@@ -32,7 +32,7 @@ from anygen.pipelines.base import (
     Output,
     TextToImage,
     Timer,
-    check_prompt,
+    check_batch,
     make_generator,
     part_location,
     read_model_meta,
@@ -109,11 +109,7 @@ class Parti(TextToImage):
         self, prompts: list[str], seeds: list[int], options: Options | None = None
     ) -> Output:
         """One image per (prompt, seed); image i depends on prompt i and seed i only."""
-        if len(prompts) != len(seeds):
-            raise UserInputError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        for p in prompts:
-            check_prompt(p)
-        opts = (options or Options()).validate()
+        opts = check_batch(prompts, seeds, options)
         self.check_options(opts)
         d = self.defaults
         guidance = opts.guidance_scale if opts.guidance_scale is not None else d["guidance_scale"]

@@ -21,7 +21,14 @@ import hashlib
 import torch
 
 from anygen.errors import UserInputError
-from anygen.pipelines.base import MAX_SEED, Options, Output, TextToImage, Timer, check_prompt
+from anygen.pipelines.base import (
+    MAX_SEED,
+    Options,
+    Output,
+    TextToImage,
+    Timer,
+    check_batch,
+)
 from anygen.pipelines.fusion import SCORES
 
 
@@ -61,11 +68,7 @@ class Reranked(TextToImage):
         self, prompts: list[str], seeds: list[int], options: Options | None = None
     ) -> Output:
         """One image per (prompt, seed): the best of that pair's candidates."""
-        if len(prompts) != len(seeds):
-            raise UserInputError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        for p in prompts:
-            check_prompt(p)
-        opts = (options or Options()).validate()
+        opts = check_batch(prompts, seeds, options)
         k = self.candidates
         cands = [candidate_seeds(s, k) for s in seeds]  # (B, K)
         timer = Timer()

@@ -40,7 +40,7 @@ from anygen.pipelines.base import (  # ANYGEN_FILE: beside model_index.json, any
     Output,
     TextToImage,
     Timer,
-    check_prompt,
+    check_batch,
     make_generator,
 )
 from anygen.pipelines.runtime import Runtime, auto_attention, configure_pipeline
@@ -125,11 +125,7 @@ class LatentDiffusion(TextToImage):
     ) -> Output:
         """One image per (prompt, seed) in one batch; image i depends on prompt i and seed i
         only (each row draws its noise from its own generator)."""
-        if len(prompts) != len(seeds):
-            raise UserInputError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        for p in prompts:
-            check_prompt(p)
-        opts = (options or Options()).validate()
+        opts = check_batch(prompts, seeds, options)
         generators = [make_generator(s, self.device) for s in seeds]
         images, settings, timings = self.sample(prompts, generators, opts)
         settings["seeds"] = list(seeds)

@@ -34,6 +34,7 @@ from anygen.pipelines.base import (
     Output,
     TextToImage,
     Timer,
+    check_batch,
     check_prompt,
     make_generator,
     resolve_seed,
@@ -337,11 +338,7 @@ class Janus(TransformersGenerator):
     def generate_batch(
         self, prompts: list[str], seeds: list[int], options: Options | None = None
     ) -> Output:
-        if len(prompts) != len(seeds):
-            raise UserInputError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        for p in prompts:
-            check_prompt(p)
-        opts = (options or Options()).validate()
+        opts = check_batch(prompts, seeds, options)
         if opts.negative_prompt is not None:
             raise UserInputError(
                 f"{self.name} takes no negative prompt: Janus' unconditional rows are the "
@@ -506,11 +503,7 @@ class Emu3(TransformersGenerator):
     def generate_batch(
         self, prompts: list[str], seeds: list[int], options: Options | None = None
     ) -> Output:
-        if len(prompts) != len(seeds):
-            raise UserInputError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        for p in prompts:
-            check_prompt(p)
-        opts = (options or Options()).validate()
+        opts = check_batch(prompts, seeds, options)
         width = opts.width or self.defaults["width"]
         height = opts.height or self.defaults["height"]
         for label, value in (("width", width), ("height", height)):
