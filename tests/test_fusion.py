@@ -399,6 +399,22 @@ def test_caption_answer_and_interleaved_generation(pipe):
     assert [type(s) for s in streamed] == [type(s) for s in again]
 
 
+def test_image_prompts_encode_in_one_batch_and_equal_prompts_one_by_one(pipe):
+    images = [scene_image(pipe.default_size, seed) for seed in range(3)]
+    texts = [CAPTION_QUESTION, question_text("what colour is the circle"), CAPTION_QUESTION]
+    ends = [[5], [], [6, 7]]
+    batched = pipe.image_prompts(images, texts, ends=ends)
+    for row, im, t, e in zip(batched, images, texts, ends, strict=True):
+        alone = pipe.prompt([im, t], end=e)
+        assert row.ids == alone.ids and row.ids[len(row.ids) - len(e) :] == e
+        if pipe.config.continuous:
+            torch.testing.assert_close(row.visual, alone.visual, rtol=1e-5, atol=1e-5)
+        else:
+            assert row.visual is None
+    with pytest.raises(ValueError, match="2 encoded images for 1 pictures"):
+        pipe.prompt([images[0], "hi"], encoded=pipe.encode_images(images[:2]))
+
+
 def test_a_story_plan_writes_text_and_pictures_in_order(pipe):
     plan = Plan(["image", "text_to_image", "image", "text_to_image", "image"], max_new_tokens=4)
     segments = [

@@ -169,14 +169,25 @@ class Fusion(TextToImage):
             x = self.images.decode(stacked)
         return tensor_to_images(x)
 
-    def prompt(self, segments: Sequence[Segment], *, end: Sequence[int] = ()) -> Prompt:
+    def prompt(
+        self,
+        segments: Sequence[Segment],
+        *,
+        end: Sequence[int] = (),
+        encoded: Sequence[torch.Tensor] | None = None,
+    ) -> Prompt:
         """Segments -> a decoder prompt: <bos>, text ids, images as <boi> codes <eoi> (or
-        placeholders with their embeddings), then ``end`` ids."""
+        placeholders with their embeddings), then ``end`` ids. ``encoded``: the images'
+        codes or embeddings (``encode_images``), in order, where the caller has them."""
         c = self.config
         check_prompt(list(segments))
         ids = [c.bos_id]
         pictures = [s for s in segments if isinstance(s, Image.Image)]
-        encoded = iter(self.encode_images(pictures))
+        if encoded is None:
+            encoded = self.encode_images(pictures)
+        elif len(encoded) != len(pictures):
+            raise ValueError(f"{len(encoded)} encoded images for {len(pictures)} pictures")
+        encoded = iter(encoded)
         visual = []
         for s in segments:
             if isinstance(s, str):
@@ -195,6 +206,22 @@ class Fusion(TextToImage):
                 f"{c.max_position_embeddings} including what it writes"
             )
         return Prompt(ids, torch.stack(visual) if visual else None)
+
+    def image_prompts(
+        self,
+        images: Sequence[Image.Image],
+        texts: Sequence[str],
+        *,
+        ends: Sequence[Sequence[int]] | None = None,
+    ) -> list[Prompt]:
+        """One prompt per image: the image, its text, then ``ends[i]`` ids; the images
+        encoded in one batch rather than one at a time."""
+        encoded = self.encode_images(images)
+        ends = ends if ends is not None else [()] * len(images)
+        return [
+            self.prompt([im, t], end=e, encoded=[x])
+            for im, t, e, x in zip(images, texts, ends, encoded, strict=True)
+        ]
 
     def sampling(self, opts: Options, text_default: str) -> Sampling:
         """Sampling settings: the options where given, else the model's defaults.
@@ -442,7 +469,7 @@ class Fusion(TextToImage):
         training documents ask of it, ``CAPTION_QUESTION``."""
         opts = (options or Options()).validate()
         _check_images(images)
-        return self._texts([self.prompt([im, CAPTION_QUESTION]) for im in images], opts)
+        return self._texts(self.image_prompts(images, [CAPTION_QUESTION] * len(images)), opts)
 
     def answer(
         self,
@@ -458,10 +485,7 @@ class Fusion(TextToImage):
         for q in questions:
             if not q.strip():
                 raise UserInputError("a question is empty")
-        prompts = [
-            self.prompt([im, question_text(q)]) for im, q in zip(images, questions, strict=False)
-        ]
-        return self._texts(prompts, opts)
+        return self._texts(self.image_prompts(images, [question_text(q) for q in questions]), opts)
 
     # ------------------------------------------------------------------ image <-> text fit
 
@@ -483,12 +507,9 @@ class Fusion(TextToImage):
             check_prompt(t)
         c = self.config
         if by == "caption":
-            rows, counts = [], []
-            for im, t in zip(images, texts, strict=True):
-                ids = [*self.text_ids(t), c.eos_id]
-                rows.append(self.prompt([im, CAPTION_QUESTION], end=ids))
-                counts.append(len(ids))
-            return log_likelihood(self.transformer, rows, counts).tolist()
+            targets = [[*self.text_ids(t), c.eos_id] for t in texts]
+            rows = self.image_prompts(images, [CAPTION_QUESTION] * len(images), ends=targets)
+            return log_likelihood(self.transformer, rows, [len(t) for t in targets]).tolist()
         if by != "pmi":
             raise UserInputError(f"unknown score {by!r}; choose one of {', '.join(SCORES)}")
         if c.continuous:
