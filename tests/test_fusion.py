@@ -399,11 +399,16 @@ def test_caption_answer_and_interleaved_generation(pipe):
     assert [type(s) for s in streamed] == [type(s) for s in again]
 
 
-def test_image_prompts_encode_in_one_batch_and_equal_prompts_one_by_one(pipe):
+def test_image_prompts_encode_in_one_batch_and_equal_prompts_one_by_one(pipe, monkeypatch):
     images = [scene_image(pipe.default_size, seed) for seed in range(3)]
     texts = [CAPTION_QUESTION, question_text("what colour is the circle"), CAPTION_QUESTION]
     ends = [[5], [], [6, 7]]
+    calls = []
+    encode = pipe.encode_images
+    monkeypatch.setattr(pipe, "encode_images", lambda ims: calls.append(len(ims)) or encode(ims))
     batched = pipe.image_prompts(images, texts, ends=ends)
+    assert calls == [3]  # one encode for all three images
+    monkeypatch.undo()
     for row, im, t, e in zip(batched, images, texts, ends, strict=True):
         alone = pipe.prompt([im, t], end=e)
         assert row.ids == alone.ids and row.ids[len(row.ids) - len(e) :] == e
