@@ -38,6 +38,7 @@ from anygen.data.documents import DEFAULT_MIX, Document, check_mix, mixed_docume
 from anygen.data.render import render_image
 from anygen.data.world import Scene
 from anygen.eval.suites import (
+    CODE_SAMPLING_GRID,
     Report,
     run_caption,
     run_edit,
@@ -170,7 +171,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--select-n", type=int, default=70, help="validation prompts (0: skip)")
+    p.add_argument(
+        "--select-n",
+        type=int,
+        default=300,
+        help="validation prompts (seed 1000) on which to choose the default guidance and "
+        "temperature from CODE_SAMPLING_GRID (0: skip)",
+    )
     p.add_argument("--eval-n", type=int, default=300, help="shapes-eval prompts (0: skip)")
     p.add_argument(
         "--eval-suites",
@@ -367,16 +374,11 @@ def evaluate(pipe: Fusion, n: int, suites: list[str]) -> dict[str, Report]:
     return reports
 
 
-SAMPLING_GRID = [
-    {"guidance_scale": g, "temperature": t} for g in (1.0, 1.5, 2.0, 3.0) for t in (1.0, 0.7)
-]
-
-
 def select_sampling(pipe: Fusion, n: int) -> dict:
-    """The default guidance and image temperature: the best of ``SAMPLING_GRID`` on
+    """The default guidance and image temperature: the best of ``CODE_SAMPLING_GRID`` on
     validation prompts (``select_t2i_settings``: seed 1000, never the reported evaluation's
     seed 0). Continuous models have no code temperature: only their guidance is chosen."""
-    grid = SAMPLING_GRID
+    grid = list(CODE_SAMPLING_GRID)
     if pipe.config.continuous:
         grid = [{"guidance_scale": g["guidance_scale"]} for g in grid if g["temperature"] == 1.0]
     return select_t2i_settings(

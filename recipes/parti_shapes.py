@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from anygen.data.datasets import ShapesT2IDataset
-from anygen.eval.suites import run_t2i, select_t2i_settings
+from anygen.eval.suites import CODE_SAMPLING_GRID, run_t2i, select_t2i_settings
 from anygen.hub import resolve
 from anygen.models.parti import PARTI_PRESETS, PartiTransformer, parti_loss, tokenize_prompts
 from anygen.pipelines import Options
@@ -59,9 +59,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--select-n",
         type=int,
-        default=70,
+        default=300,
         help="validation prompts (seed 1000, never the eval's seed 0) on which to choose the "
-        "default guidance and temperature from a small grid (0: keep the given defaults)",
+        "default guidance and temperature from CODE_SAMPLING_GRID (0: keep the given defaults)",
     )
     p.add_argument("--eval-n", type=int, default=300, help="shapes-eval t2i prompts (0: skip)")
     p.add_argument("--bundle", action="store_true", help=f"also write fp16 weights to {BUNDLE_DIR}")
@@ -186,19 +186,14 @@ def main(argv: list[str]) -> None:
         log.info("bundled fp16 weights in %s", BUNDLE_DIR)
 
 
-SAMPLING_GRID = [
-    {"guidance_scale": g, "temperature": t} for g in (1.0, 1.5, 2.0, 3.0) for t in (1.0, 0.7)
-]
-
-
 def select_sampling(pipe: Parti, n: int) -> dict:
-    """The default guidance and temperature: the best of ``SAMPLING_GRID`` on validation
+    """The default guidance and temperature: the best of ``CODE_SAMPLING_GRID`` on validation
     prompts (``select_t2i_settings``: seed 1000, never the reported evaluation's seed 0)."""
     return select_t2i_settings(
         lambda prompts, seeds, s: (
             pipe.generate_batch(prompts, seeds, Options(progress=False, **s)).images
         ),
-        SAMPLING_GRID,
+        CODE_SAMPLING_GRID,
         n,
     )
 

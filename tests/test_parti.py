@@ -12,6 +12,7 @@ import torch
 
 from anygen.cli import main as cli
 from anygen.errors import CheckpointError, UserInputError
+from anygen.eval.suites import CODE_SAMPLING_GRID
 from anygen.hub import bundled_models
 from anygen.models.parti import (
     PARTI_PRESETS,
@@ -284,7 +285,10 @@ def test_recipes_train_a_tokenizer_then_a_parti_model(tmp_path):
           "--select-n", "6", "--eval-n", "7")  # fmt: skip
     assert (parti / "train" / "checkpoints" / "step-00000003").is_dir()
     facts = json.loads((parti / "model" / "training.json").read_text())
-    assert len(facts["sampling_selection"]["grid"]) == 8
+    grid = facts["sampling_selection"]["grid"]
+    assert [{k: r[k] for k in ("guidance_scale", "temperature")} for r in grid] == list(
+        CODE_SAMPLING_GRID
+    )
     assert json.loads((parti / "model" / "eval.json").read_text())["n"] == 7
     gen = load_generator(str(parti / "model"))
     assert gen.defaults["guidance_scale"] == facts["sampling_selection"]["chosen"]["guidance_scale"]
