@@ -25,7 +25,7 @@ in OUT/subjects/NN/{dreambooth,textual-inversion}.
     python benchmarks/subject_bench.py --output-dir /tmp/sb --model TINY_DIR --k 1 \\
         --steps 2 --prompts 1 --num-class-images 2                                # smoke
 
-shapes-ldm is a weak base (shapes-eval t2i 0.18), so absolute figures are low; the
+shapes-ldm is a weak base (its shapes-eval t2i figure is on its card), so absolute figures are low; the
 table is for comparing recipes on the same base, not for absolute quality.
 """
 
