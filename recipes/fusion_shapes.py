@@ -39,6 +39,7 @@ from anygen.data.render import render_image
 from anygen.data.world import Scene
 from anygen.eval.suites import (
     CODE_SAMPLING_GRID,
+    SELECT_N,
     Report,
     run_caption,
     run_edit,
@@ -174,7 +175,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--select-n",
         type=int,
-        default=300,
+        default=SELECT_N,
         help="validation prompts (seed 1000) on which to choose the default guidance and "
         "temperature from CODE_SAMPLING_GRID (0: skip)",
     )

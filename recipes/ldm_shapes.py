@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from anygen.data.datasets import ShapesT2IDataset, collate
 from anygen.errors import UserInputError
-from anygen.eval.suites import run_t2i, select_t2i_settings
+from anygen.eval.suites import SELECT_N, run_t2i, select_t2i_settings
 from anygen.hub import resolve
 from anygen.models.ldm import (
     LDM_PRESETS,
@@ -192,7 +192,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--select-n",
         type=int,
-        default=70,
+        default=SELECT_N,
         help="validation prompts (seed 1000, never the eval's seed 0) on which to choose the "
         "default guidance from GUIDANCE_GRID (0: keep --guidance)",
     )

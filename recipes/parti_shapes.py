@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from anygen.data.datasets import ShapesT2IDataset
-from anygen.eval.suites import CODE_SAMPLING_GRID, run_t2i, select_t2i_settings
+from anygen.eval.suites import CODE_SAMPLING_GRID, SELECT_N, run_t2i, select_t2i_settings
 from anygen.hub import resolve
 from anygen.models.parti import PARTI_PRESETS, PartiTransformer, parti_loss, tokenize_prompts
 from anygen.pipelines import Options
@@ -59,7 +59,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--select-n",
         type=int,
-        default=300,
+        default=SELECT_N,
         help="validation prompts (seed 1000, never the eval's seed 0) on which to choose the "
         "default guidance and temperature from CODE_SAMPLING_GRID (0: keep the given defaults)",
     )

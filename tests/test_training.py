@@ -435,3 +435,12 @@ def test_training_seconds_sums_row_intervals_and_skips_a_resume_gap(tmp_path):
     assert training_seconds(metrics) == 45.0
     assert training_seconds(metrics, gap=10_000) == 4920.0
     assert training_seconds(tmp_path / "missing.jsonl") == 0.0
+
+
+@pytest.mark.parametrize("recipe", ["ldm_shapes.py", "parti_shapes.py", "fusion_shapes.py"])
+def test_shapes_recipes_choose_sampling_defaults_on_select_n_prompts(recipe):
+    from anygen.eval.suites import SELECT_N
+
+    module = load_recipe(TESTS_DIR.parent / "recipes" / recipe)
+    assert module.parse_args(["--output-dir", "out"]).select_n == SELECT_N == 300
+    assert module.parse_args(["--output-dir", "out", "--select-n", "0"]).select_n == 0
