@@ -25,8 +25,8 @@ in OUT/subjects/NN/{dreambooth,textual-inversion}.
     python benchmarks/subject_bench.py --output-dir /tmp/sb --model TINY_DIR --k 1 \\
         --steps 2 --prompts 1 --num-class-images 2                                # smoke
 
-shapes-ldm is a weak base (its shapes-eval t2i figure is on its card), so absolute figures are low; the
-table is for comparing recipes on the same base, not for absolute quality.
+shapes-ldm is a weak base (its shapes-eval t2i figure is on its card), so absolute figures
+are low; the table is for comparing recipes on the same base, not for absolute quality.
 """
 
 from __future__ import annotations

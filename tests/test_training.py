@@ -443,4 +443,3 @@ def test_shapes_recipes_choose_sampling_defaults_on_select_n_prompts(recipe):
 
     module = load_recipe(TESTS_DIR.parent / "recipes" / recipe)
     assert module.parse_args(["--output-dir", "out"]).select_n == SELECT_N == 300
-    assert module.parse_args(["--output-dir", "out", "--select-n", "0"]).select_n == 0
