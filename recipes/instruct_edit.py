@@ -48,6 +48,14 @@ from anygen.training.subjects import load_base_model
 
 log = logging.getLogger("recipes.instruct_edit")
 
+# Text guidance x image guidance, the grid from which the editor's defaults are chosen on
+# validation edits. Edits are drawn one at a time, so validation takes fewer samples than
+# the text-to-image recipes' SELECT_N.
+EDIT_GUIDANCE_GRID: tuple[dict, ...] = tuple(
+    {"guidance_scale": g, "image_guidance_scale": ig} for g in (2.0, 4.0, 7.5) for ig in (1.5, 2.5)
+)
+EDIT_SELECT_N = 100
+
 
 class ConditioningDropout(Dataset):
     """InstructPix2Pix's conditioning dropout, fixed per sample by the seed: with r uniform,
@@ -113,11 +121,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    p.add_argument("--guidance", type=float, default=4.0, help="default text guidance")
-    p.add_argument("--image-guidance", type=float, default=1.5, help="default image guidance")
+    p.add_argument(
+        "--guidance", type=float, default=4.0, help="default text guidance (when --select-n 0)"
+    )
+    p.add_argument(
+        "--image-guidance",
+        type=float,
+        default=1.5,
+        help="default image guidance (when --select-n 0)",
+    )
+    p.add_argument(
+        "--select-n",
+        type=int,
+        default=EDIT_SELECT_N,
+        help="validation edits (seed 1000) on which to choose the default guidance pair from "
+        "EDIT_GUIDANCE_GRID (0: keep --guidance and --image-guidance)",
+    )
     p.add_argument("--sample-steps", type=int, default=20, help="default sampling steps")
     p.add_argument("--eval-n", type=int, default=50, help="shapes-eval edit samples (0: skip)")
     args = p.parse_args(argv)
+    if args.select_n < 0:
+        p.error("--select-n must be >= 0")
     for name in ("steps", "batch_size", "sample_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -204,7 +228,13 @@ def main(argv: list[str]) -> None:
         "known_words": base.defaults.get("known_words") or [],
     }
     model_dir = args.output_dir / "model"
-    save_editor(result.model, c.tokenizer, make_sampler("dpm++", c.scheduler), model_dir, defaults)
+    sampler = make_sampler("dpm++", c.scheduler)
+    save_editor(result.model, c.tokenizer, sampler, model_dir, defaults)
+    if args.select_n:
+        selection = select_guidance(load_generator(str(model_dir), dtype="fp32"), args, size)
+        facts["sampling_selection"] = selection
+        defaults.update(selection["chosen"])
+        save_editor(result.model, c.tokenizer, sampler, model_dir, defaults)
     report = None
     if args.eval_n:
         from anygen.eval.suites import run_edit
@@ -225,6 +255,23 @@ def main(argv: list[str]) -> None:
     write_text_atomic(model_dir / "training.json", json.dumps(facts, indent=2) + "\n")
     write_text_atomic(model_dir / "README.md", card(facts, report))
     log.info("saved %s (%.0f s of training, %.2f s/step)", model_dir, train_s, facts["s_per_step"])
+
+
+def select_guidance(editor, args: argparse.Namespace, size: int) -> dict:
+    """The default (text, image) guidance pair: the best of ``EDIT_GUIDANCE_GRID`` on
+    ``args.select_n`` validation edits (seed 1000, never the reported evaluation's 0)."""
+    from anygen.eval.suites import select_edit_settings
+
+    return select_edit_settings(
+        lambda image, instruction, seed, setting: editor.edit(
+            image,
+            instruction,
+            Options(seed=seed, steps=args.sample_steps, progress=False, **setting),
+        ).images[0],
+        EDIT_GUIDANCE_GRID,
+        args.select_n,
+        size=size,
+    )
 
 
 def _step_of(checkpoint: Path) -> int:
@@ -266,6 +313,18 @@ def card(facts: dict, report=None) -> str:
         )
     else:
         scores = "Not scored yet: `anygen eval --model THIS_FOLDER --suite edit --n 100`.\n"
+    if "sampling_selection" in facts:
+        sel = facts["sampling_selection"]
+        rows = "\n".join(
+            f"| {r['guidance_scale']} | {r['image_guidance_scale']} | "
+            f"{r['validation_overall']:.3f} |"
+            for r in sel["grid"]
+        )
+        scores += (
+            f"\nThe default guidance pair was chosen on {sel['n']} validation edits "
+            f"(shapes-eval edit, seed {sel['seed']}; the scores above use seed 0):\n\n"
+            f"| guidance | image guidance | validation overall |\n|---|---|---|\n{rows}\n"
+        )
     return f"""---
 {front}
 ---

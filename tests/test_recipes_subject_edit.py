@@ -340,6 +340,7 @@ def editor(base, root) -> Path:
         "instruct_edit.py",
         *("--model", str(base), "--output-dir", str(out), "--steps", "3"),
         *("--batch-size", "4", "--lr", "1e-2", "--eval-n", "1", "--sample-steps", "2"),
+        *("--select-n", "2"),
     )
     return out / "model"
 
@@ -354,6 +355,12 @@ def test_instruct_edit_recipe_makes_a_diffusers_editor(editor, tmp_path, capsys)
     facts = json.loads((editor / "training.json").read_text())
     assert facts["steps"] == 3 and facts["s_per_step"] > 0 and "shapes_eval_edit_overall" in facts
     assert "seed 0" in (editor / "README.md").read_text()
+    selection = facts["sampling_selection"]
+    assert selection["n"] == 2 and len(selection["grid"]) == 6
+    defaults = json.loads((editor / "anygen.json").read_text())
+    chosen = selection["chosen"]
+    assert {k: defaults[k] for k in chosen} == chosen
+    assert "validation edits (shapes-eval edit, seed 1000" in (editor / "README.md").read_text()
 
     gen = load_generator(str(editor))
     assert type(gen).__name__ == "DiffusersTextToImage" and gen.is_editor
@@ -364,7 +371,8 @@ def test_instruct_edit_recipe_makes_a_diffusers_editor(editor, tmp_path, capsys)
     b = gen.edit(source, scene.instruction, Options(**opts))
     c = gen.edit(source, scene.instruction, Options(image_guidance_scale=3.0, **opts))
     assert a.images[0].size == (32, 32)
-    assert a.settings["image_guidance_scale"] == 1.5 and a.settings["steps"] == 2
+    assert a.settings["image_guidance_scale"] == chosen["image_guidance_scale"]
+    assert a.settings["guidance_scale"] == chosen["guidance_scale"] and a.settings["steps"] == 2
     assert np.array_equal(pixels(a.images), pixels(b.images))
     assert not np.array_equal(pixels(a.images), pixels(c.images))
     with pytest.raises(UserInputError, match="image-editing pipeline"):

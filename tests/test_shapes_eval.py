@@ -66,7 +66,7 @@ from anygen.eval import (
 )
 from anygen.eval.detect import analyse_image
 from anygen.eval.judge import split_story
-from anygen.eval.suites import T2I_CATEGORIES, categorise
+from anygen.eval.suites import T2I_CATEGORIES, categorise, select_edit_settings
 
 logger = logging.getLogger(__name__)
 
@@ -680,6 +680,29 @@ def test_other_suites_on_ground_truth():
         lambda refs, p, s: render_image(subjects[p].scene), n=6, seed=0, progress=False
     )
     assert report.overall == 1.0 and report.metrics["subject_fidelity"] == 1.0
+
+
+def test_select_edit_settings_keeps_the_setting_that_edits_best_on_validation_edits():
+    """An oracle editor that edits only under image guidance 2.0 (else returns the source):
+    selection keeps 2.0, scores every setting on seed 1000's edits, never seed 0's."""
+    seen = []
+
+    def edit(image, instruction, seed, setting):
+        seen.append(seed)
+        if setting["image_guidance_scale"] != 2.0:
+            return image
+        for i in range(4):
+            candidate = sample_edit(sample_rng(1000, "eval-edit", i), "test")
+            if candidate.instruction == instruction:
+                return render_image(candidate.target)
+        raise AssertionError(f"{instruction!r} is not a seed-1000 validation edit")
+
+    grid = [{"guidance_scale": 4.0, "image_guidance_scale": g} for g in (1.5, 2.0, 3.0)]
+    selection = select_edit_settings(edit, grid, n=4)
+    assert selection["chosen"] == {"guidance_scale": 4.0, "image_guidance_scale": 2.0}
+    assert [row["validation_overall"] for row in selection["grid"]] == [0.0, 1.0, 0.0]
+    assert selection["n"] == 4 and selection["seed"] == 1000
+    assert seen == [1000, 1001, 1002, 1003] * 3
 
 
 def test_score_folder_export_and_generated(tmp_path):

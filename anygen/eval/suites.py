@@ -316,15 +316,26 @@ def select_t2i_settings(
     (1000: reported evaluations use seed 0, so they never see these prompts) with
     ``generate(prompts, seeds, setting)``, and keep the best. Returns the grid's scores and
     the chosen setting."""
-    scores = []
-    for setting in grid:
-        report = run_t2i(
-            lambda prompts, seeds, s=setting: generate(prompts, seeds, s),
+    return _select_settings(
+        lambda setting: run_t2i(
+            lambda prompts, seeds: generate(prompts, seeds, setting),
             n=n,
             seed=seed,
             batch_size=batch_size,
             progress=False,
-        )
+        ),
+        grid,
+        n,
+        seed,
+    )
+
+
+def _select_settings(score: Callable[[dict], Report], grid: Sequence[dict], n: int, seed: int):
+    """Score each setting of ``grid`` by ``score(setting)`` (a validation report) and keep
+    the best (the first of equals)."""
+    scores = []
+    for setting in grid:
+        report = score(setting)
         scores.append({**setting, "validation_overall": round(report.overall, 4)})
         logger.info("validation %s: %.3f", setting, report.overall)
     best = max(scores, key=lambda r: r["validation_overall"])
@@ -497,6 +508,32 @@ def run_edit(
             )
         )
     return report
+
+
+def select_edit_settings(
+    edit: Callable[[Image.Image, str, int, dict], Image.Image],
+    grid: Sequence[dict],
+    n: int,
+    seed: int = 1000,
+    *,
+    size: int = 64,
+) -> dict:
+    """``select_t2i_settings`` for editors: score each setting of ``grid`` (e.g.
+    ``{"guidance_scale": 4.0, "image_guidance_scale": 1.5}``) on the ``n`` validation edits
+    of ``seed`` (1000; reported evaluations use 0) with ``edit(image, instruction, seed,
+    setting)``, and keep the best."""
+    return _select_settings(
+        lambda setting: run_edit(
+            lambda image, instruction, s: edit(image, instruction, s, setting),
+            n=n,
+            seed=seed,
+            size=size,
+            progress=False,
+        ),
+        grid,
+        n,
+        seed,
+    )
 
 
 # ----------------------------------------------------------------------------------- subjects
