@@ -43,7 +43,13 @@ from anygen.models.ldm import denoiser_loss, make_sampler, tokenize, widen_unet_
 from anygen.output import write_text_atomic
 from anygen.pipelines import Options, load_generator
 from anygen.pipelines.text_to_image import ANYGEN_FILE
-from anygen.training import TrainConfig, device_description, train
+from anygen.training import (
+    TrainConfig,
+    device_description,
+    seconds_per_step,
+    train,
+    training_seconds,
+)
 from anygen.training.subjects import load_base_model
 
 log = logging.getLogger("recipes.instruct_edit")
@@ -203,6 +209,11 @@ def main(argv: list[str]) -> None:
     if not result.is_main_process:
         return
     steps_run = result.step - (_step_of(result.resumed_from) if result.resumed_from else 0)
+    # the run's training time over every invocation (a resume adds to it); a run too short to
+    # log two rows falls back to this invocation's clock
+    metrics = args.output_dir / "train" / "metrics.jsonl"
+    train_s = training_seconds(metrics) or train_s
+    s_per_step = seconds_per_step(metrics) or train_s / max(1, steps_run)
     facts = {
         "recipe": "recipes/instruct_edit.py",
         "argv": argv,
@@ -216,7 +227,7 @@ def main(argv: list[str]) -> None:
         "text_encoder_trained": not args.freeze_text_encoder,
         "final_loss": result.loss,
         "train_s": round(train_s, 1),
-        "s_per_step": round(train_s / max(1, steps_run), 3),
+        "s_per_step": round(s_per_step, 3),
         "device": device_description(),
         "torch": torch.__version__,
     }

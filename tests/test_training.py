@@ -425,16 +425,18 @@ def test_example_recipe_learns_and_saves(tmp_path):
 def test_training_seconds_sums_row_intervals_and_skips_a_resume_gap(tmp_path):
     import json
 
-    from anygen.training import training_seconds
+    from anygen.training import seconds_per_step, training_seconds
 
     metrics = tmp_path / "metrics.jsonl"
     times = [100.0, 110.0, 125.0, 5000.0, 5020.0]  # stopped after 125, resumed at 5000
     metrics.write_text(
-        "".join(json.dumps({"step": i, "time": t}) + "\n" for i, t in enumerate(times))
+        "".join(json.dumps({"step": 10 * (i + 1), "time": t}) + "\n" for i, t in enumerate(times))
     )
     assert training_seconds(metrics) == 45.0
+    assert seconds_per_step(metrics) == 1.5  # 45 s over the 30 steps of the kept intervals
     assert training_seconds(metrics, gap=10_000) == 4920.0
     assert training_seconds(tmp_path / "missing.jsonl") == 0.0
+    assert seconds_per_step(tmp_path / "missing.jsonl") == 0.0
 
 
 @pytest.mark.parametrize("recipe", ["ldm_shapes.py", "parti_shapes.py", "fusion_shapes.py"])

@@ -32,6 +32,7 @@ __all__ = [
     "TrainResult",
     "TrainingDivergedError",
     "device_description",
+    "seconds_per_step",
     "training_seconds",
     "latest_checkpoint",
     "list_checkpoints",
@@ -57,11 +58,28 @@ def training_seconds(metrics: str | os.PathLike, gap: float = 300.0) -> float:
     """Time spent training, from a run's ``metrics.jsonl``: the sum of the intervals between
     its rows, leaving out gaps longer than ``gap`` seconds (a run stopped and resumed
     later), so a resumed run reports its training time, not the last invocation's."""
+    return float(sum(seconds for seconds, _ in _timed_intervals(metrics, gap)))
+
+
+def seconds_per_step(metrics: str | os.PathLike, gap: float = 300.0) -> float:
+    """Mean seconds per optimizer step over the intervals ``training_seconds`` counts
+    (0.0 when ``metrics.jsonl`` holds fewer than two rows)."""
+    intervals = _timed_intervals(metrics, gap)
+    steps = sum(step for _, step in intervals)
+    return float(sum(seconds for seconds, _ in intervals) / steps) if steps else 0.0
+
+
+def _timed_intervals(metrics: str | os.PathLike, gap: float) -> list[tuple[float, int]]:
+    """(seconds, steps) between consecutive rows of ``metrics.jsonl``, gaps left out."""
     path = Path(metrics)
     if not path.is_file():
-        return 0.0
-    times = [json.loads(line)["time"] for line in path.read_text().splitlines() if line.strip()]
-    return float(sum(b - a for a, b in zip(times, times[1:], strict=False) if 0 < b - a < gap))
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [
+        (b["time"] - a["time"], b["step"] - a["step"])
+        for a, b in zip(rows, rows[1:], strict=False)
+        if 0 < b["time"] - a["time"] < gap
+    ]
 
 
 def load_recipe(path: str | os.PathLike) -> ModuleType:
