@@ -347,8 +347,9 @@ def test_tiny_decoding_outputs_identical_and_bounded(tiny_run):
     for r in ours:
         assert r["kv_identical"], r
         assert 0 < r["fraction_of_bound"] <= 1
+        # rates are rounded to 1 decimal: on a slow or busy machine that is more than 1%
         assert r["positions_per_s"] == pytest.approx(
-            r["batch"] * (r["image_positions"] + 1) / r["kv_cache_s"], rel=1e-2
+            r["batch"] * (r["image_positions"] + 1) / r["kv_cache_s"], rel=1e-2, abs=0.05
         )
     generate = [r for r in fusion if r["loop"].startswith("transformers generate")]
     assert [(r["preset"], r["batch"]) for r in generate] == [("tiny", 1), ("tiny", 16)]
@@ -374,7 +375,8 @@ def test_tiny_decoders_agree_across_backends(tiny_run):
     }
     for r in rows:
         assert r["max_abs_diff_vs_sdpa"] <= 1e-4, r
-        assert r["images_per_s"] == pytest.approx(r["batch"] / r["s"], rel=1e-2)
+        # rounded to 2 decimals, more than 1% below 0.5 images/s
+        assert r["images_per_s"] == pytest.approx(r["batch"] / r["s"], rel=1e-2, abs=0.005)
 
 
 def test_tiny_json_holds_every_row(tiny_run):
