@@ -11,7 +11,9 @@ samples drop the instruction, 5% the source image and 5% both, so that sampling 
 guide by text and by image separately (--guidance, --image-guidance). The text encoder
 trains too by default: shapes-ldm's never read an instruction ("make", "move",
 "remove" are words of its tokenizer that its captions never used);
---freeze-text-encoder keeps it as it is, as InstructPix2Pix keeps CLIP.
+--freeze-text-encoder keeps it as it is, as InstructPix2Pix keeps CLIP. After training,
+the default (text, image) guidance pair is chosen from EDIT_GUIDANCE_GRID on --select-n
+validation edits (seed 1000; the reported score uses seed 0).
 
 The result, OUT/model, is a diffusers ``StableDiffusionInstructPix2PixPipeline``
 directory (plus anygen.json with its default settings and README.md with the recipe,

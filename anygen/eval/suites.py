@@ -334,7 +334,7 @@ def _select_settings(score: Callable[[dict], Report], grid: Sequence[dict], n: i
     """Score each setting of ``grid`` by ``score(setting)`` (a validation report) and keep
     the best (the first of equals)."""
     scores = []
-    for setting in grid:
+    for setting in tqdm(grid, desc=f"validation ({n} samples per setting)"):
         report = score(setting)
         scores.append({**setting, "validation_overall": round(report.overall, 4)})
         logger.info("validation %s: %.3f", setting, report.overall)
