@@ -241,13 +241,12 @@ def main(argv: list[str]) -> None:
         "known_words": base.defaults.get("known_words") or [],
     }
     model_dir = args.output_dir / "model"
-    sampler = make_sampler("dpm++", c.scheduler)
-    save_editor(result.model, c.tokenizer, sampler, model_dir, defaults)
+    save_editor(result.model, c.tokenizer, make_sampler("dpm++", c.scheduler), model_dir, defaults)
     if args.select_n:
         selection = select_guidance(load_generator(str(model_dir), dtype="fp32"), args, size)
         facts["sampling_selection"] = selection
         defaults.update(selection["chosen"])
-        save_editor(result.model, c.tokenizer, sampler, model_dir, defaults)
+        write_text_atomic(model_dir / ANYGEN_FILE, editor_settings(defaults))
     report = None
     if args.eval_n:
         from anygen.eval.suites import run_edit
@@ -310,10 +309,13 @@ def save_editor(trainer: EditTrainer, tokenizer, sampler, directory: Path, defau
     )
     with atomic_directory(directory, marker="model_index.json") as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        (tmp / ANYGEN_FILE).write_text(
-            json.dumps({"family": "diffusers", "task": "edit", **defaults}, indent=2) + "\n"
-        )
+        (tmp / ANYGEN_FILE).write_text(editor_settings(defaults))
     return directory
+
+
+def editor_settings(defaults: dict) -> str:
+    """The editor's anygen.json: what load_generator reads as its defaults."""
+    return json.dumps({"family": "diffusers", "task": "edit", **defaults}, indent=2) + "\n"
 
 
 def card(facts: dict, report=None) -> str:
