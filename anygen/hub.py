@@ -384,6 +384,26 @@ def _config_dict(config: Mapping[str, Any] | Any) -> dict[str, Any]:
     raise TypeError(f"config must be a dataclass instance or a dict, got {type(config)}")
 
 
+def forget_source_paths(folder: str | os.PathLike) -> list[Path]:
+    """Remove ``_name_or_path`` from the ``config.json`` files in ``folder``'s subfolders.
+
+    diffusers records in each component's config the path it was loaded from, and writes
+    it back on save, so a model loaded from ``/home/me/run/unet`` and saved again would
+    carry that path (and name the saving machine's folders) in what it ships. Returns the
+    files it changed.
+    """
+    changed = []
+    for file in sorted(Path(folder).glob("*/" + CONFIG_NAME)):
+        try:
+            config = json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(config, dict) and config.pop("_name_or_path", None) is not None:
+            file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            changed.append(file)
+    return changed
+
+
 def save_pretrained(
     state_dict_or_module: nn.Module | Mapping[str, torch.Tensor],
     directory: str | os.PathLike,

@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from anygen.data.datasets import ShapesEditDataset, collate
-from anygen.hub import atomic_directory
+from anygen.hub import atomic_directory, forget_source_paths
 from anygen.models.ldm import denoiser_loss, make_sampler, tokenize, widen_unet_inputs
 from anygen.output import write_text_atomic
 from anygen.pipelines import Options, load_generator
@@ -309,6 +309,7 @@ def save_editor(trainer: EditTrainer, tokenizer, sampler, directory: Path, defau
     )
     with atomic_directory(directory, marker="model_index.json") as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        forget_source_paths(tmp)
         (tmp / ANYGEN_FILE).write_text(editor_settings(defaults))
     return directory
 

@@ -1,6 +1,7 @@
 """Repository layout and library hygiene (../shared/DESIGN.md, STYLE.md)."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +110,13 @@ def test_bundled_items_have_cards_and_stay_small():
         assert {"recipe", "seed"} <= card.keys(), f"{name}: card lacks recipe or seed"
         size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
         assert size < 25 * 2**20, f"{name} is {size / 2**20:.1f} MiB; keep bundled models small"
+
+
+def test_bundled_configs_name_no_folder_of_the_machine_that_saved_them():
+    leaks = []
+    for folder in bundled_models().values():
+        for file in folder.rglob("*.json"):
+            text = file.read_text()
+            if '"_name_or_path"' in text or re.search(r'"/[\w.-]+/[\w.-]+', text):
+                leaks.append(str(file.relative_to(REPO)))
+    assert leaks == [], f"these bundled files record a local path: {leaks}"

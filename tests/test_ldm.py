@@ -149,6 +149,15 @@ def test_save_load_round_trip_and_diffusers_loads_it(model, saved):
     assert isinstance(pipe, StableDiffusionPipeline)
 
 
+def test_resave_records_no_path_it_was_loaded_from(saved, tmp_path):
+    """diffusers writes a loaded component's source folder back as ``_name_or_path``."""
+    again = LatentDiffusion.from_pretrained(saved).save_pretrained(tmp_path / "again")
+    configs = {f.parent.name: json.loads(f.read_text()) for f in again.glob("*/config.json")}
+    assert {"unet", "vae", "text_encoder"} <= configs.keys()
+    assert [name for name, c in configs.items() if "_name_or_path" in c] == []
+    assert str(saved) not in "".join(f.read_text() for f in again.rglob("*.json"))
+
+
 def test_fp16_save_keeps_model_and_loads_as_fp32(model, tmp_path):
     path = model.save_pretrained(tmp_path / "half", dtype=torch.float16)
     assert next(model.components.denoiser.parameters()).dtype == torch.float32

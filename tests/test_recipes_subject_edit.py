@@ -351,7 +351,9 @@ def test_instruct_edit_recipe_makes_a_diffusers_editor(editor, tmp_path, capsys)
     are the input's size, deterministic under a seed, and image guidance matters."""
     index = json.loads((editor / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionInstructPix2PixPipeline"
-    assert json.loads((editor / "unet" / "config.json").read_text())["in_channels"] == 8
+    unet_config = json.loads((editor / "unet" / "config.json").read_text())
+    assert unet_config["in_channels"] == 8
+    assert "_name_or_path" not in unet_config  # not the base model's folder
     facts = json.loads((editor / "training.json").read_text())
     assert facts["steps"] == 3 and facts["s_per_step"] > 0 and "shapes_eval_edit_overall" in facts
     assert "seed 0" in (editor / "README.md").read_text()

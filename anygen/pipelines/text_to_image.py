@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from anygen.data.datasets import tensor_to_images
 from anygen.errors import CheckpointError, ModelNotFoundError, UserInputError
-from anygen.hub import atomic_directory
+from anygen.hub import atomic_directory, forget_source_paths
 from anygen.models.ldm import (
     DEFAULT_SCHEDULER,
     SCHEDULERS,
@@ -250,6 +250,7 @@ class LatentDiffusion(TextToImage):
             pipe = copy.deepcopy(pipe).to(dtype=dtype)
         with atomic_directory(directory, marker="model_index.json") as tmp:
             pipe.save_pretrained(tmp, safe_serialization=True)
+            forget_source_paths(tmp)
             defaults = dict(self.defaults)
             (tmp / ANYGEN_FILE).write_text(
                 json.dumps({"family": "ldm", **defaults}, indent=2) + "\n"

@@ -46,6 +46,7 @@ from anygen.errors import CheckpointError, UserInputError
 from anygen.hub import (
     CONFIG_NAME,
     atomic_directory,
+    forget_source_paths,
     load_config,
     load_state_dict,
     load_weights,
@@ -391,6 +392,7 @@ class VisualCodec(nn.Module):
                 vit = copy.deepcopy(vit).to(dtype=dtype)
             vit.save_pretrained(tmp / "encoder")
             self.scheduler.save_pretrained(tmp / "scheduler")
+            forget_source_paths(tmp)
         return directory
 
     @classmethod
