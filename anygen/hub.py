@@ -394,11 +394,8 @@ def forget_source_paths(folder: str | os.PathLike) -> list[Path]:
     """
     changed = []
     for file in sorted(Path(folder).glob("*/" + CONFIG_NAME)):
-        try:
-            config = json.loads(file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        if isinstance(config, dict) and config.pop("_name_or_path", None) is not None:
+        config = json.loads(file.read_text())
+        if config.pop("_name_or_path", None) is not None:
             file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             changed.append(file)
     return changed

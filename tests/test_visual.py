@@ -70,6 +70,8 @@ def test_save_and_load_round_trip(codec, tmp_path):
     assert torch.allclose(
         codec.decode(codec.encode(x), g()), again.decode(again.encode(x), g()), atol=1e-5
     )
+    resaved = again.save_pretrained(tmp_path / "resaved")  # no trace of where it came from
+    assert str(tmp_path / "visual") not in "".join(f.read_text() for f in resaved.rglob("*.json"))
 
 
 def test_bad_inputs_and_mismatched_parts_are_named(codec, tmp_path):
