@@ -210,7 +210,7 @@ def main(argv: list[str]) -> None:
     train_s = time.perf_counter() - started
     if not result.is_main_process:
         return
-    steps_run = result.step - (_step_of(result.resumed_from) if result.resumed_from else 0)
+    steps_run = result.step - result.start_step
     # the run's training time over every invocation (a resume adds to it); a run too short to
     # log two rows falls back to this invocation's clock
     metrics = args.output_dir / "train" / "metrics.jsonl"
@@ -284,12 +284,6 @@ def select_guidance(editor, args: argparse.Namespace, size: int) -> dict:
         args.select_n,
         size=size,
     )
-
-
-def _step_of(checkpoint: Path) -> int:
-    from anygen.training.checkpoint import read_marker
-
-    return int(read_marker(checkpoint)["step"])
 
 
 def save_editor(trainer: EditTrainer, tokenizer, sampler, directory: Path, defaults: dict) -> Path:

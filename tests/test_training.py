@@ -140,6 +140,7 @@ def test_killed_and_resumed_run_equals_straight_run(tmp_path):
     )
     assert resumed.resumed_from == resumed_dir / "checkpoints" / "step-00000004"
     assert resumed.step == straight.step == 8
+    assert (resumed.start_step, straight.start_step) == (4, 0)
 
     # Returned models (EMA weights) are identical.
     for (name, p), q in zip(
@@ -229,6 +230,26 @@ def test_interrupted_checkpoints_are_ignored_and_cleaned(tmp_path):
     # keep_last_checkpoints=2 pruned step 2.
     assert sorted(p.name for p in root.iterdir()) == ["step-00000004", "step-00000006"]
     assert read_marker(root / "step-00000006")["step"] == 6
+
+
+def test_resume_may_prune_the_checkpoint_it_started_from(tmp_path):
+    # A long resume with keep_last_checkpoints deletes its own starting checkpoint, so
+    # recipes count the steps this invocation trained from start_step, not by reading
+    # resumed_from (the instruct-edit recipe did, and failed after 1,600 steps of training).
+    out = tmp_path / "run"
+    _complete_run(out, max_steps=2)
+    config = TrainConfig(
+        output_dir=out,
+        max_steps=6,
+        batch_size=4,
+        checkpoint_every=2,
+        keep_last_checkpoints=2,
+        resume="latest",
+    )
+    result = train(make_model(), mse_loss, make_dataset(), config)
+    assert result.resumed_from == out / "checkpoints" / "step-00000002"
+    assert not result.resumed_from.exists()
+    assert (result.start_step, result.step) == (2, 6)
 
 
 def test_fresh_start_refuses_an_output_dir_with_checkpoints(tmp_path):

@@ -156,6 +156,7 @@ Callback = Callable[[StepInfo], None]
 class TrainResult:
     model: nn.Module  # unwrapped; holds the EMA weights when EMA is on
     step: int
+    start_step: int  # the step this invocation began at: 0, or its checkpoint's step
     loss: float | None  # the last logged loss (mean over its window and all processes)
     metrics: dict[str, float] | None  # the last logged row
     output_dir: Path
@@ -399,6 +400,7 @@ def train(
     return TrainResult(
         model=accelerator.unwrap_model(model),
         step=step,
+        start_step=start_step,
         loss=last_metrics["loss"] if last_metrics else None,
         metrics=last_metrics,
         output_dir=output_dir,
