@@ -13,7 +13,9 @@ trains too by default: shapes-ldm's never read an instruction ("make", "move",
 "remove" are words of its tokenizer that its captions never used);
 --freeze-text-encoder keeps it as it is, as InstructPix2Pix keeps CLIP. After training,
 the default (text, image) guidance pair is chosen from EDIT_GUIDANCE_GRID on --select-n
-validation edits (seed 1000; the reported score uses seed 0).
+validation edits (seed 1000; the reported score uses seed 0). A run records the base it
+started from (OUT/train/base.json: a fingerprint of the VAE and vocabulary, which stay
+frozen and out of its checkpoints), and --resume refuses another base.
 
 The result, OUT/model, is a diffusers ``StableDiffusionInstructPix2PixPipeline``
 directory (plus anygen.json with its default settings and README.md with the recipe,
@@ -29,6 +31,7 @@ seed, steps, time, device and its shapes-eval edit score), which ``anygen edit``
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import random
@@ -40,6 +43,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from anygen.data.datasets import ShapesEditDataset, collate
+from anygen.errors import UserInputError
 from anygen.hub import atomic_directory, forget_source_paths
 from anygen.models.ldm import denoiser_loss, make_sampler, tokenize, widen_unet_inputs
 from anygen.output import write_text_atomic
@@ -52,9 +56,11 @@ from anygen.training import (
     train,
     training_seconds,
 )
+from anygen.training.checkpoint import latest_checkpoint
 from anygen.training.subjects import load_base_model
 
 log = logging.getLogger("recipes.instruct_edit")
+BASE_FILE = "base.json"  # in OUT/train: the base a run started from
 
 # Text guidance x image guidance, the grid from which the editor's defaults are chosen on
 # validation edits. Edits are drawn one at a time, so validation takes fewer samples than
@@ -163,6 +169,8 @@ def main(argv: list[str]) -> None:
     base = load_base_model(args.model, need_unet=True)
     c = base.components
     size = base.default_size
+    fingerprint = base_fingerprint(c.vae, c.tokenizer)
+    check_base(args.output_dir / "train", args.model, fingerprint, resume=args.resume)
     torch.manual_seed(args.seed)
     widen_unet_inputs(c.denoiser, c.vae.config.latent_channels)
     c.text_encoder.requires_grad_(not args.freeze_text_encoder)
@@ -220,6 +228,7 @@ def main(argv: list[str]) -> None:
         "recipe": "recipes/instruct_edit.py",
         "argv": argv,
         "base_model": args.model,
+        "base_fingerprint": fingerprint,
         "seed": args.seed,
         "steps": args.steps,
         "batch_size": args.batch_size,
@@ -284,6 +293,37 @@ def select_guidance(editor, args: argparse.Namespace, size: int) -> dict:
         args.select_n,
         size=size,
     )
+
+
+def base_fingerprint(vae: nn.Module, tokenizer) -> str:
+    """sha256 of what an editor run takes from its base and never checkpoints: the frozen
+    VAE's weights and the tokenizer's vocabulary."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    digest.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def check_base(train_dir: Path, model: str, fingerprint: str, *, resume: bool) -> None:
+    """Record the base of a fresh run in TRAIN_DIR/base.json; refuse a resume whose base
+    differs from it (its checkpoints would be paired with another VAE or vocabulary)."""
+    path = train_dir / BASE_FILE
+    if resume:
+        if not path.is_file():
+            log.warning("%s has no %s: cannot check that --model is its base", train_dir, BASE_FILE)
+            return
+        recorded = json.loads(path.read_text())
+        if recorded["fingerprint"] != fingerprint:
+            raise UserInputError(
+                f"{train_dir.parent} was started from {recorded['model']!r}, whose VAE or "
+                f"tokenizer differs from --model {model!r}: resume with the run's own base"
+            )
+        return
+    if latest_checkpoint(train_dir) is None:  # else train() refuses to start afresh over it
+        train_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps({"model": model, "fingerprint": fingerprint}) + "\n")
 
 
 def save_editor(trainer: EditTrainer, tokenizer, sampler, directory: Path, defaults: dict) -> Path:

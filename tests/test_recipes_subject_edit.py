@@ -387,18 +387,31 @@ def test_instruct_edit_recipe_makes_a_diffusers_editor(editor, tmp_path, capsys)
     assert np.array_equal(pixels([Image.open(out).convert("RGB")]), pixels(a.images))
 
 
-def test_instruct_edit_resume_of_a_finished_run_keeps_its_training_time(base, tmp_path):
+def test_instruct_edit_resume_of_a_finished_run_keeps_its_training_time(base, tmp_path, capsys):
     """Resuming a finished run trains nothing, saves the editor again with the new defaults,
-    and its card keeps the run's training time (from metrics.jsonl), not the resume's."""
-    common = ("--model", str(base), "--output-dir", str(tmp_path), "--batch-size", "2")
-    common += ("--steps", "20", "--eval-n", "0", "--select-n", "0", "--sample-steps", "2")
-    run_recipe("instruct_edit.py", *common)
-    before = json.loads((tmp_path / "model" / "training.json").read_text())
-    run_recipe("instruct_edit.py", *common, "--resume", "--guidance", "6.0")
-    after = json.loads((tmp_path / "model" / "training.json").read_text())
+    and its card keeps the run's training time (from metrics.jsonl), not the resume's; a
+    resume from another base (another VAE) is refused."""
+    run = ("--output-dir", str(tmp_path / "run"), "--batch-size", "2", "--steps", "20")
+    run += ("--eval-n", "0", "--select-n", "0", "--sample-steps", "2")
+    run_recipe("instruct_edit.py", "--model", str(base), *run)
+    before = json.loads((tmp_path / "run" / "model" / "training.json").read_text())
+    run_recipe("instruct_edit.py", "--model", str(base), *run, "--resume", "--guidance", "6.0")
+    after = json.loads((tmp_path / "run" / "model" / "training.json").read_text())
     assert before["train_s"] > 0 and after["train_s"] == before["train_s"]
     assert after["s_per_step"] == before["s_per_step"] > 0
-    assert json.loads((tmp_path / "model" / "anygen.json").read_text())["guidance_scale"] == 6.0
+    defaults = json.loads((tmp_path / "run" / "model" / "anygen.json").read_text())
+    assert defaults["guidance_scale"] == 6.0
+    recorded = json.loads((tmp_path / "run" / "train" / "base.json").read_text())
+    assert recorded == {"model": str(base), "fingerprint": after["base_fingerprint"]}
+
+    other = load_generator(str(base), dtype="fp32")
+    with torch.no_grad():
+        next(other.components.vae.parameters()).add_(1.0)
+    other.save_pretrained(tmp_path / "other")
+    reset_accelerate()
+    argv = ["train", str(RECIPES / "instruct_edit.py"), "--model", str(tmp_path / "other")]
+    assert cli([*argv, *run, "--resume"]) == 2
+    assert "whose VAE or tokenizer differs from --model" in capsys.readouterr().err
 
 
 def test_eval_edit_suite_runs_on_the_editor(editor):
