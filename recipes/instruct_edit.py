@@ -301,7 +301,7 @@ def base_fingerprint(vae: nn.Module, tokenizer) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(vae.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     digest.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
     return digest.hexdigest()
 

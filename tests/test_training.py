@@ -189,6 +189,20 @@ def _complete_run(output_dir: Path, max_steps: int, **overrides) -> None:
     _reset_accelerate()
 
 
+def _resume_keeping_two(output_dir: Path, max_steps: int):
+    """Resume output_dir's latest checkpoint to max_steps, checkpointing every 2 steps and
+    keeping the last 2."""
+    config = TrainConfig(
+        output_dir=output_dir,
+        max_steps=max_steps,
+        batch_size=4,
+        checkpoint_every=2,
+        keep_last_checkpoints=2,
+        resume="latest",
+    )
+    return train(make_model(), mse_loss, make_dataset(), config)
+
+
 def test_interrupted_checkpoints_are_ignored_and_cleaned(tmp_path):
     out = tmp_path / "run"
     _complete_run(out, max_steps=4)
@@ -215,15 +229,7 @@ def test_interrupted_checkpoints_are_ignored_and_cleaned(tmp_path):
         )
     _reset_accelerate()
 
-    config = TrainConfig(
-        output_dir=out,
-        max_steps=6,
-        batch_size=4,
-        checkpoint_every=2,
-        keep_last_checkpoints=2,
-        resume="latest",
-    )
-    result = train(make_model(), mse_loss, make_dataset(), config)
+    result = _resume_keeping_two(out, max_steps=6)
     assert result.resumed_from == root / "step-00000004"
     assert result.step == 6
     assert not partial.exists() and not unmarked.exists()
@@ -238,15 +244,7 @@ def test_resume_may_prune_the_checkpoint_it_started_from(tmp_path):
     # resumed_from (the instruct-edit recipe did, and failed after 1,600 steps of training).
     out = tmp_path / "run"
     _complete_run(out, max_steps=2)
-    config = TrainConfig(
-        output_dir=out,
-        max_steps=6,
-        batch_size=4,
-        checkpoint_every=2,
-        keep_last_checkpoints=2,
-        resume="latest",
-    )
-    result = train(make_model(), mse_loss, make_dataset(), config)
+    result = _resume_keeping_two(out, max_steps=6)
     assert result.resumed_from == out / "checkpoints" / "step-00000002"
     assert not result.resumed_from.exists()
     assert (result.start_step, result.step) == (2, 6)
