@@ -263,7 +263,11 @@ def test_resume_at_max_steps_trains_nothing(tmp_path):
     model = make_model()
     config = TrainConfig(output_dir=out, max_steps=2, batch_size=4, resume="latest")
     result = train(model, mse_loss, make_dataset(), config)
-    assert result.step == 2 and result.metrics is None
+    assert result.step == result.start_step == 2
+    # it reports the loss the run logged last, as the run that trained it did
+    last_row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last_row["step"] == 2
+    assert result.metrics == last_row and result.loss == last_row["loss"]
     saved = load_file(out / "checkpoints" / "step-00000002" / "model.safetensors")
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, saved[name]), name

@@ -317,7 +317,9 @@ def train(
     step = start_step
     epoch, skip = divmod(step * config.gradient_accumulation_steps, batches_per_epoch)
     window = _LossWindow()
-    last_metrics: dict[str, float] | None = None
+    # A resume reports the row its checkpoint's run logged last until it logs one itself,
+    # so a resume that trains nothing still gives the run's last loss.
+    last_metrics = _last_row(output_dir / METRICS_FILENAME, start_step) if resume_from else None
     last_checkpoint = resume_from
     grad_norm: torch.Tensor | float | None = None
     run_start = time.perf_counter()
@@ -608,6 +610,15 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, path)
+
+
+def _last_row(path: Path, last_step: int) -> dict[str, float] | None:
+    """The last row of ``metrics.jsonl`` at or before `last_step` (None when there is none)."""
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [row for row in rows if row.get("step", 0) <= last_step]
+    return rows[-1] if rows else None
 
 
 def _append_metrics(path: Path, row: dict[str, float]) -> None:
