@@ -314,10 +314,16 @@ def check_base(train_dir: Path, model: str, fingerprint: str, *, resume: bool) -
         if not path.is_file():
             log.warning("%s has no %s: cannot check that --model is its base", train_dir, BASE_FILE)
             return
-        recorded = json.loads(path.read_text())
-        if recorded["fingerprint"] != fingerprint:
+        try:
+            recorded = json.loads(path.read_text())
+            model_was, fingerprint_was = recorded["model"], recorded["fingerprint"]
+        except (ValueError, TypeError, KeyError) as e:
             raise UserInputError(
-                f"{train_dir.parent} was started from {recorded['model']!r}, whose VAE or "
+                f"{path} is not a base record (JSON with 'model' and 'fingerprint'): {e!r}"
+            ) from None
+        if fingerprint_was != fingerprint:
+            raise UserInputError(
+                f"{train_dir.parent} was started from {model_was!r}, whose VAE or "
                 f"tokenizer differs from --model {model!r}: resume with the run's own base"
             )
         return

@@ -516,3 +516,16 @@ def test_subject_bench_prints_a_table(base, encoders, tmp_path, capsys):
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results["records"]) == 3
     assert all(r["identity"] and "clip_t" in r for r in results["records"])
+
+
+def test_instruct_edit_refuses_a_corrupt_base_record(tmp_path):
+    from anygen.training import load_recipe
+
+    recipe = load_recipe(RECIPES / "instruct_edit.py")
+    (tmp_path / recipe.BASE_FILE).write_text('{"model": "shapes-ldm"')
+    with pytest.raises(UserInputError, match="is not a base record"):
+        recipe.check_base(tmp_path, "shapes-ldm", "abc", resume=True)
+    (tmp_path / recipe.BASE_FILE).write_text('{"model": "shapes-ldm", "fingerprint": "abc"}')
+    recipe.check_base(tmp_path, "shapes-ldm", "abc", resume=True)  # the same base: no error
+    with pytest.raises(UserInputError, match="differs from --model 'other'"):
+        recipe.check_base(tmp_path, "other", "def", resume=True)
