@@ -99,9 +99,10 @@ class DecoderTrainer(nn.Module):
 class DenoiserTrainer(nn.Module):
     """Denoiser + text encoder (trained) over latents of a frozen VAE."""
 
-    def __init__(self, c: LdmComponents) -> None:
+    def __init__(self, c: LdmComponents, snr_floor: float | None = None) -> None:
         super().__init__()
         self.denoiser, self.text_encoder = c.denoiser, c.text_encoder
+        self.snr_floor = snr_floor
         self.vae = c.vae.requires_grad_(False).eval()
         self.scheduler = c.scheduler
 
@@ -109,7 +110,14 @@ class DenoiserTrainer(nn.Module):
         with torch.no_grad():
             latents = self.vae.encode(images).latent_dist.sample()  # (B, 4, 16, 16)
             latents = latents * self.vae.config.scaling_factor
-        return denoiser_loss(self.denoiser, self.text_encoder, self.scheduler, latents, input_ids)
+        return denoiser_loss(
+            self.denoiser,
+            self.text_encoder,
+            self.scheduler,
+            latents,
+            input_ids,
+            snr_floor=self.snr_floor,
+        )
 
 
 @torch.no_grad()
@@ -166,6 +174,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--paraphrase-prob", type=float, default=0.2)
     p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument(
+        "--snr-floor",
+        type=float,
+        default=None,
+        help="raise the loss weight of high-noise timesteps, where the layout is decided, to"
+        " at least this (in clean-latent terms; anygen.models.ldm.denoiser_loss)",
+    )
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoints")
@@ -283,7 +298,9 @@ def main(argv: list[str]) -> None:
         batch["input_ids"] = tokenize(tokenizer, batch["text"])
         return batch
 
-    trainer = DenoiserTrainer(components)
+    if args.snr_floor is not None and args.snr_floor <= 0:
+        raise UserInputError(f"--snr-floor must be positive, got {args.snr_floor}")
+    trainer = DenoiserTrainer(components, snr_floor=args.snr_floor)
     result = train(
         trainer,
         lambda model, batch: model(batch["image"], batch["input_ids"]),
@@ -355,6 +372,7 @@ def main(argv: list[str]) -> None:
         "vae_from": args.vae_from,
         "vae_steps": args.vae_steps,
         "denoiser_steps": args.steps,
+        "snr_floor": args.snr_floor,
         "decoder_steps": args.decoder_steps,
         "latent_scaling_factor": round(scaling, 5),
         "denoiser_resumed_from": resumed_from,

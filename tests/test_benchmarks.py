@@ -438,3 +438,25 @@ def test_scripts_still_run_as_files(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     row = json.loads(run.stdout.strip().splitlines()[-1])
     assert row["kv_tokens_identical"] and row["cfg_tokens_identical"]
+
+
+def test_layout_probe_tells_a_caption_led_layout_from_a_noise_led_one():
+    from anygen.data.render import render_image
+    from anygen.data.world import CELLS_BY_POSITION, Obj, Scene
+    from benchmarks.layout_probe import CELLS, layout_table
+
+    def circle(cell: tuple[int, int]):
+        return render_image(Scene((Obj("circle", "red", "large", *cell),)))
+
+    def obeys(prompts, seeds):  # every object where its caption says
+        return [circle(CELLS_BY_POSITION[p.split(" in the ")[1]]) for p in prompts]
+
+    def noise_led(prompts, seeds):  # the seed alone picks the cell
+        return [circle((s % 3, (s // 3) % 3)) for s in seeds]
+
+    good = layout_table(obeys, [500, 501])
+    assert (good["hits"], good["images"], good["distinct_cells_per_seed"]) == (18, 18, {9: 2})
+    assert good["rows"][500] == CELLS
+    bad = layout_table(noise_led, [500, 501])
+    assert (bad["hits"], bad["distinct_cells_per_seed"]) == (2, {1: 2})  # one hit per seed
+    assert bad["rows"][501] == [CELLS[501 % 9]] * 9

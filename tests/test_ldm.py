@@ -614,3 +614,44 @@ def test_cli_eval_samples_with_the_given_settings(saved, tmp_path, capsys):
     assert "--guidance cannot apply to --images" in capsys.readouterr().err
     assert cli(["eval", "--model", str(saved), "--suite", "reconstruction", "--steps", "5"]) == 2
     assert "--steps cannot apply to the reconstruction suite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_denoiser_loss_weights_each_timestep_by_its_clamped_snr(model, prediction):
+    from anygen.models.ldm import denoiser_loss, tokenize
+
+    c = model.components
+    scheduler = type(c.scheduler).from_config(c.scheduler.config, prediction_type=prediction)
+    latents = torch.randn(
+        1, c.vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(1)
+    )
+    ids = tokenize(c.tokenizer, ["a red circle"])
+    alphas = scheduler.alphas_cumprod
+
+    def loss(seed: int, **weights) -> float:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            out = denoiser_loss(c.denoiser, c.text_encoder, scheduler, latents, ids, gen, **weights)
+        return float(out["loss"])
+
+    seen_low = False
+    for seed in range(6):
+        # the timestep the loss draws: after the noise, from the same generator
+        gen = torch.Generator().manual_seed(seed)
+        torch.randn(latents.shape, generator=gen)
+        t = int(torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=gen))
+        snr = float(alphas[t] / (1 - alphas[t]))
+        per_sample = loss(seed, snr_gamma=None)  # one sample: the plain MSE
+        to_target = snr if prediction == "epsilon" else snr + 1  # the parametrisation's share
+        assert loss(seed, snr_gamma=5.0) == pytest.approx(
+            per_sample * min(snr, 5.0) / to_target, rel=1e-5
+        )
+        floored = loss(seed, snr_gamma=5.0, snr_floor=1.0)
+        assert floored == pytest.approx(per_sample * min(max(snr, 1.0), 5.0) / to_target, rel=1e-5)
+        assert loss(seed, snr_gamma=None, snr_floor=1.0) == pytest.approx(
+            per_sample * max(snr, 1.0) / to_target, rel=1e-5
+        )
+        seen_low |= snr < 1.0
+        if snr < 1.0 and prediction == "epsilon":  # the floor raises high-noise timesteps
+            assert floored > per_sample * 1.01
+    assert seen_low  # the seeds reach the high-noise timesteps the floor is for

@@ -334,11 +334,17 @@ def denoiser_loss(
     generator: torch.Generator | None = None,
     snr_gamma: float | None = 5.0,
     image_latents: torch.Tensor | None = None,
+    snr_floor: float | None = None,
 ) -> dict:
     """DDPM noise-prediction loss on scaled latents (B, C, h, w) given caption ids (B, L).
 
     ``snr_gamma`` weights each timestep by min(SNR, gamma) / SNR (Min-SNR, Hang et al.
     2023), which converges several times faster than the plain loss; None disables it.
+    In terms of the clean latents, that weight is min(SNR, gamma): at the last timesteps of
+    SD's schedule (SNR 0.005 at t = 999) errors of the layout, which is decided there, cost
+    almost nothing, and a model may learn to read the layout from the noise instead of the
+    caption. ``snr_floor`` f raises that weight to at least f (the weight becomes
+    clamp(SNR, f, gamma) / SNR; f = 1 matches the v-prediction loss at high noise).
     Captions dropped for classifier-free guidance are the empty caption, tokenised like
     any other: the recipe decides which rows are dropped. ``image_latents`` (B, C', h, w),
     for an InstructPix2Pix denoiser (``widen_unet_inputs``), are concatenated to the noisy
@@ -359,11 +365,12 @@ def denoiser_loss(
     else:
         target = noise
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    if snr_gamma is None:
+    if snr_gamma is None and snr_floor is None:
         return {"loss": per_sample.mean()}
     alphas = scheduler.alphas_cumprod.to(latents.device)[t]  # (B,)
     snr = alphas / (1 - alphas)
-    weight = snr.clamp(max=snr_gamma) / snr
+    clamped = snr.clamp(min=snr_floor, max=snr_gamma)  # a None bound is no bound
+    weight = clamped / snr
     if scheduler.config.prediction_type == "v_prediction":
-        weight = snr.clamp(max=snr_gamma) / (snr + 1)
+        weight = clamped / (snr + 1)
     return {"loss": (weight * per_sample).mean(), "mse": per_sample.mean().detach()}
