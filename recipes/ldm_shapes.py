@@ -38,6 +38,7 @@ from anygen.models.ldm import (
     LDM_PRESETS,
     LdmComponents,
     build_components,
+    build_scheduler,
     denoiser_loss,
     tokenize,
     vae_loss,
@@ -175,6 +176,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--paraphrase-prob", type=float, default=0.2)
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument(
+        "--prediction-type",
+        choices=("epsilon", "v_prediction"),
+        help="what the denoiser predicts (default: the preset's, or --init-from's)",
+    )
+    p.add_argument(
+        "--zero-terminal-snr",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="rescale the noise schedule so its last timestep is pure noise (needs"
+        " v_prediction; default: the preset's, or --init-from's)",
+    )
+    p.add_argument(
         "--snr-floor",
         type=float,
         default=None,
@@ -224,6 +237,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     cfg = dataclasses.replace(LDM_PRESETS[args.preset])
+    if args.init_from:  # continue with the schedule the model learnt, unless told otherwise
+        path = resolve(args.init_from) / "scheduler" / "scheduler_config.json"
+        schedule = json.loads(path.read_text()) if path.is_file() else {}  # else: load refuses
+        cfg.prediction_type = schedule.get("prediction_type", cfg.prediction_type)
+        cfg.zero_terminal_snr = schedule.get("rescale_betas_zero_snr", cfg.zero_terminal_snr)
+    if args.prediction_type is not None:
+        cfg.prediction_type = args.prediction_type
+    if args.zero_terminal_snr is not None:
+        cfg.zero_terminal_snr = args.zero_terminal_snr
     torch.manual_seed(args.seed)
     tokenizer = load_text_tokenizer(args.tokenizer)
     started = time.time()
@@ -252,7 +274,8 @@ def main(argv: list[str]) -> None:
         # continue a saved model: its components (fp32), its VAE and latent scale as they are
         init = LatentDiffusion.from_pretrained(resolve(args.init_from), dtype=torch.float32)
         components = init.components
-        components.scheduler = build_components(cfg, tokenizer).scheduler
+        components.scheduler = build_scheduler(cfg)
+        tokenizer.model_max_length = cfg.text_max_length  # as build_components sets it
         scaling = float(components.vae.config.scaling_factor)
         args.vae_steps = 0
         log.info("starting from %s; latent scaling factor %.4f", args.init_from, scaling)
@@ -372,6 +395,8 @@ def main(argv: list[str]) -> None:
         "vae_from": args.vae_from,
         "vae_steps": args.vae_steps,
         "denoiser_steps": args.steps,
+        "prediction_type": cfg.prediction_type,
+        "zero_terminal_snr": cfg.zero_terminal_snr,
         "snr_floor": args.snr_floor,
         "decoder_steps": args.decoder_steps,
         "latent_scaling_factor": round(scaling, 5),

@@ -553,7 +553,8 @@ def test_recipe_trains_every_stage_and_saves_a_loadable_model(tmp_path):
     more = tmp_path / "more"
     args = ["--output-dir", str(more), "--preset", "tiny", "--init-from", str(model), "--steps",
             "2", "--decoder-steps", "2", "--decoder-foreground-weight", "10", "--batch-size", "4",
-            "--vae-batch-size", "4", "--select-n", "0", "--eval-n", "0"]  # fmt: skip
+            "--vae-batch-size", "4", "--select-n", "0", "--eval-n", "0",
+            "--prediction-type", "v_prediction", "--zero-terminal-snr", "--snr-floor", "1"]  # fmt: skip
     run = subprocess.run(
         [sys.executable, "-m", "anygen", "train", str(recipe), *args],
         capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
@@ -567,6 +568,15 @@ def test_recipe_trains_every_stage_and_saves_a_loadable_model(tmp_path):
     assert again.components.vae.config.scaling_factor == pytest.approx(scale)
     enc = loaded.components.vae.encoder.conv_in.weight
     assert torch.equal(again.components.vae.encoder.conv_in.weight, enc)  # the encoder is kept
+    # ... switched to v-prediction over a zero-terminal-SNR schedule, as asked and recorded
+    schedule = again.components.scheduler.config
+    assert (schedule.prediction_type, schedule.rescale_betas_zero_snr) == ("v_prediction", True)
+    facts = json.loads((more / "model" / "training.json").read_text())
+    assert (facts["prediction_type"], facts["zero_terminal_snr"], facts["snr_floor"]) == (
+        "v_prediction",
+        True,
+        1.0,
+    )
 
     # a new denoiser over the saved VAE: no VAE stage, no decoder stage with 0 steps,
     # every VAE weight and the latent scale as saved
@@ -582,6 +592,7 @@ def test_recipe_trains_every_stage_and_saves_a_loadable_model(tmp_path):
     assert not (fresh / "vae").exists() and not (fresh / "decoder").exists()
     assert "The VAE is" in (fresh / "model" / "README.md").read_text()
     new = LatentDiffusion.from_pretrained(fresh / "model")
+    assert new.components.scheduler.config.prediction_type == "epsilon"  # the preset's
     assert new.components.vae.config.scaling_factor == pytest.approx(scale)
     old_vae = loaded.components.vae.state_dict()
     assert all(torch.equal(v, old_vae[k]) for k, v in new.components.vae.state_dict().items())
@@ -655,3 +666,45 @@ def test_denoiser_loss_weights_each_timestep_by_its_clamped_snr(model, predictio
         if snr < 1.0 and prediction == "epsilon":  # the floor raises high-noise timesteps
             assert floored > per_sample * 1.01
     assert seen_low  # the seeds reach the high-noise timesteps the floor is for
+
+
+def test_v_prediction_with_zero_terminal_snr_matches_diffusers_and_round_trips(tmp_path):
+    from anygen.models.ldm import build_scheduler
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(
+        LDM_PRESETS["tiny"], prediction_type="v_prediction", zero_terminal_snr=True
+    )
+    model = LatentDiffusion(
+        build_components(cfg, load_text_tokenizer("shapes-bpe")), name="tiny-v", defaults={}
+    )
+    assert float(model.components.scheduler.alphas_cumprod[-1]) == 0.0  # the last step: noise
+    for name in ("dpm++", "ddim", "euler"):
+        ours = model.generate("a red circle", Options(seed=3, scheduler=name, **OPTS)).images
+        pipe = model.to_diffusers()
+        pipe.scheduler = model.sampler(name)
+        assert pipe.scheduler.config.prediction_type == "v_prediction"
+        assert pipe.scheduler.config.rescale_betas_zero_snr
+        pipe.set_progress_bar_config(disable=True)
+        ref = pipe(
+            "a red circle",
+            num_inference_steps=3,
+            guidance_scale=3.0,
+            height=32,
+            width=32,
+            generator=[torch.Generator().manual_seed(3)],
+        ).images
+        assert np.array_equal(pixels(ours), pixels(ref)), name
+        assert np.isfinite(pixels(ours)).all() and pixels(ours).std() > 0
+    loaded = LatentDiffusion.from_pretrained(model.save_pretrained(tmp_path / "v"))
+    config = loaded.components.scheduler.config
+    assert (config.prediction_type, config.rescale_betas_zero_snr) == ("v_prediction", True)
+    again = loaded.generate("a red circle", Options(seed=3, scheduler="euler", **OPTS)).images
+    assert np.array_equal(pixels(again), pixels(ours))
+    # samplers without the rescaled schedule are refused, by name
+    with pytest.raises(UserInputError, match="'heun' cannot sample a model trained with zero"):
+        loaded.generate("a red circle", Options(seed=3, scheduler="heun", **OPTS))
+    with pytest.raises(UserInputError, match="zero terminal SNR needs v_prediction"):
+        build_scheduler(dataclasses.replace(cfg, prediction_type="epsilon"))
+    with pytest.raises(UserInputError, match="unknown prediction type 'sample'"):
+        build_scheduler(dataclasses.replace(cfg, prediction_type="sample"))

@@ -191,11 +191,11 @@ class LatentDiffusion(TextToImage):
             ):
                 model_in = torch.cat([latents] * 2) if do_cfg else latents
                 model_in = scheduler.scale_model_input(model_in, t)
-                eps = denoise(c.denoiser, model_in, t, states)
+                pred = denoise(c.denoiser, model_in, t, states)  # noise or v
                 if do_cfg:
-                    eps_uncond, eps_text = eps.chunk(2)
-                    eps = eps_uncond + guidance * (eps_text - eps_uncond)
-                latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
+                    pred_uncond, pred_text = pred.chunk(2)
+                    pred = pred_uncond + guidance * (pred_text - pred_uncond)
+                latents = scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
                 if opts.callback is not None:
                     opts.callback(i + 1, len(timesteps), {"latents": latents, "timestep": t})
 
