@@ -12,7 +12,8 @@ detector finds where the circle landed. Two figures:
     python benchmarks/layout_probe.py --model runs/x/model --checkpoint runs/x/denoiser/checkpoints/step-00000250
 
 ``--checkpoint`` swaps in the raw (not EMA) denoiser and text encoder of an ldm recipe's
-training checkpoint, to probe a run while it trains.
+training checkpoint, to probe a run while it trains; ``--model`` must then have the run's
+noise schedule (prediction type, zero terminal SNR), which a checkpoint does not record.
 """
 
 from __future__ import annotations

@@ -14,6 +14,16 @@ pipeline directory in OUT/model.
     anygen train recipes/ldm_shapes.py ... --bundle   # also write anygen/assets/models/shapes-ldm
     anygen train recipes/ldm_shapes.py --output-dir runs/shapes-dit --preset shapes-dit \
         --vae-from shapes-ldm --decoder-steps 0 --name shapes-dit   # a DiT over shapes-ldm's VAE
+    anygen train recipes/ldm_shapes.py --output-dir runs/ldm-v --init-from shapes-ldm \
+        --prediction-type v_prediction --zero-terminal-snr --snr-floor 1   # another schedule
+
+SD's noise schedule ends at an SNR of 0.005, and on 16 x 16 latents that last, noisiest
+step still shows where the objects are: a model trained on it learns to read the layout
+from the noise, and at sampling reads it from the random start, whatever the caption says
+(``python benchmarks/layout_probe.py`` measures it). ``--zero-terminal-snr`` (with
+``--prediction-type v_prediction``, which it needs) makes the last step pure noise, and
+``--snr-floor`` keeps the loss of the noisiest steps from vanishing (``denoiser_loss``).
+A model continued with ``--init-from`` keeps the schedule it was trained on unless told.
 """
 
 from __future__ import annotations
