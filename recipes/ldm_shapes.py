@@ -18,12 +18,14 @@ pipeline directory in OUT/model.
         --prediction-type v_prediction --zero-terminal-snr --snr-floor 1   # another schedule
 
 SD's noise schedule ends at an SNR of 0.005, and on 16 x 16 latents that last, noisiest
-step still shows where the objects are: a model trained on it learns to read the layout
-from the noise, and at sampling reads it from the random start, whatever the caption says
-(``python benchmarks/layout_probe.py`` measures it). ``--zero-terminal-snr`` (with
-``--prediction-type v_prediction``, which it needs) makes the last step pure noise, and
-``--snr-floor`` keeps the loss of the noisiest steps from vanishing (``denoiser_loss``).
-A model continued with ``--init-from`` keeps the schedule it was trained on unless told.
+step still shows where the objects are, so training never needs the caption to place
+them; shapes-ldm places its objects where its starting noise puts them, whatever the
+caption says (``python benchmarks/layout_probe.py`` measures it). ``--zero-terminal-snr``
+(with ``--prediction-type v_prediction``, which it needs) makes the last step pure noise,
+and ``--snr-floor`` keeps the loss of the noisiest steps from vanishing
+(``denoiser_loss``). A 2,000-step fine-tune of shapes-ldm onto both did not yet make the
+caption place objects (README, "Where objects land"). A model continued with
+``--init-from`` keeps the schedule it was trained on unless told.
 """
 
 from __future__ import annotations

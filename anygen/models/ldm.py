@@ -77,7 +77,8 @@ class LdmConfig:
     prediction_type: str = "epsilon"  # "epsilon" | "v_prediction"
     # Rescale the betas so that the last timestep is pure noise (Lin et al. 2023). SD's
     # schedule keeps an SNR of 0.005 there, and at 16 x 16 latents that still shows where
-    # the objects are: a model trained on it reads the layout from its starting noise.
+    # the objects are (half the time, for shapes-ldm), so training never needs the caption
+    # to place them.
     zero_terminal_snr: bool = False
 
     @property
@@ -368,10 +369,9 @@ def denoiser_loss(
     ``snr_gamma`` weights each timestep by min(SNR, gamma) / SNR (Min-SNR, Hang et al.
     2023), which converges several times faster than the plain loss; None disables it.
     In terms of the clean latents, that weight is min(SNR, gamma): at the last timesteps of
-    SD's schedule (SNR 0.005 at t = 999) errors of the layout, which is decided there, cost
-    almost nothing, and a model may learn to read the layout from the noise instead of the
-    caption. ``snr_floor`` f raises that weight to at least f (the weight becomes
-    clamp(SNR, f, gamma) / SNR; f = 1 matches the v-prediction loss at high noise).
+    SD's schedule (SNR 0.005 at t = 999), where the layout is decided, errors of the layout
+    cost almost nothing. ``snr_floor`` f raises that weight to at least f (the weight
+    becomes clamp(SNR, f, gamma) / SNR; f = 1 matches the v-prediction loss at high noise).
     Captions dropped for classifier-free guidance are the empty caption, tokenised like
     any other: the recipe decides which rows are dropped. ``image_latents`` (B, C', h, w),
     for an InstructPix2Pix denoiser (``widen_unet_inputs``), are concatenated to the noisy
