@@ -39,8 +39,8 @@ def layout_table(
     seeds: Sequence[int],
     obj: str = "large red circle",
 ) -> dict:
-    """Per seed, where each of the nine position prompts put ``obj`` ("none" or "n=K" when
-    not exactly one object was found), and the two summary figures."""
+    """Per seed, where each of the nine position prompts put ``obj`` ("n=K" when K != 1
+    objects were found), and the two summary figures."""
     rows, hits = {}, 0
     for seed in seeds:
         prompts = [f"a {obj} in the {cell}" for cell in CELLS]
