@@ -112,10 +112,12 @@ class DecoderTrainer(nn.Module):
 class DenoiserTrainer(nn.Module):
     """Denoiser + text encoder (trained) over latents of a frozen VAE."""
 
-    def __init__(self, c: LdmComponents, snr_floor: float | None = None) -> None:
+    def __init__(
+        self, c: LdmComponents, snr_floor: float | None = None, timestep_shift: float = 1.0
+    ) -> None:
         super().__init__()
         self.denoiser, self.text_encoder = c.denoiser, c.text_encoder
-        self.snr_floor = snr_floor
+        self.snr_floor, self.timestep_shift = snr_floor, timestep_shift
         self.vae = c.vae.requires_grad_(False).eval()
         self.scheduler = c.scheduler
 
@@ -130,6 +132,7 @@ class DenoiserTrainer(nn.Module):
             latents,
             input_ids,
             snr_floor=self.snr_floor,
+            timestep_shift=self.timestep_shift,
         )
 
 
@@ -205,6 +208,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=None,
         help="raise the loss weight of high-noise timesteps, where the layout is decided, to"
         " at least this (in clean-latent terms; anygen.models.ldm.denoiser_loss)",
+    )
+    p.add_argument(
+        "--timestep-shift",
+        type=float,
+        default=1.0,
+        help="draw training timesteps towards high noise (SD3's shift s: a fraction s/(1+s)"
+        " in the noisier half; 1 is uniform)",
     )
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
@@ -335,7 +345,11 @@ def main(argv: list[str]) -> None:
 
     if args.snr_floor is not None and args.snr_floor <= 0:
         raise UserInputError(f"--snr-floor must be positive, got {args.snr_floor}")
-    trainer = DenoiserTrainer(components, snr_floor=args.snr_floor)
+    if args.timestep_shift <= 0:
+        raise UserInputError(f"--timestep-shift must be positive, got {args.timestep_shift}")
+    trainer = DenoiserTrainer(
+        components, snr_floor=args.snr_floor, timestep_shift=args.timestep_shift
+    )
     result = train(
         trainer,
         lambda model, batch: model(batch["image"], batch["input_ids"]),
@@ -410,6 +424,7 @@ def main(argv: list[str]) -> None:
         "prediction_type": cfg.prediction_type,
         "zero_terminal_snr": cfg.zero_terminal_snr,
         "snr_floor": args.snr_floor,
+        "timestep_shift": args.timestep_shift,
         "decoder_steps": args.decoder_steps,
         "latent_scaling_factor": round(scaling, 5),
         "denoiser_resumed_from": resumed_from,

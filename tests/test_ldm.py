@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from anygen.cli import main as cli
@@ -554,7 +555,8 @@ def test_recipe_trains_every_stage_and_saves_a_loadable_model(tmp_path):
     args = ["--output-dir", str(more), "--preset", "tiny", "--init-from", str(model), "--steps",
             "2", "--decoder-steps", "2", "--decoder-foreground-weight", "10", "--batch-size", "4",
             "--vae-batch-size", "4", "--select-n", "0", "--eval-n", "0",
-            "--prediction-type", "v_prediction", "--zero-terminal-snr", "--snr-floor", "1"]  # fmt: skip
+            "--prediction-type", "v_prediction", "--zero-terminal-snr", "--snr-floor", "1",
+            "--timestep-shift", "3"]  # fmt: skip
     run = subprocess.run(
         [sys.executable, "-m", "anygen", "train", str(recipe), *args],
         capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
@@ -572,11 +574,8 @@ def test_recipe_trains_every_stage_and_saves_a_loadable_model(tmp_path):
     schedule = again.components.scheduler.config
     assert (schedule.prediction_type, schedule.rescale_betas_zero_snr) == ("v_prediction", True)
     facts = json.loads((more / "model" / "training.json").read_text())
-    assert (facts["prediction_type"], facts["zero_terminal_snr"], facts["snr_floor"]) == (
-        "v_prediction",
-        True,
-        1.0,
-    )
+    recorded = ("prediction_type", "zero_terminal_snr", "snr_floor", "timestep_shift")
+    assert [facts[k] for k in recorded] == ["v_prediction", True, 1.0, 3.0]
 
     # a new denoiser over the saved VAE: no VAE stage, no decoder stage with 0 steps,
     # every VAE weight and the latent scale as saved
@@ -666,6 +665,46 @@ def test_denoiser_loss_weights_each_timestep_by_its_clamped_snr(model, predictio
         if snr < 1.0 and prediction == "epsilon":  # the floor raises high-noise timesteps
             assert floored > per_sample * 1.01
     assert seen_low  # the seeds reach the high-noise timesteps the floor is for
+
+
+def test_sample_timesteps_shift_moves_draws_to_high_noise():
+    from anygen.models.ldm import sample_timesteps
+
+    uniform = sample_timesteps(1000, 1000, 1.0, torch.Generator().manual_seed(3))
+    assert torch.equal(
+        uniform, torch.randint(0, 1000, (1000,), generator=torch.Generator().manual_seed(3))
+    )
+    for shift in (3.0, 0.5):
+        t = sample_timesteps(40000, 1000, shift, torch.Generator().manual_seed(0))
+        assert t.dtype == torch.long and int(t.min()) >= 0 and int(t.max()) <= 999
+        # s u / (1 + (s - 1) u) >= 1/2  <=>  u >= 1 / (1 + s)
+        assert float((t >= 500).float().mean()) == pytest.approx(shift / (1 + shift), abs=0.01)
+    with pytest.raises(UserInputError, match="timestep shift must be positive, got 0"):
+        sample_timesteps(4, 1000, 0.0)
+
+
+def test_denoiser_loss_draws_its_timesteps_with_the_shift(model):
+    from anygen.models.ldm import denoise, denoiser_loss, sample_timesteps, tokenize
+
+    c = model.components
+    latents = torch.randn(
+        2, c.vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(1)
+    )
+    ids = tokenize(c.tokenizer, ["a red circle", "a blue square"])
+    T = c.scheduler.config.num_train_timesteps
+    gen = torch.Generator().manual_seed(5)
+    noise = torch.randn(latents.shape, generator=gen)
+    t = sample_timesteps(2, T, 4.0, gen)  # drawn after the noise, as the loss does
+    with torch.no_grad():
+        states = c.text_encoder(ids)[0]
+        expected = F.mse_loss(
+            denoise(c.denoiser, c.scheduler.add_noise(latents, noise, t), t, states), noise
+        )
+        got = denoiser_loss(
+            c.denoiser, c.text_encoder, c.scheduler, latents, ids,
+            torch.Generator().manual_seed(5), snr_gamma=None, timestep_shift=4.0,
+        )["loss"]  # fmt: skip
+    assert float(got) == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_v_prediction_with_zero_terminal_snr_matches_diffusers_and_round_trips(tmp_path):

@@ -353,6 +353,28 @@ def vae_loss(
     return {"loss": l1 + l2 + kl_weight * kl, "l1": l1, "l2": l2, "kl": kl}
 
 
+def sample_timesteps(
+    n: int,
+    num_train_timesteps: int,
+    shift: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Draw ``n`` training timesteps in [0, num_train_timesteps), long (n,).
+
+    ``shift`` 1 draws them uniformly (exactly ``torch.randint``'s draws). A shift s > 1 moves
+    them towards high noise as SD3 does (Esser et al. 2024): u ~ U(0, 1) becomes
+    s u / (1 + (s - 1) u), so a fraction s / (1 + s) of the draws lies in the noisier half.
+    """
+    if shift <= 0:
+        raise UserInputError(f"timestep shift must be positive, got {shift}")
+    if shift == 1.0:
+        return torch.randint(0, num_train_timesteps, (n,), generator=generator, device=device)
+    u = torch.rand((n,), generator=generator, device=device)
+    shifted = shift * u / (1 + (shift - 1) * u)
+    return (shifted * num_train_timesteps).long().clamp(max=num_train_timesteps - 1)
+
+
 def denoiser_loss(
     denoiser: torch.nn.Module,
     text_encoder: CLIPTextModel,
@@ -363,6 +385,7 @@ def denoiser_loss(
     snr_gamma: float | None = 5.0,
     image_latents: torch.Tensor | None = None,
     snr_floor: float | None = None,
+    timestep_shift: float = 1.0,
 ) -> dict:
     """DDPM noise-prediction loss on scaled latents (B, C, h, w) given caption ids (B, L).
 
@@ -372,6 +395,7 @@ def denoiser_loss(
     SD's schedule (SNR 0.005 at t = 999), where the layout is decided, errors of the layout
     cost almost nothing. ``snr_floor`` f raises that weight to at least f (the weight
     becomes clamp(SNR, f, gamma) / SNR; f = 1 matches the v-prediction loss at high noise).
+    ``timestep_shift`` draws more of the timesteps from high noise (``sample_timesteps``).
     Captions dropped for classifier-free guidance are the empty caption, tokenised like
     any other: the recipe decides which rows are dropped. ``image_latents`` (B, C', h, w),
     for an InstructPix2Pix denoiser (``widen_unet_inputs``), are concatenated to the noisy
@@ -379,8 +403,8 @@ def denoiser_loss(
     """
     b = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-    t = torch.randint(
-        0, scheduler.config.num_train_timesteps, (b,), generator=generator, device=latents.device
+    t = sample_timesteps(
+        b, scheduler.config.num_train_timesteps, timestep_shift, generator, latents.device
     )
     noisy = scheduler.add_noise(latents, noise, t)
     if image_latents is not None:
