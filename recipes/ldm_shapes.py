@@ -15,16 +15,18 @@ pipeline directory in OUT/model.
     anygen train recipes/ldm_shapes.py --output-dir runs/shapes-dit --preset shapes-dit \
         --vae-from shapes-ldm --decoder-steps 0 --name shapes-dit   # a DiT over shapes-ldm's VAE
     anygen train recipes/ldm_shapes.py --output-dir runs/ldm-v --init-from shapes-ldm \
-        --prediction-type v_prediction --zero-terminal-snr --snr-floor 1   # another schedule
+        --prediction-type v_prediction --zero-terminal-snr --snr-floor 1 \
+        --timestep-shift 3   # another schedule; training timesteps shifted to high noise
 
 SD's noise schedule ends at an SNR of 0.005, and on 16 x 16 latents that last, noisiest
 step still shows where the objects are, so training never needs the caption to place
 them; shapes-ldm places its objects where its starting noise puts them, whatever the
 caption says (``python benchmarks/layout_probe.py`` measures it). ``--zero-terminal-snr``
 (with ``--prediction-type v_prediction``, which it needs) makes the last step pure noise,
-and ``--snr-floor`` keeps the loss of the noisiest steps from vanishing
-(``denoiser_loss``). A 2,000-step fine-tune of shapes-ldm onto both did not yet make the
-caption place objects (README, "Where objects land"). A model continued with
+``--snr-floor`` keeps the loss of the noisiest steps from vanishing
+(``denoiser_loss``), and ``--timestep-shift`` trains more of the noisiest steps. Neither a
+2,000-step fine-tune of shapes-ldm onto the first two nor a 1,000-step one onto all three
+made the caption place objects (README, "Where objects land"). A model continued with
 ``--init-from`` keeps the schedule it was trained on unless told.
 """
 
