@@ -260,6 +260,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
+    if args.snr_floor is not None and args.snr_floor <= 0:  # before any stage trains
+        raise UserInputError(f"--snr-floor must be positive, got {args.snr_floor}")
+    if args.timestep_shift <= 0:
+        raise UserInputError(f"--timestep-shift must be positive, got {args.timestep_shift}")
     cfg = dataclasses.replace(LDM_PRESETS[args.preset])
     if args.init_from:  # continue with the schedule the model learnt, unless told otherwise
         path = resolve(args.init_from) / "scheduler" / "scheduler_config.json"
@@ -345,10 +349,6 @@ def main(argv: list[str]) -> None:
         batch["input_ids"] = tokenize(tokenizer, batch["text"])
         return batch
 
-    if args.snr_floor is not None and args.snr_floor <= 0:
-        raise UserInputError(f"--snr-floor must be positive, got {args.snr_floor}")
-    if args.timestep_shift <= 0:
-        raise UserInputError(f"--timestep-shift must be positive, got {args.timestep_shift}")
     trainer = DenoiserTrainer(
         components, snr_floor=args.snr_floor, timestep_shift=args.timestep_shift
     )

@@ -515,6 +515,29 @@ def test_bundled_shapes_ldm_meets_its_quality_bar(bundled):
     assert scores["held_out"] >= 0.70, report.table()
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--timestep-shift", "0", "--timestep-shift must be positive, got 0.0"),
+        ("--snr-floor", "-1", "--snr-floor must be positive, got -1.0"),
+    ],
+)
+def test_recipe_refuses_bad_loss_settings_before_training_anything(tmp_path, flag, value, message):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "ldm_shapes.py"
+    out = tmp_path / "run"
+    run = subprocess.run(
+        [sys.executable, "-m", "anygen", "train", str(recipe), "--output-dir", str(out),
+         "--preset", "tiny", flag, value],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]
+    assert not (out / "vae").exists()  # refused before the VAE stage trained
+
+
 def test_recipe_trains_every_stage_and_saves_a_loadable_model(tmp_path):
     """`anygen train recipes/ldm_shapes.py` end to end on the tiny preset, 2 steps a stage."""
     import subprocess
