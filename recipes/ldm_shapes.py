@@ -115,11 +115,16 @@ class DenoiserTrainer(nn.Module):
     """Denoiser + text encoder (trained) over latents of a frozen VAE."""
 
     def __init__(
-        self, c: LdmComponents, snr_floor: float | None = None, timestep_shift: float = 1.0
+        self,
+        c: LdmComponents,
+        snr_floor: float | None = None,
+        timestep_shift: float = 1.0,
+        terminal_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         self.denoiser, self.text_encoder = c.denoiser, c.text_encoder
         self.snr_floor, self.timestep_shift = snr_floor, timestep_shift
+        self.terminal_fraction = terminal_fraction
         self.vae = c.vae.requires_grad_(False).eval()
         self.scheduler = c.scheduler
 
@@ -135,6 +140,7 @@ class DenoiserTrainer(nn.Module):
             input_ids,
             snr_floor=self.snr_floor,
             timestep_shift=self.timestep_shift,
+            terminal_fraction=self.terminal_fraction,
         )
 
 
@@ -218,6 +224,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="draw training timesteps towards high noise (SD3's shift s: a fraction s/(1+s)"
         " in the noisier half; 1 is uniform)",
     )
+    p.add_argument(
+        "--terminal-fraction",
+        type=float,
+        default=0.0,
+        help="train this fraction of each batch at the last timestep, where sampling starts"
+        " (with --zero-terminal-snr: pure noise, so the caption alone sets the layout)",
+    )
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoints")
@@ -264,6 +277,8 @@ def main(argv: list[str]) -> None:
         raise UserInputError(f"--snr-floor must be positive, got {args.snr_floor}")
     if args.timestep_shift <= 0:
         raise UserInputError(f"--timestep-shift must be positive, got {args.timestep_shift}")
+    if not 0.0 <= args.terminal_fraction <= 1.0:
+        raise UserInputError(f"--terminal-fraction must be in [0, 1], got {args.terminal_fraction}")
     cfg = dataclasses.replace(LDM_PRESETS[args.preset])
     if args.init_from:  # continue with the schedule the model learnt, unless told otherwise
         path = resolve(args.init_from) / "scheduler" / "scheduler_config.json"
@@ -350,7 +365,10 @@ def main(argv: list[str]) -> None:
         return batch
 
     trainer = DenoiserTrainer(
-        components, snr_floor=args.snr_floor, timestep_shift=args.timestep_shift
+        components,
+        snr_floor=args.snr_floor,
+        timestep_shift=args.timestep_shift,
+        terminal_fraction=args.terminal_fraction,
     )
     result = train(
         trainer,
@@ -427,6 +445,7 @@ def main(argv: list[str]) -> None:
         "zero_terminal_snr": cfg.zero_terminal_snr,
         "snr_floor": args.snr_floor,
         "timestep_shift": args.timestep_shift,
+        "terminal_fraction": args.terminal_fraction,
         "decoder_steps": args.decoder_steps,
         "latent_scaling_factor": round(scaling, 5),
         "denoiser_resumed_from": resumed_from,

@@ -520,6 +520,7 @@ def test_bundled_shapes_ldm_meets_its_quality_bar(bundled):
     [
         ("--timestep-shift", "0", "--timestep-shift must be positive, got 0.0"),
         ("--snr-floor", "-1", "--snr-floor must be positive, got -1.0"),
+        ("--terminal-fraction", "2", "--terminal-fraction must be in [0, 1], got 2.0"),
     ],
 )
 def test_recipe_refuses_bad_loss_settings_before_training_anything(tmp_path, flag, value, message):
@@ -579,7 +580,7 @@ def test_recipe_trains_every_stage_and_saves_a_loadable_model(tmp_path):
             "2", "--decoder-steps", "2", "--decoder-foreground-weight", "10", "--batch-size", "4",
             "--vae-batch-size", "4", "--select-n", "0", "--eval-n", "0",
             "--prediction-type", "v_prediction", "--zero-terminal-snr", "--snr-floor", "1",
-            "--timestep-shift", "3"]  # fmt: skip
+            "--timestep-shift", "3", "--terminal-fraction", "0.5"]  # fmt: skip
     run = subprocess.run(
         [sys.executable, "-m", "anygen", "train", str(recipe), *args],
         capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
@@ -599,6 +600,7 @@ def test_recipe_trains_every_stage_and_saves_a_loadable_model(tmp_path):
     facts = json.loads((more / "model" / "training.json").read_text())
     recorded = ("prediction_type", "zero_terminal_snr", "snr_floor", "timestep_shift")
     assert [facts[k] for k in recorded] == ["v_prediction", True, 1.0, 3.0]
+    assert facts["terminal_fraction"] == 0.5
 
     # a new denoiser over the saved VAE: no VAE stage, no decoder stage with 0 steps,
     # every VAE weight and the latent scale as saved
@@ -706,6 +708,18 @@ def test_sample_timesteps_shift_moves_draws_to_high_noise():
         sample_timesteps(4, 1000, 0.0)
 
 
+def test_sample_timesteps_terminal_fraction_trains_that_share_at_the_last_timestep():
+    from anygen.models.ldm import sample_timesteps
+
+    plain = sample_timesteps(32, 1000, 1.0, torch.Generator().manual_seed(4))
+    t = sample_timesteps(32, 1000, 1.0, torch.Generator().manual_seed(4), terminal_fraction=0.25)
+    assert torch.equal(t[:8], torch.full((8,), 999)) and torch.equal(t[8:], plain[8:])
+    assert int((plain[:8] == 999).sum()) < 8  # the uniform draw alone would not
+    assert torch.equal(sample_timesteps(5, 10, terminal_fraction=1.0), torch.full((5,), 9))
+    with pytest.raises(UserInputError, match=r"terminal fraction must be in \[0, 1\], got 1.5"):
+        sample_timesteps(4, 1000, terminal_fraction=1.5)
+
+
 def test_denoiser_loss_draws_its_timesteps_with_the_shift(model):
     from anygen.models.ldm import denoise, denoiser_loss, sample_timesteps, tokenize
 
@@ -717,7 +731,8 @@ def test_denoiser_loss_draws_its_timesteps_with_the_shift(model):
     T = c.scheduler.config.num_train_timesteps
     gen = torch.Generator().manual_seed(5)
     noise = torch.randn(latents.shape, generator=gen)
-    t = sample_timesteps(2, T, 4.0, gen)  # drawn after the noise, as the loss does
+    t = sample_timesteps(2, T, 4.0, gen, terminal_fraction=0.5)  # after the noise, as the loss
+    assert int(t[0]) == T - 1
     with torch.no_grad():
         states = c.text_encoder(ids)[0]
         expected = F.mse_loss(
@@ -725,7 +740,7 @@ def test_denoiser_loss_draws_its_timesteps_with_the_shift(model):
         )
         got = denoiser_loss(
             c.denoiser, c.text_encoder, c.scheduler, latents, ids,
-            torch.Generator().manual_seed(5), snr_gamma=None, timestep_shift=4.0,
+            torch.Generator().manual_seed(5), snr_gamma=None, timestep_shift=4.0, terminal_fraction=0.5,
         )["loss"]  # fmt: skip
     assert float(got) == pytest.approx(float(expected), rel=1e-5)
 

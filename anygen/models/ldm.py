@@ -359,20 +359,28 @@ def sample_timesteps(
     shift: float = 1.0,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    terminal_fraction: float = 0.0,
 ) -> torch.Tensor:
     """Draw ``n`` training timesteps in [0, num_train_timesteps), long (n,).
 
     ``shift`` 1 draws them uniformly (exactly ``torch.randint``'s draws). A shift s > 1 moves
     them towards high noise as SD3 does (Esser et al. 2024): u ~ U(0, 1) becomes
     s u / (1 + (s - 1) u), so a fraction s / (1 + s) of the draws lies in the noisier half.
+    ``terminal_fraction`` p then sets the first round(p n) of them to the last timestep,
+    where sampling starts and, on a zero-terminal-SNR schedule, the caption is all there is.
     """
     if shift <= 0:
         raise UserInputError(f"timestep shift must be positive, got {shift}")
+    if not 0.0 <= terminal_fraction <= 1.0:
+        raise UserInputError(f"terminal fraction must be in [0, 1], got {terminal_fraction}")
     if shift == 1.0:
-        return torch.randint(0, num_train_timesteps, (n,), generator=generator, device=device)
-    u = torch.rand((n,), generator=generator, device=device)
-    shifted = shift * u / (1 + (shift - 1) * u)
-    return (shifted * num_train_timesteps).long().clamp(max=num_train_timesteps - 1)
+        t = torch.randint(0, num_train_timesteps, (n,), generator=generator, device=device)
+    else:
+        u = torch.rand((n,), generator=generator, device=device)
+        shifted = shift * u / (1 + (shift - 1) * u)
+        t = (shifted * num_train_timesteps).long().clamp(max=num_train_timesteps - 1)
+    t[: round(terminal_fraction * n)] = num_train_timesteps - 1
+    return t
 
 
 def denoiser_loss(
@@ -386,6 +394,7 @@ def denoiser_loss(
     image_latents: torch.Tensor | None = None,
     snr_floor: float | None = None,
     timestep_shift: float = 1.0,
+    terminal_fraction: float = 0.0,
 ) -> dict:
     """DDPM noise-prediction loss on scaled latents (B, C, h, w) given caption ids (B, L).
 
@@ -395,7 +404,8 @@ def denoiser_loss(
     SD's schedule (SNR 0.005 at t = 999), where the layout is decided, errors of the layout
     cost almost nothing. ``snr_floor`` f raises that weight to at least f (the weight
     becomes clamp(SNR, f, gamma) / SNR; f = 1 matches the v-prediction loss at high noise).
-    ``timestep_shift`` draws more of the timesteps from high noise (``sample_timesteps``).
+    ``timestep_shift`` and ``terminal_fraction`` draw more of the timesteps from high noise
+    (``sample_timesteps``).
     Captions dropped for classifier-free guidance are the empty caption, tokenised like
     any other: the recipe decides which rows are dropped. ``image_latents`` (B, C', h, w),
     for an InstructPix2Pix denoiser (``widen_unet_inputs``), are concatenated to the noisy
@@ -404,7 +414,12 @@ def denoiser_loss(
     b = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator, device=latents.device)
     t = sample_timesteps(
-        b, scheduler.config.num_train_timesteps, timestep_shift, generator, latents.device
+        b,
+        scheduler.config.num_train_timesteps,
+        timestep_shift,
+        generator,
+        latents.device,
+        terminal_fraction,
     )
     noisy = scheduler.add_noise(latents, noise, t)
     if image_latents is not None:
