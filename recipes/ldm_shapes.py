@@ -26,7 +26,9 @@ caption says (``python benchmarks/layout_probe.py`` measures it). ``--zero-termi
 ``--snr-floor`` keeps the loss of the noisiest steps from vanishing
 (``denoiser_loss``), and ``--timestep-shift`` trains more of the noisiest steps. Neither a
 2,000-step fine-tune of shapes-ldm onto the first two nor a 1,000-step one onto all three
-made the caption place objects (README, "Where objects land"). A model continued with
+made the caption place objects (README, "Where objects land"). ``--terminal-fraction``
+trains part of each batch at the last timestep; from scratch, on position captions alone,
+half a batch there made a fresh UNet place objects as asked. A model continued with
 ``--init-from`` keeps the schedule it was trained on unless told.
 """
 
