@@ -67,7 +67,11 @@ Reproduce:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="anygen train recipes/bpe_shapes.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--output-dir", required=True, help="where to write the tokenizer")
     parser.add_argument("--vocab-size", type=int, default=DEFAULTS["vocab_size"])
     parser.add_argument("--n", type=int, default=DEFAULTS["n"], help="corpus lines")

@@ -70,7 +70,8 @@ def regression_loss(model: nn.Module, batch: list[torch.Tensor]) -> dict[str, to
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="anygen train recipes/example_regression.py",
-        description="Train a small MLP on a synthetic 2-D regression problem.",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--max-steps", type=int, default=300)

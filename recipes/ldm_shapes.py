@@ -12,10 +12,10 @@ pipeline directory in OUT/model.
     anygen train recipes/ldm_shapes.py --output-dir runs/shapes-ldm
     anygen train recipes/ldm_shapes.py --output-dir runs/shapes-ldm --resume   # continue
     anygen train recipes/ldm_shapes.py ... --bundle   # also write anygen/assets/models/shapes-ldm
-    anygen train recipes/ldm_shapes.py --output-dir runs/shapes-dit --preset shapes-dit \
+    anygen train recipes/ldm_shapes.py --output-dir runs/shapes-dit --preset shapes-dit \\
         --vae-from shapes-ldm --decoder-steps 0 --name shapes-dit   # a DiT over shapes-ldm's VAE
-    anygen train recipes/ldm_shapes.py --output-dir runs/ldm-v --init-from shapes-ldm \
-        --prediction-type v_prediction --zero-terminal-snr --snr-floor 1 \
+    anygen train recipes/ldm_shapes.py --output-dir runs/ldm-v --init-from shapes-ldm \\
+        --prediction-type v_prediction --zero-terminal-snr --snr-floor 1 \\
         --timestep-shift 3   # another schedule; training timesteps shifted to high noise
 
 SD's noise schedule ends at an SNR of 0.005, and on 16 x 16 latents that last, noisiest
@@ -184,7 +184,11 @@ def stage_config(
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="anygen train recipes/ldm_shapes.py", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="anygen train recipes/ldm_shapes.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--output-dir", type=Path, required=True)
     p.add_argument("--preset", choices=sorted(LDM_PRESETS), default="shapes")
     p.add_argument("--tokenizer", default="shapes-bpe")

@@ -38,7 +38,11 @@ BUNDLE_DIR = Path(__file__).resolve().parents[1] / "anygen" / "assets" / "models
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="anygen train recipes/parti_shapes.py", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="anygen train recipes/parti_shapes.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--output-dir", type=Path, required=True)
     p.add_argument("--preset", choices=sorted(PARTI_PRESETS), default="shapes-m", help="model size")
     p.add_argument("--tokenizer", default="shapes-bpe")

@@ -23,11 +23,11 @@ larger decoder over its frozen encoder and codebook). Every image keeps its code
 Parti and fusion models trained over them stay valid and draw with the better decoder. The
 bundled shapes-vq is stage 1 above, then:
 
-    anygen train recipes/vq_shapes.py --output-dir runs/shapes-vq-dec \
+    anygen train recipes/vq_shapes.py --output-dir runs/shapes-vq-dec \\
         --decoder-from runs/shapes-vq/model --steps 3000 --lr 4e-4
-    anygen train recipes/vq_shapes.py --output-dir runs/shapes-vq-dec8 \
+    anygen train recipes/vq_shapes.py --output-dir runs/shapes-vq-dec8 \\
         --decoder-from runs/shapes-vq-dec/model --decoder-layers 8 --steps 4000 --lr 4e-4
-    anygen train recipes/vq_shapes.py --output-dir runs/shapes-vq-dec8b \
+    anygen train recipes/vq_shapes.py --output-dir runs/shapes-vq-dec8b \\
         --decoder-from runs/shapes-vq-dec8/model --steps 4000 --lr 3e-4 --bundle
 """
 
@@ -151,7 +151,11 @@ def measure(tokenizer: VitVQGAN, n: int, seed: int = 0) -> tuple[Report, dict]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="anygen train recipes/vq_shapes.py", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="anygen train recipes/vq_shapes.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--output-dir", type=Path, required=True)
     p.add_argument("--preset", choices=sorted(VQ_PRESETS), default="shapes")
     p.add_argument("--seed", type=int, default=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -159,3 +160,29 @@ def test_default_model_lacking_a_capability_says_so_in_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"anygen {argv[0]}: error: model shapes-ldm {what}")
     assert len([line for line in err if "error" in line]) == 1
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("*.py")))
+def test_recipe_help_shows_its_docstring_with_the_example_commands_intact(recipe, capsys):
+    """`anygen train RECIPE --help` prints the recipe's docstring line for line, so that its
+    example commands, continuation lines included, stay whole and copyable instead of being
+    refilled into prose."""
+    path = REPO / "recipes" / recipe
+    source = path.read_text()
+    written = source[source.index('"""') + 3 :].split('"""', 1)[0]
+    docstring = ast.get_docstring(ast.parse(source), clean=False)
+    # A bare backslash at a line's end joins two lines of the docstring: write it "\\".
+    assert len(docstring.splitlines()) == len(written.splitlines())
+    examples = [
+        line.rstrip()
+        for line in docstring.splitlines()
+        if line.startswith("    anygen train") or line.startswith("        --")
+    ]
+    assert examples, f"{recipe} has no example command in its docstring"
+    with pytest.raises(SystemExit) as exit_:
+        cli(["train", str(path), "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert f"anygen train recipes/{recipe}" in out.splitlines()[0]
+    shown = {line.rstrip() for line in out.splitlines()}
+    assert [e for e in examples if e not in shown] == []
