@@ -29,8 +29,8 @@ caption says (``python benchmarks/layout_probe.py`` measures it). ``--zero-termi
 made the caption place objects (README, "Where objects land"). ``--terminal-fraction``
 trains part of each batch at the last timestep; from scratch, on position captions alone,
 half a batch there made a fresh UNet place objects as asked (on all caption forms,
-5,000 steps of batch 32 were not enough: README, "Where objects land"). A model continued with
-``--init-from`` keeps the schedule it was trained on unless told.
+5,000 steps of batch 32 were not enough: README, "Where objects land"). A model continued
+with ``--init-from`` keeps the schedule it was trained on unless told.
 """
 
 from __future__ import annotations
