@@ -48,6 +48,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from anygen.data.datasets import ShapesT2IDataset, collate
+from anygen.data.shapes import caption_form_weights
 from anygen.errors import UserInputError
 from anygen.eval.suites import SELECT_N, run_t2i, select_t2i_settings
 from anygen.hub import resolve
@@ -184,6 +185,24 @@ def stage_config(
     )
 
 
+def parse_form_weights(text: str) -> dict[str, float]:
+    """``"position=3,count=0.5"`` -> ``{"position": 3.0, "count": 0.5}``, checked."""
+    weights = {}
+    for item in text.split(","):
+        form, sep, value = item.partition("=")
+        try:
+            weights[form.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected FORM=WEIGHT, got {item!r}")
+    try:
+        caption_form_weights(weights)
+    except UserInputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return weights
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="anygen train recipes/ldm_shapes.py",
@@ -205,6 +224,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--paraphrase-prob", type=float, default=0.2)
     p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument(
+        "--caption-forms",
+        type=parse_form_weights,
+        metavar="FORM=W,...",
+        help="relative weights of the caption forms (a form not named weighs 1; default:"
+        " uniform), e.g. position=3",
+    )
     p.add_argument(
         "--prediction-type",
         choices=("epsilon", "v_prediction"),
@@ -361,6 +387,7 @@ def main(argv: list[str]) -> None:
             seed=args.seed + 1,
             size=cfg.image_size,
             paraphrase_prob=args.paraphrase_prob,
+            form_weights=args.caption_forms,
         ),
         args.caption_dropout,
         args.seed,
@@ -453,6 +480,7 @@ def main(argv: list[str]) -> None:
         "snr_floor": args.snr_floor,
         "timestep_shift": args.timestep_shift,
         "terminal_fraction": args.terminal_fraction,
+        "caption_forms": args.caption_forms,
         "decoder_steps": args.decoder_steps,
         "latent_scaling_factor": round(scaling, 5),
         "denoiser_resumed_from": resumed_from,

@@ -521,6 +521,9 @@ def test_bundled_shapes_ldm_meets_its_quality_bar(bundled):
         ("--timestep-shift", "0", "--timestep-shift must be positive, got 0.0"),
         ("--snr-floor", "-1", "--snr-floor must be positive, got -1.0"),
         ("--terminal-fraction", "2", "--terminal-fraction must be in [0, 1], got 2.0"),
+        ("--caption-forms", "place=2", "unknown caption form(s) ['place']"),
+        ("--caption-forms", "position", "expected FORM=WEIGHT, got 'position'"),
+        ("--caption-forms", "position=-1", "must be finite and >= 0"),
     ],
 )
 def test_recipe_refuses_bad_loss_settings_before_training_anything(tmp_path, flag, value, message):
@@ -580,7 +583,8 @@ def test_recipe_trains_every_stage_and_saves_a_loadable_model(tmp_path):
             "2", "--decoder-steps", "2", "--decoder-foreground-weight", "10", "--batch-size", "4",
             "--vae-batch-size", "4", "--select-n", "0", "--eval-n", "0",
             "--prediction-type", "v_prediction", "--zero-terminal-snr", "--snr-floor", "1",
-            "--timestep-shift", "3", "--terminal-fraction", "0.5"]  # fmt: skip
+            "--timestep-shift", "3", "--terminal-fraction", "0.5",
+            "--caption-forms", "position=3,count=0"]  # fmt: skip
     run = subprocess.run(
         [sys.executable, "-m", "anygen", "train", str(recipe), *args],
         capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
@@ -601,6 +605,7 @@ def test_recipe_trains_every_stage_and_saves_a_loadable_model(tmp_path):
     recorded = ("prediction_type", "zero_terminal_snr", "snr_floor", "timestep_shift")
     assert [facts[k] for k in recorded] == ["v_prediction", True, 1.0, 3.0]
     assert facts["terminal_fraction"] == 0.5
+    assert facts["caption_forms"] == {"position": 3.0, "count": 0.0}
 
     # a new denoiser over the saved VAE: no VAE stage, no decoder stage with 0 steps,
     # every VAE weight and the latent scale as saved

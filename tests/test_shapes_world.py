@@ -7,6 +7,7 @@ import os
 import random
 import re
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -318,6 +319,30 @@ def test_canonical_captions_of_known_scenes():
     )
     assert "two green stars" in canonical_captions(s3)
     assert "three green stars" not in canonical_captions(s3)
+
+
+def test_caption_form_weights_set_the_mix_and_leave_the_default_unchanged():
+    def forms(n, **kw):
+        data = ShapesT2IDataset(n, seed=3, **kw)
+        return [data.sample(i).form for i in range(n)]
+
+    # None draws the form as it always has (uniform, rng.choice), so existing data is unchanged
+    for seed in range(20):
+        form = sample_captioned_scene(random.Random(seed), "train")[0].form
+        assert form == random.Random(seed).choice(CAPTION_FORMS)
+    mix = Counter(forms(3500, form_weights={"position": 3, "count": 0}))
+    assert "count" not in mix and set(mix) == set(CAPTION_FORMS) - {"count"}
+    assert 0.45 < mix["position"] / 3500 < 0.55  # 3 of 6
+    assert all(0.12 < mix[f] / 3500 < 0.21 for f in ("object", "relation", "conjunction"))
+    assert forms(50) == forms(50, form_weights=None)
+    for weights, message in [
+        ({"place": 2}, r"unknown caption form\(s\) \['place'\]"),
+        ({"position": -1}, "finite and >= 0"),
+        ({"position": float("nan")}, "finite and >= 0"),
+        (dict.fromkeys(CAPTION_FORMS, 0), "all 0"),
+    ]:
+        with pytest.raises(UserInputError, match=message):
+            forms(1, form_weights=weights)
 
 
 def test_every_caption_form_sampled_true_and_parseable():

@@ -10,6 +10,7 @@ cannot batch: use ``collate`` (stacks same-shape tensors, lists everything else)
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -130,7 +131,8 @@ class ShapesDataset(Dataset):
 class ShapesT2IDataset(ShapesDataset):
     """Text-to-image: {"image" (3, S, S), "text" (fed: canonical or paraphrase), "caption"
     (canonical), "paraphrased", "form", "scene"}. ``paraphrase_prob`` (train only) is the
-    chance that "text" is a paraphrase."""
+    chance that "text" is a paraphrase; ``form_weights`` weighs the caption forms (uniform when
+    None; a form not named weighs 1)."""
 
     task = "t2i"
 
@@ -143,10 +145,13 @@ class ShapesT2IDataset(ShapesDataset):
         *,
         paraphrase_prob: float = 0.0,
         require_held_out: bool = False,
+        form_weights: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__(length, seed, split, size, require_held_out=require_held_out)
         if paraphrase_prob:
             self.options["paraphrase_prob"] = paraphrase_prob
+        if form_weights is not None:
+            self.options["form_weights"] = dict(form_weights)
         task_sample(self.task, seed, 0, split, **self.options)  # validate options eagerly
 
     def to_item(self, s: T2ISample) -> dict[str, Any]:

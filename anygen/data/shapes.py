@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from anygen.data.world import (
@@ -368,18 +369,42 @@ def canonical_captions(scene: Scene) -> list[str]:
     return sorted(out)
 
 
+def caption_form_weights(form_weights: Mapping[str, float]) -> list[float]:
+    """The weight of each of ``CAPTION_FORMS`` under ``form_weights`` (1 where not named);
+    unknown forms, negative weights and an all-zero mix are refused."""
+    unknown = sorted(set(form_weights) - set(CAPTION_FORMS))
+    if unknown:
+        raise UserInputError(
+            f"unknown caption form(s) {unknown} in form weights; expected some of {CAPTION_FORMS}"
+        )
+    weights = [float(form_weights.get(f, 1.0)) for f in CAPTION_FORMS]
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise UserInputError(
+            f"caption form weights must be finite and >= 0, got {dict(form_weights)}"
+        )
+    if not sum(weights):
+        raise UserInputError("caption form weights are all 0: no caption form would be drawn")
+    return weights
+
+
 def sample_captioned_scene(
     rng: random.Random,
     split: str = "train",
     form: str | None = None,
     *,
     require_held_out: bool = False,
+    form_weights: Mapping[str, float] | None = None,
 ) -> tuple[Caption, Scene]:
-    """Caption first: pick a form (uniform over ``CAPTION_FORMS`` when None), then a scene that
-    the caption describes exactly. The count form builds 2-3 objects of one colour+shape."""
+    """Caption first: pick a form (uniform over ``CAPTION_FORMS`` when None, or by
+    ``form_weights``: relative weights, 1 for a form not named), then a scene that the caption
+    describes exactly. The count form builds 2-3 objects of one colour+shape."""
     _check_held_out(split, require_held_out)
     if form is None:
-        form = rng.choice(CAPTION_FORMS)
+        if form_weights is None:
+            form = rng.choice(CAPTION_FORMS)
+        else:
+            weights = caption_form_weights(form_weights)
+            form = rng.choices(CAPTION_FORMS, weights=weights)[0]
     if form in ("object", "position"):
         scene = sample_scene(rng, 1, split, require_held_out=require_held_out)
     elif form == "relation":
@@ -1010,16 +1035,20 @@ def t2i_sample(
     paraphrase_prob: float = 0.0,
     form: str | None = None,
     require_held_out: bool = False,
+    form_weights: Mapping[str, float] | None = None,
 ) -> T2ISample:
     """Caption-first text-to-image sample; with probability ``paraphrase_prob`` (train only)
-    the fed text is a paraphrase of the canonical caption."""
+    the fed text is a paraphrase of the canonical caption. ``form_weights`` weighs the caption
+    forms (see ``sample_captioned_scene``)."""
     if paraphrase_prob and split != "train":
         raise UserInputError(
             "paraphrases are for training only; use paraphrase_prob=0 with split='test'"
         )
     if not 0.0 <= paraphrase_prob <= 1.0:
         raise UserInputError(f"paraphrase_prob must be in [0, 1], got {paraphrase_prob}")
-    caption, scene = sample_captioned_scene(rng, split, form, require_held_out=require_held_out)
+    caption, scene = sample_captioned_scene(
+        rng, split, form, require_held_out=require_held_out, form_weights=form_weights
+    )
     canonical = caption.text()
     text = paraphrase(rng, caption) if rng.random() < paraphrase_prob else canonical
     return T2ISample(scene, text, canonical, caption.form)
@@ -1054,7 +1083,8 @@ def edit_sample(
     return sample_edit(rng, split, require_held_out=require_held_out)
 
 
-# task name -> sampler(rng, split, *, require_held_out=...) (t2i also takes paraphrase_prob, form)
+# task name -> sampler(rng, split, *, require_held_out=...) (t2i also takes paraphrase_prob, form,
+# form_weights)
 TASKS: dict[str, Callable[..., T2ISample | Story | Edit | SubjectSample | VQASample]] = {
     "t2i": t2i_sample,
     "story": story_sample,
