@@ -20,8 +20,8 @@ pipeline directory in OUT/model.
 
 SD's noise schedule ends at an SNR of 0.005, and on 16 x 16 latents that last, noisiest
 step still shows where the objects are, so training never needs the caption to place
-them; shapes-ldm places its objects where its starting noise puts them, whatever the
-caption says (``python benchmarks/layout_probe.py`` measures it). ``--zero-terminal-snr``
+them; the first shapes-ldm placed its objects where its starting noise put them, whatever
+the caption said (``python benchmarks/layout_probe.py`` measures it). ``--zero-terminal-snr``
 (with ``--prediction-type v_prediction``, which it needs) makes the last step pure noise,
 ``--snr-floor`` keeps the loss of the noisiest steps from vanishing
 (``denoiser_loss``), and ``--timestep-shift`` trains more of the noisiest steps. Neither a
@@ -29,8 +29,10 @@ caption says (``python benchmarks/layout_probe.py`` measures it). ``--zero-termi
 made the caption place objects (README, "Where objects land"). ``--terminal-fraction``
 trains part of each batch at the last timestep; from scratch, on position captions alone,
 half a batch there made a fresh UNet place objects as asked (on all caption forms,
-5,000 steps of batch 32 were not enough: README, "Where objects land"). A model continued
-with ``--init-from`` keeps the schedule it was trained on unless told.
+5,000 steps of batch 32 were not enough: README, "Where objects land"). ``--caption-forms``
+weighs the caption forms: ``position=3`` draws 3 position captions for 1 of each other form,
+and with it the shipped shapes-ldm learnt position words (its card gives the commands).
+A model continued with ``--init-from`` keeps the schedule it was trained on unless told.
 """
 
 from __future__ import annotations
