@@ -179,7 +179,7 @@ def stage_config(
         lr_schedule="cosine",
         warmup_steps=warmup,
         checkpoint_every=args.checkpoint_every,
-        keep_last_checkpoints=2,
+        keep_last_checkpoints=args.keep_checkpoints or None,
         mixed_precision=args.mixed_precision,
         seed=args.seed,
         resume="latest" if args.resume else None,
@@ -267,6 +267,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         " (with --zero-terminal-snr: pure noise, so the caption alone sets the layout)",
     )
     p.add_argument("--checkpoint-every", type=int, default=250)
+    p.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=2,
+        metavar="N",
+        help="keep each stage's last N checkpoints (0: keep every one, e.g. to probe a run's"
+        " progress with benchmarks/layout_probe.py --checkpoint)",
+    )
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoints")
     p.add_argument(
@@ -314,6 +322,8 @@ def main(argv: list[str]) -> None:
         raise UserInputError(f"--timestep-shift must be positive, got {args.timestep_shift}")
     if not 0.0 <= args.terminal_fraction <= 1.0:
         raise UserInputError(f"--terminal-fraction must be in [0, 1], got {args.terminal_fraction}")
+    if args.keep_checkpoints < 0:
+        raise UserInputError(f"--keep-checkpoints must be >= 0, got {args.keep_checkpoints}")
     cfg = dataclasses.replace(LDM_PRESETS[args.preset])
     if args.init_from:  # continue with the schedule the model learnt, unless told otherwise
         path = resolve(args.init_from) / "scheduler" / "scheduler_config.json"

@@ -524,6 +524,7 @@ def test_bundled_shapes_ldm_meets_its_quality_bar(bundled):
         ("--caption-forms", "place=2", "unknown caption form(s) ['place']"),
         ("--caption-forms", "position", "expected FORM=WEIGHT, got 'position'"),
         ("--caption-forms", "position=-1", "must be finite and >= 0"),
+        ("--keep-checkpoints", "-1", "--keep-checkpoints must be >= 0, got -1"),
     ],
 )
 def test_recipe_refuses_bad_loss_settings_before_training_anything(tmp_path, flag, value, message):
@@ -552,14 +553,16 @@ def test_recipe_trains_every_stage_and_saves_a_loadable_model(tmp_path):
     out = tmp_path / "run"
     args = ["--output-dir", str(out), "--preset", "tiny", "--vae-steps", "2", "--steps", "2",
             "--decoder-steps", "2", "--batch-size", "4", "--vae-batch-size", "4",
-            "--checkpoint-every", "2", "--select-n", "4", "--eval-n", "7"]  # fmt: skip
+            "--checkpoint-every", "1", "--keep-checkpoints", "1", "--select-n", "4",
+            "--eval-n", "7"]  # fmt: skip
     run = subprocess.run(
         [sys.executable, "-m", "anygen", "train", str(recipe), *args],
         capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     for stage in ("vae", "denoiser", "decoder"):
-        assert (out / stage / "checkpoints" / "step-00000002").is_dir(), stage
+        kept = sorted(p.name for p in (out / stage / "checkpoints").iterdir())
+        assert kept == ["step-00000002"], (stage, kept)  # --keep-checkpoints 1 pruned step 1
     model = out / "model"
     card = (model / "README.md").read_text()
     assert "recipes/ldm_shapes.py" in card and "overall" in card
