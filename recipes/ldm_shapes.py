@@ -534,7 +534,7 @@ def main(argv: list[str]) -> None:
         log.info("bundled fp16 weights in %s", bundle)
 
 
-GUIDANCE_GRID = [{"guidance_scale": g} for g in (1.5, 3.0, 5.0, 8.0)]
+GUIDANCE_GRID = [{"guidance_scale": g} for g in (1.5, 2.0, 2.5, 3.0, 5.0, 8.0)]
 
 
 def select_guidance(model: LatentDiffusion, n: int) -> dict:

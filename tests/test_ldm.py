@@ -569,7 +569,7 @@ def test_recipe_trains_every_stage_and_saves_a_loadable_model(tmp_path):
     assert json.loads((model / "eval.json").read_text())["n"] == 7
     # the default guidance is the best of the grid on validation prompts, and the card says so
     selection = json.loads((model / "training.json").read_text())["sampling_selection"]
-    assert [r["guidance_scale"] for r in selection["grid"]] == [1.5, 3.0, 5.0, 8.0]
+    assert [r["guidance_scale"] for r in selection["grid"]] == [1.5, 2.0, 2.5, 3.0, 5.0, 8.0]
     best = max(selection["grid"], key=lambda r: r["validation_overall"])
     assert selection["n"] == 4 and selection["chosen"] == {"guidance_scale": best["guidance_scale"]}
     saved = json.loads((model / "anygen.json").read_text())
