@@ -9,6 +9,13 @@ resume, ``accelerate launch``). The result is a model directory in OUT/model.
 
     anygen train recipes/parti_shapes.py --output-dir runs/shapes-parti
     anygen train recipes/parti_shapes.py ... --bundle   # also write anygen/assets/models/shapes-parti
+    anygen train recipes/parti_shapes.py --output-dir runs/parti-more --init-from shapes-parti \\
+        --seed 1 --steps 8000 --lr 5e-4                # continue a saved model
+
+``--init-from`` starts from a saved model's weights (its transformer, in fp32) with a fresh
+optimizer and learning-rate schedule (warmup, then cosine decay to 0 over ``--steps``);
+``--preset`` does not apply. Give it a ``--seed`` other than the first run's, or it draws
+the same training samples again.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from pathlib import Path
 import torch
 
 from anygen.data.datasets import ShapesT2IDataset
+from anygen.errors import UserInputError
 from anygen.eval.suites import CODE_SAMPLING_GRID, SELECT_N, run_t2i, select_t2i_settings
 from anygen.hub import resolve
 from anygen.models.parti import PARTI_PRESETS, PartiTransformer, parti_loss, tokenize_prompts
@@ -57,6 +65,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     p.add_argument("--resume", action="store_true")
+    p.add_argument(
+        "--init-from",
+        metavar="MODEL",
+        help="start from this saved parti model's weights (bundled name, path or hub id) with"
+        " a fresh optimizer and schedule; --preset does not apply",
+    )
     p.add_argument("--guidance", type=float, default=3.0, help="default guidance of the model")
     p.add_argument("--temperature", type=float, default=1.0, help="default temperature")
     p.add_argument("--top-k", type=int, default=0, help="default top-k (0: off)")
@@ -77,15 +91,19 @@ def main(argv: list[str]) -> None:
     torch.manual_seed(args.seed)
     tokenizer = load_text_tokenizer(args.tokenizer)
     image_tokenizer = load_image_tokenizer(args.image_tokenizer).requires_grad_(False)
-    cfg = dataclasses.replace(
-        PARTI_PRESETS[args.preset],
-        text_vocab_size=len(tokenizer),
-        text_pad_id=tokenizer.pad_token_id,
-        text_eos_id=tokenizer.eos_token_id,
-        image_vocab_size=image_tokenizer.codebook_size,
-        image_tokens=image_tokenizer.grid_size**2,
-    )
-    model = PartiTransformer(cfg)
+    if args.init_from:
+        model = init_model(args.init_from, tokenizer, image_tokenizer)
+        cfg = model.config
+    else:
+        cfg = dataclasses.replace(
+            PARTI_PRESETS[args.preset],
+            text_vocab_size=len(tokenizer),
+            text_pad_id=tokenizer.pad_token_id,
+            text_eos_id=tokenizer.eos_token_id,
+            image_vocab_size=image_tokenizer.codebook_size,
+            image_tokens=image_tokenizer.grid_size**2,
+        )
+        model = PartiTransformer(cfg)
     data = ShapesT2IDataset(
         args.steps * args.batch_size,
         seed=args.seed,
@@ -148,7 +166,8 @@ def main(argv: list[str]) -> None:
         "recipe": "recipes/parti_shapes.py",
         "argv": argv,
         "seed": args.seed,
-        "preset": args.preset,
+        "preset": None if args.init_from else args.preset,
+        "init_from": args.init_from,
         "steps": args.steps,
         "batch_size": args.batch_size,
         "parameters_m": round(sum(p.numel() for p in result.model.parameters()) / 1e6, 2),
@@ -190,6 +209,30 @@ def main(argv: list[str]) -> None:
         log.info("bundled fp16 weights in %s", BUNDLE_DIR)
 
 
+def init_model(name: str, tokenizer, image_tokenizer) -> PartiTransformer:
+    """The transformer of saved parti model ``name``, in fp32, checked against the recipe's
+    tokenizers (a model trained over other tokens cannot continue on these)."""
+    model = Parti.from_pretrained(resolve(name), dtype=torch.float32).transformer
+    c = model.config
+    mismatches = [
+        f"{what}: the model has {have}, the recipe's tokenizers {want}"
+        for what, have, want in (
+            ("text vocabulary", c.text_vocab_size, len(tokenizer)),
+            ("image codes", c.image_vocab_size, image_tokenizer.codebook_size),
+            ("codes per image", c.image_tokens, image_tokenizer.grid_size**2),
+        )
+        if have != want
+    ]
+    if mismatches:
+        raise UserInputError(f"--init-from {name} does not fit: " + "; ".join(mismatches))
+    log.info(
+        "starting from %s (%.2f M parameters)",
+        name,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+    )
+    return model.train()
+
+
 def select_sampling(pipe: Parti, n: int) -> dict:
     """The default guidance and temperature: the best of ``CODE_SAMPLING_GRID`` on validation
     prompts (``select_t2i_settings``: seed 1000, never the reported evaluation's seed 0)."""
@@ -226,6 +269,11 @@ def model_card(facts: dict, defaults: dict, report=None) -> str:
             f"| guidance | temperature | validation overall |\n|---|---|---|\n{rows}\n"
         )
     settings = ", ".join(f"{k} {defaults[k]}" for k in ("guidance_scale", "temperature", "top_k"))
+    origin = (
+        f"Continued from {facts['init_from']} (its transformer; fresh optimizer and schedule)"
+        if facts.get("init_from")
+        else "Trained from scratch"
+    )
     return f"""---
 name: shapes-parti
 summary: "text to image, Parti-style autoregressive transformer over shapes-vq codes, 64 px"
@@ -235,7 +283,7 @@ summary: "text to image, Parti-style autoregressive transformer over shapes-vq c
 
 Parti for the shapes world: a T5 text encoder and a GPT-2 decoder with cross-attention
 ({facts["parameters_m"]} M parameters) write the image codes ({facts["image"]}) of the
-`{facts["image_tokenizer"]}` image tokenizer, whose decoder renders them. Trained from scratch by `{facts["recipe"]}` (seed
+`{facts["image_tokenizer"]}` image tokenizer, whose decoder renders them. {origin} by `{facts["recipe"]}` (seed
 {facts["seed"]}, {facts["steps"]} steps of batch {facts["batch_size"]}, {facts["train_time_s"]:.0f} s on
 {facts["device"]}). Sampling defaults: {settings}; `--steps` and `--scheduler` do not apply.
 {selection}

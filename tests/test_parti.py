@@ -293,3 +293,35 @@ def test_recipes_train_a_tokenizer_then_a_parti_model(tmp_path):
     gen = load_generator(str(parti / "model"))
     assert gen.defaults["guidance_scale"] == facts["sampling_selection"]["chosen"]["guidance_scale"]
     assert gen.generate("a red circle", Options(seed=0, **OPTS)).images[0].size == (32, 32)
+
+    # --init-from continues the saved model under a fresh schedule
+    more = tmp_path / "more"
+    train("parti_shapes.py", "--output-dir", str(more), "--init-from", str(parti / "model"),
+          "--image-tokenizer", str(vq / "model"), "--seed", "1", "--steps", "2",
+          "--batch-size", "4", "--select-n", "0", "--eval-n", "0")  # fmt: skip
+    facts = json.loads((more / "model" / "training.json").read_text())
+    assert facts["init_from"] == str(parti / "model") and facts["preset"] is None
+    assert "Continued from" in (more / "model" / "README.md").read_text()
+    before, after = load_generator(str(parti / "model")), load_generator(str(more / "model"))
+    assert before.transformer.config == after.transformer.config
+    changed = [
+        name
+        for (name, a), (_, b) in zip(
+            before.transformer.named_parameters(),
+            after.transformer.named_parameters(),
+            strict=True,
+        )
+        if not torch.equal(a, b)
+    ]
+    assert changed  # it trained from those weights rather than copying them
+
+    # a model over other image codes cannot continue on these: one line, before training
+    run = subprocess.run(
+        [sys.executable, "-m", "anygen", "train", str(recipes / "parti_shapes.py"),
+         "--output-dir", str(tmp_path / "refused"), "--init-from", str(parti / "model"),
+         "--steps", "2"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert run.returncode != 0
+    assert "does not fit: image codes: the model has 32, the recipe's tokenizers 512" in run.stderr
+    assert "Traceback" not in run.stderr and not (tmp_path / "refused" / "train").exists()
