@@ -67,7 +67,13 @@ from anygen.pipelines import Options
 from anygen.pipelines.text_to_image import LatentDiffusion
 from anygen.tokenizers.text import load_text_tokenizer
 from anygen.tokenizers.vq import reconstruction_errors
-from anygen.training import TrainConfig, device_description, train, training_seconds
+from anygen.training import (
+    TrainConfig,
+    device_description,
+    train,
+    training_seconds,
+    warn_if_same_seed,
+)
 
 log = logging.getLogger("recipes.ldm_shapes")
 
@@ -367,6 +373,7 @@ def main(argv: list[str]) -> None:
         scaling = float(components.vae.config.scaling_factor)
         args.vae_steps = 0
         log.info("starting from %s; latent scaling factor %.4f", args.init_from, scaling)
+        warn_if_same_seed(resolve(args.init_from), args.seed)
     else:
         components = build_components(cfg, tokenizer)
         # Stage 1: the VAE.

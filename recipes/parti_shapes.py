@@ -38,7 +38,13 @@ from anygen.pipelines import Options
 from anygen.pipelines.parti import Parti
 from anygen.tokenizers.text import load_text_tokenizer
 from anygen.tokenizers.vq import load_image_tokenizer
-from anygen.training import TrainConfig, device_description, train, training_seconds
+from anygen.training import (
+    TrainConfig,
+    device_description,
+    train,
+    training_seconds,
+    warn_if_same_seed,
+)
 
 log = logging.getLogger("recipes.parti_shapes")
 
@@ -93,6 +99,7 @@ def main(argv: list[str]) -> None:
     image_tokenizer = load_image_tokenizer(args.image_tokenizer).requires_grad_(False)
     if args.init_from:
         model = init_model(args.init_from, tokenizer, image_tokenizer)
+        warn_if_same_seed(resolve(args.init_from), args.seed)
         cfg = model.config
     else:
         cfg = dataclasses.replace(

@@ -462,6 +462,20 @@ def test_training_seconds_sums_row_intervals_and_skips_a_resume_gap(tmp_path):
     assert seconds_per_step(tmp_path / "missing.jsonl") == 0.0
 
 
+def test_continuing_with_the_init_models_seed_warns(tmp_path, caplog):
+    from anygen.training import warn_if_same_seed
+
+    (tmp_path / "training.json").write_text(json.dumps({"seed": 8, "steps": 2500}))
+    with caplog.at_level("WARNING", logger="anygen.training"):
+        assert not warn_if_same_seed(tmp_path, 9)
+        assert not caplog.records
+        assert warn_if_same_seed(tmp_path, 8)
+    assert "trained with seed 8, the seed of this run" in caplog.records[0].getMessage()
+    assert not warn_if_same_seed(tmp_path / "no-record-here", 8)  # nothing to compare with
+    (tmp_path / "training.json").write_text("[not a record")
+    assert not warn_if_same_seed(tmp_path, 8)
+
+
 @pytest.mark.parametrize("recipe", ["ldm_shapes.py", "parti_shapes.py", "fusion_shapes.py"])
 def test_shapes_recipes_choose_sampling_defaults_on_select_n_prompts(recipe):
     from anygen.eval.suites import SELECT_N

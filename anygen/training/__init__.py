@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import re
 import sys
@@ -26,6 +27,8 @@ from anygen.training.loop import (
     train,
 )
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "StepInfo",
     "TrainConfig",
@@ -39,6 +42,7 @@ __all__ = [
     "load_recipe",
     "run_recipe",
     "train",
+    "warn_if_same_seed",
 ]
 
 
@@ -52,6 +56,27 @@ def device_description() -> str:
         return torch.cuda.get_device_name()
     threads = torch.get_num_threads()
     return f"{platform.processor() or platform.machine()} ({threads} thread{'s' * (threads != 1)})"
+
+
+def warn_if_same_seed(init_dir: str | os.PathLike, seed: int) -> bool:
+    """Warn when a run continued from the saved model in ``init_dir`` uses the seed that
+    model's own training recorded (its ``training.json``): the recipes draw their training
+    samples from the seed, so the continuation would see the same samples again. Returns
+    whether it warned; a model without that record is not checked."""
+    record = Path(init_dir) / "training.json"
+    try:
+        recorded = json.loads(record.read_text()).get("seed")
+    except (OSError, ValueError, AttributeError):
+        return False
+    if recorded != seed:
+        return False
+    log.warning(
+        "%s was trained with seed %s, the seed of this run: it will draw the same training"
+        " samples again (give --seed another value for new ones)",
+        init_dir,
+        seed,
+    )
+    return True
 
 
 def training_seconds(metrics: str | os.PathLike, gap: float = 300.0) -> float:
