@@ -10,7 +10,7 @@ resume, ``accelerate launch``). The result is a model directory in OUT/model.
     anygen train recipes/parti_shapes.py --output-dir runs/shapes-parti
     anygen train recipes/parti_shapes.py ... --bundle   # also write anygen/assets/models/shapes-parti
     anygen train recipes/parti_shapes.py --output-dir runs/parti-more --init-from shapes-parti \\
-        --seed 1 --steps 8000 --lr 5e-4                # continue a saved model
+        --seed 1 --steps 6000 --lr 5e-4                # continue a saved model
 
 ``--init-from`` starts from a saved model's weights (its transformer, in fp32) with a fresh
 optimizer and learning-rate schedule (warmup, then cosine decay to 0 over ``--steps``);
