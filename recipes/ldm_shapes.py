@@ -50,7 +50,6 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from anygen.data.datasets import ShapesT2IDataset, collate
-from anygen.data.shapes import caption_form_weights
 from anygen.errors import UserInputError
 from anygen.eval.suites import SELECT_N, run_t2i, select_t2i_settings
 from anygen.hub import resolve
@@ -69,6 +68,7 @@ from anygen.tokenizers.text import load_text_tokenizer
 from anygen.tokenizers.vq import reconstruction_errors
 from anygen.training import (
     TrainConfig,
+    caption_forms_arg,
     device_description,
     train,
     training_seconds,
@@ -193,24 +193,6 @@ def stage_config(
     )
 
 
-def parse_form_weights(text: str) -> dict[str, float]:
-    """``"position=3,count=0.5"`` -> ``{"position": 3.0, "count": 0.5}``, checked."""
-    weights = {}
-    for item in text.split(","):
-        form, sep, value = item.partition("=")
-        try:
-            weights[form.strip()] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep:
-            raise argparse.ArgumentTypeError(f"expected FORM=WEIGHT, got {item!r}")
-    try:
-        caption_form_weights(weights)
-    except UserInputError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return weights
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="anygen train recipes/ldm_shapes.py",
@@ -234,7 +216,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument(
         "--caption-forms",
-        type=parse_form_weights,
+        type=caption_forms_arg,
         metavar="FORM=W,...",
         help="relative weights of the caption forms (a form not named weighs 1; default:"
         " uniform), e.g. position=3",

@@ -15,7 +15,9 @@ resume, ``accelerate launch``). The result is a model directory in OUT/model.
 ``--init-from`` starts from a saved model's weights (its transformer, in fp32) with a fresh
 optimizer and learning-rate schedule (warmup, then cosine decay to 0 over ``--steps``);
 ``--preset`` does not apply. Give it a ``--seed`` other than the first run's, or it draws
-the same training samples again.
+the same training samples again. ``--caption-forms`` weighs the caption forms of the
+training captions (``relation=3,conjunction=4`` draws 3 relation and 4 conjunction captions
+for 1 of each other form), as the ldm recipe does.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from anygen.tokenizers.text import load_text_tokenizer
 from anygen.tokenizers.vq import load_image_tokenizer
 from anygen.training import (
     TrainConfig,
+    caption_forms_arg,
     device_description,
     train,
     training_seconds,
@@ -68,6 +71,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--paraphrase-prob", type=float, default=0.2)
     p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument(
+        "--caption-forms",
+        type=caption_forms_arg,
+        metavar="FORM=W,...",
+        help="relative weights of the caption forms (a form not named weighs 1; default:"
+        " uniform), e.g. relation=3,conjunction=4",
+    )
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     p.add_argument("--resume", action="store_true")
@@ -116,6 +126,7 @@ def main(argv: list[str]) -> None:
         seed=args.seed,
         size=image_tokenizer.image_size,
         paraphrase_prob=args.paraphrase_prob,
+        form_weights=args.caption_forms,
     )
 
     def collate(items: list[dict]) -> dict:
@@ -177,6 +188,7 @@ def main(argv: list[str]) -> None:
         "init_from": args.init_from,
         "steps": args.steps,
         "batch_size": args.batch_size,
+        "caption_forms": args.caption_forms,
         "parameters_m": round(sum(p.numel() for p in result.model.parameters()) / 1e6, 2),
         "image_tokenizer": args.image_tokenizer,
         "image": f"{image_tokenizer.grid_size} x {image_tokenizer.grid_size} codes, "

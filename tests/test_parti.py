@@ -298,9 +298,11 @@ def test_recipes_train_a_tokenizer_then_a_parti_model(tmp_path):
     more = tmp_path / "more"
     train("parti_shapes.py", "--output-dir", str(more), "--init-from", str(parti / "model"),
           "--image-tokenizer", str(vq / "model"), "--seed", "1", "--steps", "2",
-          "--batch-size", "4", "--select-n", "0", "--eval-n", "0")  # fmt: skip
+          "--batch-size", "4", "--select-n", "0", "--eval-n", "0",
+          "--caption-forms", "relation=3,conjunction=4")  # fmt: skip
     facts = json.loads((more / "model" / "training.json").read_text())
     assert facts["init_from"] == str(parti / "model") and facts["preset"] is None
+    assert facts["caption_forms"] == {"relation": 3.0, "conjunction": 4.0}
     assert "Continued from" in (more / "model" / "README.md").read_text()
     before, after = load_generator(str(parti / "model")), load_generator(str(more / "model"))
     assert before.transformer.config == after.transformer.config
@@ -325,3 +327,12 @@ def test_recipes_train_a_tokenizer_then_a_parti_model(tmp_path):
     assert run.returncode != 0
     assert "does not fit: image codes: the model has 32, the recipe's tokenizers 512" in run.stderr
     assert "Traceback" not in run.stderr and not (tmp_path / "refused" / "train").exists()
+
+    # a bad caption-form weight is a usage error before anything loads
+    run = subprocess.run(
+        [sys.executable, "-m", "anygen", "train", str(recipes / "parti_shapes.py"),
+         "--output-dir", str(tmp_path / "refused"), "--caption-forms", "place=2"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert run.returncode == 2 and "unknown caption form(s) ['place']" in run.stderr
+    assert "Traceback" not in run.stderr and not (tmp_path / "refused").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -474,6 +475,27 @@ def test_continuing_with_the_init_models_seed_warns(tmp_path, caplog):
     assert not warn_if_same_seed(tmp_path / "no-record-here", 8)  # nothing to compare with
     (tmp_path / "training.json").write_text("[not a record")
     assert not warn_if_same_seed(tmp_path, 8)
+
+
+def test_caption_forms_arg_parses_and_refuses_in_one_line():
+    import argparse
+
+    from anygen.training import caption_forms_arg
+
+    assert caption_forms_arg("relation=3, conjunction=4,count=0") == {
+        "relation": 3.0,
+        "conjunction": 4.0,
+        "count": 0.0,
+    }
+    for text, message in [
+        ("place=2", "unknown caption form(s) ['place']"),
+        ("position", "expected FORM=WEIGHT, got 'position'"),
+        ("position=x", "expected FORM=WEIGHT, got 'position=x'"),
+        ("position=-1", "must be finite and >= 0"),
+        ("position=nan", "must be finite and >= 0"),
+    ]:
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)):
+            caption_forms_arg(text)
 
 
 @pytest.mark.parametrize("recipe", ["ldm_shapes.py", "parti_shapes.py", "fusion_shapes.py"])

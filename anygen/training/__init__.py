@@ -34,6 +34,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "TrainingDivergedError",
+    "caption_forms_arg",
     "device_description",
     "seconds_per_step",
     "training_seconds",
@@ -56,6 +57,30 @@ def device_description() -> str:
         return torch.cuda.get_device_name()
     threads = torch.get_num_threads()
     return f"{platform.processor() or platform.machine()} ({threads} thread{'s' * (threads != 1)})"
+
+
+def caption_forms_arg(text: str) -> dict[str, float]:
+    """A recipe's ``--caption-forms`` value: ``"position=3,count=0.5"`` ->
+    ``{"position": 3.0, "count": 0.5}``, checked against the shapes world's caption forms
+    (an ``argparse`` type: a bad value is a one-line usage error)."""
+    import argparse
+
+    from anygen.data.shapes import caption_form_weights
+
+    weights = {}
+    for item in text.split(","):
+        form, sep, value = item.partition("=")
+        try:
+            weights[form.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected FORM=WEIGHT, got {item!r}")
+    try:
+        caption_form_weights(weights)
+    except UserInputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return weights
 
 
 def warn_if_same_seed(init_dir: str | os.PathLike, seed: int) -> bool:
