@@ -293,6 +293,9 @@ def model_card(facts: dict, defaults: dict, report=None) -> str:
         if facts.get("init_from")
         else "Trained from scratch"
     )
+    if facts.get("caption_forms"):
+        weights = ", ".join(f"{k} {v:g}" for k, v in facts["caption_forms"].items())
+        origin += f" on caption forms weighted {weights} (1 for the others)"
     return f"""---
 name: shapes-parti
 summary: "text to image, Parti-style autoregressive transformer over shapes-vq codes, 64 px"

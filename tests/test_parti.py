@@ -303,7 +303,8 @@ def test_recipes_train_a_tokenizer_then_a_parti_model(tmp_path):
     facts = json.loads((more / "model" / "training.json").read_text())
     assert facts["init_from"] == str(parti / "model") and facts["preset"] is None
     assert facts["caption_forms"] == {"relation": 3.0, "conjunction": 4.0}
-    assert "Continued from" in (more / "model" / "README.md").read_text()
+    card = (more / "model" / "README.md").read_text()
+    assert "Continued from" in card and "weighted relation 3, conjunction 4 (1 for" in card
     before, after = load_generator(str(parti / "model")), load_generator(str(more / "model"))
     assert before.transformer.config == after.transformer.config
     changed = [
