@@ -643,9 +643,14 @@ def test_recipe_trains_every_stage_and_saves_a_loadable_model(tmp_path):
 def test_cli_eval_samples_with_the_given_settings(saved, tmp_path, capsys):
     report = tmp_path / "report.json"
     args = ["eval", "--model", str(saved), "--suite", "t2i", "--n", "2", "--batch-size", "2"]
-    assert cli([*args, "--steps", "2", "--scheduler", "euler", "-o", str(report)]) == 0
+    assert (
+        cli([*args, "--steps", "2", "--scheduler", "euler", "--seed", "7", "-o", str(report)]) == 0
+    )
     meta = json.loads(report.read_text())["meta"]
     assert (meta["steps"], meta["scheduler"], meta["guidance_scale"]) == (2, "euler", None)
+    # the report records the prompt set's seed, which the sampling options must not hide
+    records = json.loads(report.read_text())["records"]
+    assert meta["seed"] == 7 and sorted(r["seed"] for r in records) == [7, 8]
     capsys.readouterr()
     # the settings reach the model: its own error for a sampler it does not have
     assert cli([*args, "--scheduler", "nope"]) == 2

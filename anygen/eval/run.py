@@ -116,7 +116,8 @@ def evaluate_model(
             seed=seed,
             progress=progress,
         )
-    report.meta = {"model": model, "suite": suite, "n": n, "seed": seed, **opts.to_dict()}
+    # the options' own seed is replaced per prompt (``seeded``); the report's is the prompt set's
+    report.meta = {**opts.to_dict(), "model": model, "suite": suite, "n": n, "seed": seed}
     from anygen.pipelines.rerank import Reranked
 
     if isinstance(gen, Reranked):
