@@ -646,11 +646,11 @@ def test_cli_eval_samples_with_the_given_settings(saved, tmp_path, capsys):
     assert (
         cli([*args, "--steps", "2", "--scheduler", "euler", "--seed", "7", "-o", str(report)]) == 0
     )
-    meta = json.loads(report.read_text())["meta"]
+    data = json.loads(report.read_text())
+    meta = data["meta"]
     assert (meta["steps"], meta["scheduler"], meta["guidance_scale"]) == (2, "euler", None)
     # the report records the prompt set's seed, which the sampling options must not hide
-    records = json.loads(report.read_text())["records"]
-    assert meta["seed"] == 7 and sorted(r["seed"] for r in records) == [7, 8]
+    assert meta["seed"] == 7 and sorted(r["seed"] for r in data["records"]) == [7, 8]
     capsys.readouterr()
     # the settings reach the model: its own error for a sampler it does not have
     assert cli([*args, "--scheduler", "nope"]) == 2
