@@ -33,7 +33,13 @@ import torch
 
 from anygen.data.datasets import ShapesT2IDataset
 from anygen.errors import UserInputError
-from anygen.eval.suites import CODE_SAMPLING_GRID, SELECT_N, run_t2i, select_t2i_settings
+from anygen.eval.suites import (
+    CODE_SAMPLING_GRID,
+    CODE_SAMPLING_GRID_FINE,
+    SELECT_N,
+    run_t2i,
+    select_t2i_settings,
+)
 from anygen.hub import resolve
 from anygen.models.parti import PARTI_PRESETS, PartiTransformer, parti_loss, tokenize_prompts
 from anygen.pipelines import Options
@@ -95,7 +101,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=int,
         default=SELECT_N,
         help="validation prompts (seed 1000, never the eval's seed 0) on which to choose the "
-        "default guidance and temperature from CODE_SAMPLING_GRID (0: keep the given defaults)",
+        "default guidance, temperature and top-p from SAMPLING_GRID (0: keep the given defaults)",
     )
     p.add_argument("--eval-n", type=int, default=300, help="shapes-eval t2i prompts (0: skip)")
     p.add_argument("--bundle", action="store_true", help=f"also write fp16 weights to {BUNDLE_DIR}")
@@ -252,14 +258,21 @@ def init_model(name: str, tokenizer, image_tokenizer) -> PartiTransformer:
     return model.train()
 
 
+# The coarse grid (top_p 1), then the settings of the fine grid it lacks: 36 in all.
+_COARSE = tuple({**s, "top_p": 1.0} for s in CODE_SAMPLING_GRID)
+SAMPLING_GRID: tuple[dict, ...] = _COARSE + tuple(
+    s for s in CODE_SAMPLING_GRID_FINE if s not in _COARSE
+)
+
+
 def select_sampling(pipe: Parti, n: int) -> dict:
-    """The default guidance and temperature: the best of ``CODE_SAMPLING_GRID`` on validation
+    """The default guidance, temperature and top-p: the best of ``SAMPLING_GRID`` on validation
     prompts (``select_t2i_settings``: seed 1000, never the reported evaluation's seed 0)."""
     return select_t2i_settings(
         lambda prompts, seeds, s: (
             pipe.generate_batch(prompts, seeds, Options(progress=False, **s)).images
         ),
-        CODE_SAMPLING_GRID,
+        SAMPLING_GRID,
         n,
     )
 
@@ -279,15 +292,18 @@ def model_card(facts: dict, defaults: dict, report=None) -> str:
     if "sampling_selection" in facts:
         sel = facts["sampling_selection"]
         rows = "\n".join(
-            f"| {r['guidance_scale']} | {r['temperature']} | {r['validation_overall']:.3f} |"
+            f"| {r['guidance_scale']} | {r['temperature']} | {r.get('top_p', 1.0)} "
+            f"| {r['validation_overall']:.3f} |"
             for r in sel["grid"]
         )
         selection = (
             f"\nThe defaults were chosen on {sel['n']} validation prompts (shapes-eval t2i, "
             f"seed {sel['seed']}; the scores below use seed 0):\n\n"
-            f"| guidance | temperature | validation overall |\n|---|---|---|\n{rows}\n"
+            f"| guidance | temperature | top-p | validation overall |\n|---|---|---|---|\n{rows}\n"
         )
-    settings = ", ".join(f"{k} {defaults[k]}" for k in ("guidance_scale", "temperature", "top_k"))
+    settings = ", ".join(
+        f"{k} {defaults[k]}" for k in ("guidance_scale", "temperature", "top_k", "top_p")
+    )
     origin = (
         f"Continued from {facts['init_from']} (its transformer; fresh optimizer and schedule)"
         if facts.get("init_from")

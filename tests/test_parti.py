@@ -12,7 +12,7 @@ import torch
 
 from anygen.cli import main as cli
 from anygen.errors import CheckpointError, UserInputError
-from anygen.eval.suites import CODE_SAMPLING_GRID
+from anygen.eval.suites import CODE_SAMPLING_GRID, CODE_SAMPLING_GRID_FINE
 from anygen.hub import bundled_models
 from anygen.models.parti import (
     PARTI_PRESETS,
@@ -285,13 +285,16 @@ def test_recipes_train_a_tokenizer_then_a_parti_model(tmp_path):
           "--select-n", "6", "--eval-n", "7")  # fmt: skip
     assert (parti / "train" / "checkpoints" / "step-00000003").is_dir()
     facts = json.loads((parti / "model" / "training.json").read_text())
-    grid = facts["sampling_selection"]["grid"]
-    assert [{k: r[k] for k in ("guidance_scale", "temperature")} for r in grid] == list(
-        CODE_SAMPLING_GRID
-    )
+    grid = [{k: v for k, v in r.items() if k != "validation_overall"}
+            for r in facts["sampling_selection"]["grid"]]  # fmt: skip
+    coarse = [{**s, "top_p": 1.0} for s in CODE_SAMPLING_GRID]
+    assert grid[:16] == coarse and len(grid) == 36  # the fine grid shares 4 with the coarse
+    assert {str(s) for s in grid} == {str(s) for s in coarse + list(CODE_SAMPLING_GRID_FINE)}
+    assert "| guidance | temperature | top-p |" in (parti / "model" / "README.md").read_text()
     assert json.loads((parti / "model" / "eval.json").read_text())["n"] == 7
     gen = load_generator(str(parti / "model"))
-    assert gen.defaults["guidance_scale"] == facts["sampling_selection"]["chosen"]["guidance_scale"]
+    chosen = facts["sampling_selection"]["chosen"]
+    assert {k: gen.defaults[k] for k in chosen} == chosen and chosen in grid
     assert gen.generate("a red circle", Options(seed=0, **OPTS)).images[0].size == (32, 32)
 
     # --init-from continues the saved model under a fresh schedule
