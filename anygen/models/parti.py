@@ -79,7 +79,7 @@ PARTI_PRESETS: dict[str, PartiConfig] = {
     # at 1 thread (0.497 on 300 validation t2i prompts against 0.427 for "shapes" after
     # 10,000 steps), then 6,000 more from those weights in 71 min at 2 threads, then
     # 12,000 more on weighted caption forms in 97 min at 2 threads (recipe --caption-forms),
-    # then 11,000 more on the same forms in 95 min
+    # then 11,000 more on the same forms in 95 min, then 9,000 at lr 3e-4 in 77 min
     "shapes-m": PartiConfig(d_model=192, encoder_layers=2, decoder_layers=6, num_heads=6),
     # Parti's shape at a size for one GPU: 8-layer decoder, 4-layer encoder, width 512
     "base": PartiConfig(d_model=512, encoder_layers=4, decoder_layers=8, num_heads=8),
