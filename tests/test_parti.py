@@ -289,7 +289,7 @@ def test_recipes_train_a_tokenizer_then_a_parti_model(tmp_path):
             for r in facts["sampling_selection"]["grid"]]  # fmt: skip
     coarse = [{**s, "top_p": 1.0} for s in CODE_SAMPLING_GRID]
     assert grid[:16] == coarse and len(grid) == 36  # the fine grid shares 4 with the coarse
-    assert {str(s) for s in grid} == {str(s) for s in coarse + list(CODE_SAMPLING_GRID_FINE)}
+    assert all(s in grid for s in CODE_SAMPLING_GRID_FINE)
     assert "| guidance | temperature | top-p |" in (parti / "model" / "README.md").read_text()
     assert json.loads((parti / "model" / "eval.json").read_text())["n"] == 7
     gen = load_generator(str(parti / "model"))
