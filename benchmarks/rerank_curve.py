@@ -1,7 +1,7 @@
 """How much best-of-K reranking buys: shapes-eval t2i as a function of K.
 
 For each of N t2i prompts, the generator draws the same K candidates that ``--rerank K``
-draws (``anygen.pipelines.rerank.candidate_seeds``), the reranker scores each by caption
+draws (``anygen.pipelines.rerank.candidate_seeds``, at the model's rerank defaults), the reranker scores each by caption
 and by pmi (``Fusion.score``), and shapes-eval judges every candidate. The table gives,
 for K = 1, 2, 4, ... up to --k, the score of the candidate each method keeps, and the
 oracle: the share of prompts with at least one right candidate, the most any reranker
@@ -29,7 +29,7 @@ from anygen.eval.judge import satisfies
 from anygen.eval.suites import t2i_prompts
 from anygen.pipelines import Options, load_generator
 from anygen.pipelines.fusion import SCORES
-from anygen.pipelines.rerank import candidate_seeds
+from anygen.pipelines.rerank import candidate_sampling, candidate_seeds
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,11 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     gen = load_generator(args.model)
     scorer = load_generator(args.reranker) if args.reranker else gen
     prompts = t2i_prompts(args.n, args.seed)
+    options = Options(progress=False, **candidate_sampling(gen))  # as --rerank draws them
     rows, seconds = [], collections.Counter()
     for i, p in enumerate(tqdm(prompts, desc="rerank curve")):
         seeds = candidate_seeds(args.seed + i, args.k)
         start = time.perf_counter()
-        images = gen.generate_batch([p.prompt] * args.k, seeds, Options(progress=False)).images
+        images = gen.generate_batch([p.prompt] * args.k, seeds, options).images
         seconds["candidates"] += time.perf_counter() - start
         row = {"category": p.category, "prompt": p.prompt, "seeds": seeds}
         for method in SCORES:

@@ -223,6 +223,63 @@ def test_a_reranker_must_score_and_a_model_that_cannot_must_be_given_one(parti, 
     assert own.scorer is scorer and len(own.generate("a red circle", OPTS).images) == 1
 
 
+def with_rerank_block(parti: Parti, block) -> Parti:
+    """``parti`` (the same weights) with ``block`` as its anygen.json's rerank defaults."""
+    return Parti(
+        parti.transformer,
+        parti.tokenizer,
+        parti.image_tokenizer,
+        name="tiny-parti-rerank",
+        defaults={**parti.defaults, "rerank": block},
+    )
+
+
+def test_candidates_are_drawn_at_the_rerank_defaults_where_options_leave_gaps(parti, scorer):
+    prompts, seeds = ["a red circle", "a blue square"], [3, 4]
+    block = with_rerank_block(parti, {"temperature": 0.5, "guidance_scale": 1.5})
+    out = Reranked(block, scorer, 1).generate_batch(prompts, seeds, OPTS)
+    want = parti.generate_batch(
+        prompts, seeds, dataclasses.replace(OPTS, temperature=0.5, guidance_scale=1.5)
+    )
+    plain = parti.generate_batch(prompts, seeds, OPTS)  # temperature 2, guidance 3
+    assert [pixels(a).tolist() for a in out.images] == [pixels(a).tolist() for a in want.images]
+    assert [pixels(a).tolist() for a in out.images] != [pixels(a).tolist() for a in plain.images]
+    assert out.settings["temperature"] == 0.5 and out.settings["guidance_scale"] == 1.5
+    # an option the caller gives wins over the block; the rest still come from it
+    given = dataclasses.replace(OPTS, temperature=2.0)
+    out = Reranked(block, scorer, 1).generate_batch(prompts, seeds, given)
+    assert out.settings["temperature"] == 2.0 and out.settings["guidance_scale"] == 1.5
+    # the block is read only when reranking: the model alone keeps its own defaults
+    alone = block.generate_batch(prompts, seeds, OPTS)
+    assert [pixels(a).tolist() for a in alone.images] == [pixels(a).tolist() for a in plain.images]
+
+
+@pytest.mark.parametrize(
+    "block, message",
+    [
+        ({"seed": 3}, "rerank block sets seed; it may set guidance_scale, temperature"),
+        ({"top_p": 1.5}, "rerank block: top-p must be in \\(0, 1\\], got 1.5"),
+        ([0.5], "rerank block of its anygen.json is a list, not an object"),
+    ],
+)
+def test_a_bad_rerank_block_is_refused_naming_it(parti, scorer, block, message):
+    with pytest.raises(UserInputError, match=message):
+        Reranked(with_rerank_block(parti, block), scorer, 2)
+
+
+def test_a_saved_rerank_block_loads_and_the_eval_report_records_it(parti, scorer, tmp_path):
+    model, judge = tmp_path / "parti", tmp_path / "fusion"
+    with_rerank_block(parti, {"temperature": 0.5}).save_pretrained(model)
+    scorer.save_pretrained(judge, tokenizer_ref="shapes-bpe")
+    assert json.loads((model / "anygen.json").read_text())["rerank"] == {"temperature": 0.5}
+    report_file = tmp_path / "report.json"
+    ev = ["eval", "--model", str(model), "--n", "2", "-o", str(report_file)]
+    assert cli([*ev, "--rerank", "2", "--reranker", str(judge)]) == 0
+    meta = json.loads(report_file.read_text())["meta"]
+    assert meta["rerank"]["sampling"] == {"temperature": 0.5}
+    assert meta["temperature"] is None  # no option given: the block's value was drawn with
+
+
 def test_cli_generates_and_evaluates_reranked(parti, scorer, tmp_path, capsys):
     model, judge = tmp_path / "parti", tmp_path / "fusion"
     parti.save_pretrained(model)
@@ -244,7 +301,12 @@ def test_cli_generates_and_evaluates_reranked(parti, scorer, tmp_path, capsys):
     ev = ["eval", "--model", str(model), "--n", "2", "-o", str(report_file)]
     assert cli([*ev, "--rerank", "2", "--reranker", str(judge)]) == 0
     meta = json.loads(report_file.read_text())["meta"]
-    assert meta["rerank"] == {"candidates": 2, "by": "caption", "scorer": str(judge)}
+    assert meta["rerank"] == {
+        "candidates": 2,
+        "by": "caption",
+        "scorer": str(judge),
+        "sampling": {},
+    }
     capsys.readouterr()
 
 

@@ -125,6 +125,7 @@ def evaluate_model(
             "candidates": gen.candidates,
             "by": gen.by,
             "scorer": gen.scorer.name,
+            "sampling": gen.sampling,  # the model's rerank defaults, where options left gaps
         }
     return report
 

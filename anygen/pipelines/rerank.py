@@ -12,10 +12,17 @@ Candidate 0 of seed s is drawn with s itself, so K = 1 is the base model unchang
 larger K only adds candidates; candidate j > 0 is drawn with ``candidate_seeds(s, K)[j]``.
 The seed that drew each kept image is recorded (``Output.settings["seeds"]``): the base
 model alone, given that seed, draws the same image again.
+
+Best of K wants more varied candidates than one sample does: a low temperature that
+makes a model's single image likelier to be right also makes its K candidates alike. A
+model's ``anygen.json`` may therefore hold a ``rerank`` block of sampling defaults for
+its candidates, e.g. ``"rerank": {"temperature": 0.35, "top_p": 1.0}``; a setting the
+caller gives still wins, and the settings drawn with are recorded in the output as ever.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import torch
@@ -31,6 +38,30 @@ from anygen.pipelines.base import (
 )
 from anygen.pipelines.fusion import SCORES
 
+# What a ``rerank`` block may set: how candidates are drawn, not what is asked for.
+SAMPLING = ("guidance_scale", "temperature", "top_k", "top_p", "steps", "scheduler")
+
+
+def candidate_sampling(base) -> dict:
+    """The ``rerank`` block of ``base``'s defaults (empty when it has none), checked."""
+    block = base.defaults.get("rerank") or {}
+    if not isinstance(block, dict):
+        raise UserInputError(
+            f"model {base.name!r}: the rerank block of its anygen.json is a "
+            f"{type(block).__name__}, not an object of sampling settings"
+        )
+    unknown = sorted(set(block) - set(SAMPLING))
+    if unknown:
+        raise UserInputError(
+            f"model {base.name!r}: its anygen.json's rerank block sets {', '.join(unknown)}; "
+            f"it may set {', '.join(SAMPLING)}"
+        )
+    try:
+        Options(**block).validate()
+    except UserInputError as e:
+        raise UserInputError(f"model {base.name!r}: its anygen.json's rerank block: {e}") from None
+    return dict(block)
+
 
 def candidate_seeds(seed: int, k: int) -> list[int]:
     """The seeds of the ``k`` candidates for ``seed``: ``seed`` itself first, then seeds
@@ -44,7 +75,9 @@ def candidate_seeds(seed: int, k: int) -> list[int]:
 
 class Reranked(TextToImage):
     """``base`` behind the generator interface, keeping the best of ``candidates`` images
-    per requested image as ``scorer.score(images, prompts, by=by)`` ranks them."""
+    per requested image as ``scorer.score(images, prompts, by=by)`` ranks them. The
+    candidates are drawn with ``base``'s ``rerank`` sampling defaults where it has them
+    (``sampling``: the settings an option left unset takes)."""
 
     def __init__(self, base: TextToImage, scorer, candidates: int, *, by: str = "caption"):
         if not hasattr(base, "generate_batch"):
@@ -63,12 +96,18 @@ class Reranked(TextToImage):
             raise UserInputError(f"unknown score {by!r}; choose one of {', '.join(SCORES)}")
         self.base, self.scorer, self.candidates, self.by = base, scorer, candidates, by
         self.name, self.family, self.defaults = base.name, base.family, base.defaults
+        self.sampling = candidate_sampling(base)
+
+    def candidate_options(self, opts: Options) -> Options:
+        """``opts`` with the ``rerank`` defaults filled in where ``opts`` leaves them unset."""
+        unset = {k: v for k, v in self.sampling.items() if getattr(opts, k) is None}
+        return dataclasses.replace(opts, **unset)
 
     def generate_batch(
         self, prompts: list[str], seeds: list[int], options: Options | None = None
     ) -> Output:
         """One image per (prompt, seed): the best of that pair's candidates."""
-        opts = check_batch(prompts, seeds, options)
+        opts = self.candidate_options(check_batch(prompts, seeds, options))
         k = self.candidates
         cands = [candidate_seeds(s, k) for s in seeds]  # (B, K)
         timer = Timer()
