@@ -278,6 +278,12 @@ def test_a_saved_rerank_block_loads_and_the_eval_report_records_it(parti, scorer
     meta = json.loads(report_file.read_text())["meta"]
     assert meta["rerank"]["sampling"] == {"temperature": 0.5}
     assert meta["temperature"] is None  # no option given: the block's value was drawn with
+    png = tmp_path / "best.png"
+    gen = ["generate", "a red circle", "--model", str(model), "--seed", "2", "-o", str(png)]
+    assert cli([*gen, "--rerank", "2", "--reranker", str(judge)]) == 0
+    assert read_png_metadata(png)["temperature"] == 0.5  # what the kept candidate was drawn at
+    assert cli([*gen, "--overwrite"]) == 0  # the model alone: its own defaults
+    assert read_png_metadata(png)["temperature"] == 2.0
 
 
 def test_cli_generates_and_evaluates_reranked(parti, scorer, tmp_path, capsys):

@@ -8,8 +8,8 @@ image's codes), so one model of anygen checks another's work:
     best = Reranked(load_generator("shapes-parti"), load_generator("shapes-fusion"), 8)
     best.generate("a red circle above a blue square", Options(seed=0))
 
-Candidate 0 of seed s is drawn with s itself, so K = 1 is the base model unchanged and a
-larger K only adds candidates; candidate j > 0 is drawn with ``candidate_seeds(s, K)[j]``.
+Candidate 0 of seed s is drawn with s itself, so K = 1 is the base model unchanged (at its
+candidate settings, below) and a larger K only adds candidates; candidate j > 0 is drawn with ``candidate_seeds(s, K)[j]``.
 The seed that drew each kept image is recorded (``Output.settings["seeds"]``): the base
 model alone, given that seed, draws the same image again.
 
