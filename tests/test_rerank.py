@@ -370,3 +370,25 @@ def test_rerank_curve_runs_on_saved_models(parti, scorer, tmp_path, capsys):
     assert sorted(result["curve"]) == ["1", "2", "3"]
     assert [len(r["right"]) for r in result["rows"]] == [3, 3]
     assert result["rows"][0]["seeds"] == candidate_seeds(1000, 3)
+
+
+@pytest.mark.parametrize("name", ["shapes-fusion", "shapes-parti"])
+def test_a_bundled_rerank_block_is_the_setting_its_card_says_the_rule_chose(name):
+    """The block is the best of its card's validation grid, and that best beats the plain
+    defaults by the rule's margin of 6 prompts of 600 (else there would be no block)."""
+    from anygen.hub import card_metadata
+    from anygen.pipelines import load_generator
+    from anygen.pipelines.rerank import candidate_sampling
+
+    gen = load_generator(name, device="cpu")
+    selection = card_metadata(name)["rerank_selection"]
+    block = candidate_sampling(gen)
+    assert block == selection["chosen"]
+
+    def right(setting: dict) -> int:
+        (row,) = [r for r in selection["grid"] if all(r[k] == v for k, v in setting.items())]
+        return row["validation_right"]
+
+    plain = {k: gen.defaults[k] for k in block}
+    assert right(block) == max(r["validation_right"] for r in selection["grid"])
+    assert right(block) >= right(plain) + 6
