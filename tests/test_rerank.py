@@ -260,6 +260,8 @@ def test_candidates_are_drawn_at_the_rerank_defaults_where_options_leave_gaps(pa
         ({"seed": 3}, "rerank block sets seed; it may set guidance_scale, temperature"),
         ({"top_p": 1.5}, "rerank block: top-p must be in \\(0, 1\\], got 1.5"),
         ([0.5], "rerank block of its anygen.json is a list, not an object"),
+        ({"temperature": "0.5"}, "rerank block gives temperature as '0.5'; it must be a number"),
+        ({"scheduler": 3}, "rerank block gives scheduler as 3; it must be a name"),
     ],
 )
 def test_a_bad_rerank_block_is_refused_naming_it(parti, scorer, block, message):

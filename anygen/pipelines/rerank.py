@@ -9,7 +9,8 @@ image's codes), so one model of anygen checks another's work:
     best.generate("a red circle above a blue square", Options(seed=0))
 
 Candidate 0 of seed s is drawn with s itself, so K = 1 is the base model unchanged (at its
-candidate settings, below) and a larger K only adds candidates; candidate j > 0 is drawn with ``candidate_seeds(s, K)[j]``.
+candidate settings, below) and a larger K only adds candidates; candidate j > 0 is drawn
+with ``candidate_seeds(s, K)[j]``.
 The seed that drew each kept image is recorded (``Output.settings["seeds"]``): the base
 model alone, given that seed, draws the same image again.
 
@@ -56,6 +57,13 @@ def candidate_sampling(base) -> dict:
             f"model {base.name!r}: its anygen.json's rerank block sets {', '.join(unknown)}; "
             f"it may set {', '.join(SAMPLING)}"
         )
+    for key, value in block.items():
+        kind, what = (str, "a name") if key == "scheduler" else ((int, float), "a number")
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise UserInputError(
+                f"model {base.name!r}: its anygen.json's rerank block gives {key} as "
+                f"{value!r}; it must be {what}"
+            )
     try:
         Options(**block).validate()
     except UserInputError as e:
