@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     gen = load_generator(args.model)
     scorer = load_generator(args.reranker) if args.reranker else gen
     prompts = t2i_prompts(args.n, args.seed)
-    options = Options(progress=False, **candidate_sampling(gen))  # as --rerank draws them
+    sampling = candidate_sampling(gen)  # the model's rerank block: as --rerank draws them
+    options = Options(progress=False, **sampling)
     rows, seconds = [], collections.Counter()
     for i, p in enumerate(tqdm(prompts, desc="rerank curve")):
         seeds = candidate_seeds(args.seed + i, args.k)
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     result = curve(rows, ks)
     cats = list(result[ks[0]]["oracle"])
     print(
-        f"{args.model} reranked by {scorer.name}: {args.n} t2i prompts (seed {args.seed}); "
+        f"{args.model} reranked by {scorer.name}: {args.n} t2i prompts (seed {args.seed}), "
+        f"candidates at {sampling or 'the model defaults'}; "
         f"per candidate {seconds['candidates'] / (args.n * args.k) * 1000:.1f} ms to draw, "
         + ", ".join(
             f"{seconds[m] / (args.n * args.k) * 1000:.1f} ms to score by {m}" for m in SCORES
@@ -103,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.output:
         payload = {
             "args": {k: str(v) for k, v in vars(args).items()},
+            "sampling": sampling,
             "curve": result,
             "rows": rows,
         }

@@ -372,6 +372,14 @@ def test_rerank_curve_runs_on_saved_models(parti, scorer, tmp_path, capsys):
     assert sorted(result["curve"]) == ["1", "2", "3"]
     assert [len(r["right"]) for r in result["rows"]] == [3, 3]
     assert result["rows"][0]["seeds"] == candidate_seeds(1000, 3)
+    assert result["sampling"] == {} and "candidates at the model defaults" in printed
+
+    # a model with a rerank block: the curve's candidates are drawn at it, as --rerank's are
+    block = tmp_path / "parti-block"
+    with_rerank_block(parti, {"temperature": 0.5}).save_pretrained(block)
+    assert main(["--model", str(block), *args[2:], "-o", str(out)]) == 0
+    assert "candidates at {'temperature': 0.5}" in capsys.readouterr().out
+    assert json.loads(out.read_text())["sampling"] == {"temperature": 0.5}
 
 
 @pytest.mark.parametrize("name", ["shapes-fusion", "shapes-parti"])
