@@ -1,11 +1,11 @@
 """How much best-of-K reranking buys: shapes-eval t2i as a function of K.
 
 For each of N t2i prompts, the generator draws the same K candidates that ``--rerank K``
-draws (``anygen.pipelines.rerank.candidate_seeds``, at the model's rerank defaults), the reranker scores each by caption
-and by pmi (``Fusion.score``), and shapes-eval judges every candidate. The table gives,
-for K = 1, 2, 4, ... up to --k, the score of the candidate each method keeps, and the
-oracle: the share of prompts with at least one right candidate, the most any reranker
-could reach with those candidates. The judge only measures here; it never picks.
+draws (``anygen.pipelines.rerank.candidate_seeds``, at the model's rerank defaults), the
+reranker scores each by caption and by pmi (``Fusion.score``), and shapes-eval judges every
+candidate. The table gives, for K = 1, 2, 4, ... up to --k, the score of the candidate
+each method keeps, and the oracle: the share of prompts with at least one right candidate,
+the most any reranker could reach with those candidates. The judge only measures here; it never picks.
 
 By default the prompts are the validation ones (seed 1000), on which settings are chosen;
 reported figures come from ``anygen eval --suite t2i --seed 0 --rerank K``.

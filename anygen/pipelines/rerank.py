@@ -12,7 +12,7 @@ Candidate 0 of seed s is drawn with s itself, so K = 1 is the base model unchang
 candidate settings, below) and a larger K only adds candidates; candidate j > 0 is drawn
 with ``candidate_seeds(s, K)[j]``.
 The seed that drew each kept image is recorded (``Output.settings["seeds"]``): the base
-model alone, given that seed, draws the same image again.
+model alone, given that seed and the recorded sampling settings, draws the same image again.
 
 Best of K wants more varied candidates than one sample does: a low temperature that
 makes a model's single image likelier to be right also makes its K candidates alike. A
