@@ -354,6 +354,98 @@ def _select_settings(score: Callable[[dict], Report], grid: Sequence[dict], n: i
     return {"n": n, "seed": seed, "grid": scores, "chosen": chosen}
 
 
+def choose_setting(
+    generate: Callable[[list[str], list[int], dict], list[Image.Image]],
+    grid: Sequence[dict],
+    defaults: dict,
+    *,
+    n: int = SELECT_N,
+    seeds: Sequence[int] = (1000, 2000),
+    margin: int = 6,
+    extend_temperatures: Sequence[float] = (),
+    batch_size: int = 16,
+    desc: str = "validation",
+) -> dict:
+    """Choose a sampling setting on validation prompts by a rule fixed before scoring.
+
+    Each setting of ``grid`` and the plain one (``defaults``' values of the grid's keys)
+    draws one image per prompt with ``generate(prompts, seeds, setting)`` for ``n`` t2i
+    prompts of each validation seed in ``seeds`` (reported evaluations use seed 0) and
+    scores the prompts it gets right. The best replaces the plain setting only if it gets
+    more right, and at least ``margin`` more (a grid gives some lead by chance); equals go to
+    the setting nearest the plain one (the sum of absolute differences). If the chosen temperature is
+    the grid's highest, ``extend_temperatures`` are tried at the chosen setting's other
+    values, and the best of them replaces it only if more right, by at least ``margin``.
+    Returns the scores, ``plain`` and ``chosen`` (None: the plain setting stays).
+    """
+    if not grid:
+        raise UserInputError("the grid of settings to choose from is empty")
+    keys = sorted({k for setting in grid for k in setting})
+    missing = [k for k in keys if defaults.get(k) is None]
+    if missing:
+        raise UserInputError(
+            f"the model has no default {', '.join(missing)} to compare the grid's settings with"
+        )
+    plain = {k: defaults[k] for k in keys}
+    if any(set(setting) != set(keys) for setting in grid):
+        raise UserInputError(f"every setting of the grid must give {', '.join(keys)}")
+    bar = tqdm(total=(len(grid) + 1) * len(seeds), desc=desc)
+    done: dict[tuple, dict] = {}
+
+    def score(setting: dict) -> dict:
+        key = tuple(setting[k] for k in keys)
+        if key not in done:
+            right = []
+            for seed in seeds:
+                report = run_t2i(
+                    lambda prompts, s: generate(prompts, s, setting),
+                    n=n,
+                    seed=seed,
+                    batch_size=batch_size,
+                    progress=False,
+                )
+                right.append(sum(r.ok for r in report.records))
+                bar.update()
+            logger.info("%s: %s right %d of %d", desc, setting, sum(right), n * len(seeds))
+            done[key] = {**setting, "validation_right": sum(right), "by_seed": right}
+        return done[key]
+
+    def distance(row: dict) -> float:
+        return sum(abs(row[k] - plain[k]) for k in keys if not isinstance(plain[k], str))
+
+    def best_of(rows: list[dict]) -> dict:
+        top = max(r["validation_right"] for r in rows)
+        return min((r for r in rows if r["validation_right"] == top), key=distance)
+
+    rows = [score(dict(setting)) for setting in grid]
+    plain_row = score(plain)
+    best = best_of([*rows, plain_row])
+    chosen = None
+    if best is not plain_row and best["validation_right"] >= plain_row["validation_right"] + margin:
+        chosen = best
+        top_t = max(s.get("temperature", 0.0) for s in grid)
+        if extend_temperatures and best.get("temperature") == top_t:
+            bar.total += len(extend_temperatures) * len(seeds)
+            extended = [
+                score({**{k: best[k] for k in keys}, "temperature": t}) for t in extend_temperatures
+            ]
+            rows.extend(extended)
+            longer = best_of(extended)
+            gain = longer["validation_right"] - best["validation_right"]
+            if gain > 0 and gain >= margin:
+                chosen = longer
+    bar.close()
+    return {
+        "n": n * len(seeds),
+        "seeds": list(seeds),
+        "margin": margin,
+        "extend_temperatures": list(extend_temperatures),
+        "plain": plain_row,
+        "grid": rows,
+        "chosen": None if chosen is None else {k: chosen[k] for k in keys},
+    }
+
+
 # ------------------------------------------------------------------------------ caption, VQA
 
 

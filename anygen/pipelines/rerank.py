@@ -19,12 +19,14 @@ makes a model's single image likelier to be right also makes its K candidates al
 model's ``anygen.json`` may therefore hold a ``rerank`` block of sampling defaults for
 its candidates, e.g. ``"rerank": {"temperature": 0.35, "top_p": 1.0}``; a setting the
 caller gives still wins, and the settings drawn with are recorded in the output as ever.
+``select_block`` chooses such a block on validation prompts (``recipes/rerank_block.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Sequence
 
 import torch
 
@@ -166,3 +168,34 @@ def rerank(
     from anygen.pipelines import load_generator
 
     return Reranked(generator, load_generator(scorer, device=device), candidates, by=by)
+
+
+def select_block(
+    base: TextToImage,
+    scorer,
+    grid: Sequence[dict],
+    *,
+    candidates: int = 8,
+    by: str = "caption",
+    plain: dict | None = None,
+    **rule,
+) -> dict:
+    """Choose ``base``'s ``rerank`` block on validation prompts: ``choose_setting``'s rule
+    (``rule``: n, seeds, margin, extend_temperatures, batch_size) over ``grid`` against
+    ``base``'s plain defaults (or ``plain``), each setting scored by the best of
+    ``candidates`` that ``scorer`` keeps. A block ``base`` already has is ignored while
+    scoring. Returns the scores and ``chosen``, the block (None: no block)."""
+    from anygen.eval.suites import choose_setting
+
+    reranked = Reranked(base, scorer, candidates, by=by)
+    reranked.sampling = {}  # a block already there must not fill the settings' gaps
+    result = choose_setting(
+        lambda prompts, seeds, setting: (
+            reranked.generate_batch(prompts, seeds, Options(progress=False, **setting)).images
+        ),
+        grid,
+        {**base.defaults, **(plain or {})},
+        desc=f"rerank block of {base.name} (best of {candidates})",
+        **rule,
+    )
+    return {"candidates": candidates, "by": by, "reranker": scorer.name, **result}

@@ -1,0 +1,280 @@
+"""Choose a trained model's sampling settings on validation prompts, and write them into it.
+
+Sampling settings are chosen after training, on validation prompts (shapes-eval t2i, seeds
+1000 and 2000; reported evaluations use seed 0), by a rule fixed before scoring
+(``anygen.eval.suites.choose_setting``): score every setting of a grid and the model's
+plain defaults; the best replaces the plain defaults only if it gets at least ``--margin``
+more prompts right, equals going to the setting nearest the plain defaults (``--plain``
+compares the grid with other settings instead, as when re-choosing defaults already chosen).
+
+``--target rerank`` (the default) chooses the ``rerank`` block of the model's
+``anygen.json``: the settings best-of-K candidates are drawn with (``--rerank K``), each
+setting scored by the best of ``--candidates`` kept by ``--reranker``. If the chosen
+temperature is the grid's highest, ``--extend-temperature`` is tried at its guidance and
+kept only if ``--margin`` above. This reproduces the bundled models' blocks:
+
+    anygen train recipes/choose_sampling.py --model shapes-parti --reranker shapes-fusion \\
+        --output-dir runs/parti-rerank --bundle
+    anygen train recipes/choose_sampling.py --model shapes-fusion \\
+        --output-dir runs/fusion-rerank --bundle
+
+``--target defaults`` chooses the model's own defaults (one image per prompt) over
+``CODE_SAMPLING_GRID_FINE`` unless a grid is given, as shapes-fusion's were re-chosen.
+
+The result is OUT/choice.json and OUT/model, a copy of the model with the settings written
+into its ``anygen.json`` and its card (front matter ``rerank_selection`` or
+``sampling_reselection``, and a table between ``<!-- anygen:KEY -->`` markers, appended
+when the card has none); ``--bundle`` also replaces the bundled model of that name. A block
+is removed when no setting beats the plain defaults by the margin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+from anygen.errors import UserInputError
+from anygen.eval.suites import CODE_SAMPLING_GRID_FINE, SELECT_N, choose_setting
+from anygen.hub import atomic_directory, bundled_models, resolve
+from anygen.pipelines import Options, load_generator
+from anygen.pipelines.rerank import select_block
+
+log = logging.getLogger("recipes.choose_sampling")
+
+# the rule by which the bundled rerank blocks were chosen (shapes-parti, shapes-fusion)
+RERANK_GRID = {"guidance_scale": (1.5, 1.75, 2.0), "temperature": (0.5, 0.35), "top_p": (1.0,)}
+FRONT_MATTER = {"rerank": "rerank_selection", "defaults": "sampling_reselection"}
+HEADERS = {"guidance_scale": "guidance", "temperature": "temperature", "top_p": "top_p"}
+
+
+def floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers separated by commas, got {text!r}"
+        ) from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected integers separated by commas, got {text!r}"
+        ) from None
+
+
+def setting(text: str) -> dict:
+    """``guidance_scale=1.5,temperature=0.35`` as a dict of numbers."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[key.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected KEY=NUMBER pairs separated by commas, got {item!r}"
+            ) from None
+    return out
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="anygen train recipes/choose_sampling.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="a bundled name, a model directory or hub id")
+    p.add_argument("--output-dir", type=Path, required=True)
+    p.add_argument("--target", choices=("rerank", "defaults"), default="rerank")
+    p.add_argument("--reranker", help="the model scoring candidates (default: the model)")
+    p.add_argument("--candidates", type=int, default=8, help="K of best of K (--target rerank)")
+    p.add_argument("--by", default="caption", help="the reranker's score (caption or pmi)")
+    p.add_argument("--guidance", type=floats, help="guidance scales of the grid")
+    p.add_argument("--temperature", type=floats, help="temperatures of the grid")
+    p.add_argument("--top-p", type=floats, help="top-p values of the grid")
+    p.add_argument(
+        "--extend-temperature",
+        type=floats,
+        help="tried when the chosen temperature is the grid's highest "
+        "(default 0.7 for --target rerank, none for defaults)",
+    )
+    p.add_argument(
+        "--plain",
+        type=setting,
+        help="the settings the grid is compared with, e.g. guidance_scale=1.5,temperature=0.35 "
+        "(default: the model's own defaults)",
+    )
+    p.add_argument("--select-n", type=int, default=SELECT_N, help="prompts per validation seed")
+    p.add_argument("--seeds", type=ints, default=(1000, 2000), help="validation prompt sets")
+    p.add_argument("--margin", type=int, default=6, help="prompts a setting must win by")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device")
+    p.add_argument("--bundle", action="store_true", help="also rewrite the bundled model")
+    args = p.parse_args(argv)
+    if any(s == 0 for s in args.seeds):
+        p.error("--seeds must not include 0, the reported evaluation's prompt set")
+    unknown = sorted(set(args.plain or {}) - set(HEADERS))
+    if unknown:
+        p.error(f"--plain sets {', '.join(unknown)}; it may set {', '.join(HEADERS)}")
+    if args.select_n < 1 or args.candidates < 1 or args.margin < 0:
+        p.error("--select-n and --candidates must be at least 1, --margin at least 0")
+    return args
+
+
+def grid_of(args: argparse.Namespace) -> list[dict]:
+    """The grid the flags give: a product of the values, with defaults per target."""
+    axes = dict(RERANK_GRID)
+    if args.target == "defaults":
+        axes = {k: tuple(dict.fromkeys(s[k] for s in CODE_SAMPLING_GRID_FINE)) for k in axes}
+    given = {"guidance_scale": args.guidance, "temperature": args.temperature}
+    given["top_p"] = args.top_p
+    axes.update({k: v for k, v in given.items() if v is not None})
+    grid = [{}]
+    for key, values in axes.items():
+        grid = [{**s, key: v} for s in grid for v in values]
+    for setting in grid:
+        Options(**setting).validate()  # a bad value is refused before hours of scoring
+    return grid
+
+
+def table(choice: dict, target: str) -> str:
+    """The choice as a markdown table, best first, and a sentence saying what was chosen."""
+    keys = [k for k in choice["plain"] if k not in ("validation_right", "by_seed")]
+    at = f" at K = {choice['candidates']}" if target == "rerank" else ""
+    head = [HEADERS.get(k, k) for k in keys] + [f"right of {choice['n']}{at}"]
+    extended = set(choice.get("extend_temperatures", ()))
+    rows = sorted(choice["grid"], key=lambda r: -r["validation_right"])
+    plain = choice["plain"]
+    plain_key = [plain[k] for k in keys]
+    if all([r[k] for k in keys] != plain_key for r in rows):
+        rows.append(plain)
+        rows.sort(key=lambda r: -r["validation_right"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        note = ""
+        if [r[k] for k in keys] == plain_key:
+            note = " (plain defaults)"
+        elif r.get("temperature") in extended:
+            note = " (the extension)"
+        cells = [str(r[k]) for k in keys] + [f"{r['validation_right']}{note}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    what = "the `rerank` block" if target == "rerank" else "the defaults"
+    if choice["chosen"] is None:
+        verdict = (
+            f"No setting beats the plain defaults ({plain['validation_right']}) by "
+            f"{choice['margin']} prompts, so {what} "
+            + ("is left out." if target == "rerank" else "stay.")
+        )
+    else:
+        setting = ", ".join(f"{HEADERS.get(k, k)} {v}" for k, v in choice["chosen"].items())
+        verdict = f"Chosen, as {what}: {setting}."
+    seeds = " and ".join(str(s) for s in choice["seeds"])
+    return (
+        f"Chosen by `recipes/choose_sampling.py --target {target}` on validation prompts "
+        f"(shapes-eval t2i, seeds {seeds}), by its rule: the best setting replaces the plain "
+        f"defaults only if it gets at least {choice['margin']} more prompts right; equals go "
+        f"to the setting nearest the plain defaults.\n\n" + "\n".join(lines) + f"\n\n{verdict}"
+    )
+
+
+def write_card(card: str, key: str, choice: dict, section: str) -> str:
+    """``card`` with front matter ``key`` set to ``choice`` and the marked section replaced
+    (appended when absent)."""
+    line = f"{key}: {json.dumps(choice)}"
+    match = re.match(r"---\n(.*?\n)---\n", card, re.S)
+    if match is None:
+        card = f"---\n{line}\n---\n{card}"
+    else:
+        front = [ln for ln in match.group(1).splitlines() if not ln.startswith(f"{key}:")]
+        card = "---\n" + "\n".join([*front, line]) + "\n---\n" + card[match.end() :]
+    begin, end = f"<!-- anygen:{key} -->", f"<!-- /anygen:{key} -->"
+    block = f"{begin}\n{section}\n{end}"
+    if begin in card and end in card:
+        return card[: card.index(begin)] + block + card[card.index(end) + len(end) :]
+    return card.rstrip("\n") + "\n\n" + block + "\n"
+
+
+def write_model(source: Path, target: Path, args: argparse.Namespace, choice: dict) -> None:
+    """A copy of the model folder ``source`` at ``target`` with the choice written in."""
+    config = json.loads((source / "anygen.json").read_text())
+    if args.target == "rerank":
+        config.pop("rerank", None)
+        if choice["chosen"] is not None:
+            config["rerank"] = choice["chosen"]
+    elif choice["chosen"] is not None:
+        config.update(choice["chosen"])
+    card_path = source / "README.md"
+    card = card_path.read_text() if card_path.is_file() else ""
+    key = FRONT_MATTER[args.target]
+    card = write_card(card, key, choice, table(choice, args.target))
+    with atomic_directory(target, marker="anygen.json") as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        (tmp / "anygen.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "README.md").write_text(card)
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    source = resolve(args.model)
+    if not (source / "anygen.json").is_file():
+        raise UserInputError(
+            f"model {args.model!r} has no anygen.json ({source}); its sampling settings "
+            "cannot be written into it"
+        )
+    bundle = None
+    if args.bundle:
+        bundle = bundled_models("model").get(args.model)
+        if bundle is None or bundle.resolve() != source.resolve():
+            raise UserInputError(f"--bundle rewrites a bundled model; {args.model!r} is not one")
+    grid = grid_of(args)
+    model = load_generator(args.model, device=args.device)
+    rule = {
+        "n": args.select_n,
+        "seeds": args.seeds,
+        "margin": args.margin,
+        "batch_size": args.batch_size,
+    }
+    extend = args.extend_temperature
+    if extend is None:
+        extend = (0.7,) if args.target == "rerank" else ()
+    rule["extend_temperatures"] = extend
+    if args.target == "rerank":
+        scorer = (
+            model if args.reranker is None else load_generator(args.reranker, device=args.device)
+        )
+        choice = select_block(
+            model, scorer, grid, candidates=args.candidates, by=args.by, plain=args.plain, **rule
+        )
+    else:
+        choice = choose_setting(
+            lambda prompts, seeds, setting: (
+                model.generate_batch(prompts, seeds, Options(progress=False, **setting)).images
+            ),
+            grid,
+            {**model.defaults, **(args.plain or {})},
+            desc=f"defaults of {model.name}",
+            **rule,
+        )
+    choice = {"model": args.model, "target": args.target, **choice}
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    out = args.output_dir / "choice.json"
+    tmp = out.with_name(".tmp-choice.json")
+    tmp.write_text(json.dumps(choice, indent=2) + "\n")
+    tmp.replace(out)
+    log.info("%s", table(choice, args.target))
+    write_model(source, args.output_dir / "model", args, choice)
+    log.info("saved %s", args.output_dir / "model")
+    if bundle is not None:
+        write_model(args.output_dir / "model", bundle, args, choice)
+        log.info("rewrote the bundled %s", bundle)
