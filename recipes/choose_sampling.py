@@ -35,6 +35,7 @@ import json
 import logging
 import re
 import shutil
+import textwrap
 from pathlib import Path
 
 from anygen.errors import UserInputError
@@ -180,12 +181,20 @@ def table(choice: dict, target: str) -> str:
         setting = ", ".join(f"{HEADERS.get(k, k)} {v}" for k, v in choice["chosen"].items())
         verdict = f"Chosen, as {what}: {setting}."
     seeds = " and ".join(str(s) for s in choice["seeds"])
-    return (
+    rule = (
         f"Chosen by `recipes/choose_sampling.py --target {target}` on validation prompts "
         f"(shapes-eval t2i, seeds {seeds}), by its rule: the best setting replaces the plain "
         f"defaults only if it gets at least {choice['margin']} more prompts right; equals go "
-        f"to the setting nearest the plain defaults.\n\n" + "\n".join(lines) + f"\n\n{verdict}"
+        "to the setting nearest the plain defaults."
     )
+    if extended:
+        temps = ", ".join(f"{t:g}" for t in sorted(extended))
+        rule += (
+            f" If the chosen temperature is the grid's highest, {temps} is tried at its other "
+            f"settings and kept only if {choice['margin']} above."
+        )
+    wrap = textwrap.fill
+    return f"{wrap(rule, 90)}\n\n" + "\n".join(lines) + f"\n\n{wrap(verdict, 90)}"
 
 
 def write_card(card: str, key: str, choice: dict, section: str) -> str:
@@ -209,9 +218,10 @@ def write_model(source: Path, target: Path, args: argparse.Namespace, choice: di
     """A copy of the model folder ``source`` at ``target`` with the choice written in."""
     config = json.loads((source / "anygen.json").read_text())
     if args.target == "rerank":
-        config.pop("rerank", None)
-        if choice["chosen"] is not None:
-            config["rerank"] = choice["chosen"]
+        if choice["chosen"] is None:
+            config.pop("rerank", None)
+        else:
+            config["rerank"] = choice["chosen"]  # where a block was, else at the end
     elif choice["chosen"] is not None:
         config.update(choice["chosen"])
     card_path = source / "README.md"
