@@ -19,7 +19,13 @@ kept only if ``--margin`` above. This reproduces the bundled models' blocks:
         --output-dir runs/fusion-rerank --bundle
 
 ``--target defaults`` chooses the model's own defaults (one image per prompt) over
-``CODE_SAMPLING_GRID_FINE`` unless a grid is given, as shapes-fusion's were re-chosen.
+``CODE_SAMPLING_GRID_FINE`` unless a grid is given, as shapes-fusion's were re-chosen:
+
+    anygen train recipes/choose_sampling.py --model shapes-fusion --target defaults \\
+        --plain guidance_scale=1.5,temperature=0.35,top_p=1.0 --output-dir runs/fusion-defaults
+
+A setting the model has no default for is left out of the grid unless given, so for a
+diffusion model (shapes-ldm) the grid is its guidance scales (``--guidance 1.5,2.5,3``).
 
 The result is OUT/choice.json and OUT/model, a copy of the model with the settings written
 into its ``anygen.json`` and its card (front matter ``rerank_selection`` or
@@ -133,14 +139,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def grid_of(args: argparse.Namespace) -> list[dict]:
-    """The grid the flags give: a product of the values, with defaults per target."""
+def grid_of(args: argparse.Namespace, defaults: dict) -> list[dict]:
+    """The grid the flags give: a product of the values, with defaults per target. A
+    setting the model has no default for (a diffusion model's temperature) is left out
+    unless given."""
     axes = dict(RERANK_GRID)
     if args.target == "defaults":
         axes = {k: tuple(dict.fromkeys(s[k] for s in CODE_SAMPLING_GRID_FINE)) for k in axes}
+    axes = {k: v for k, v in axes.items() if defaults.get(k) is not None}
     given = {"guidance_scale": args.guidance, "temperature": args.temperature}
     given["top_p"] = args.top_p
     axes.update({k: v for k, v in given.items() if v is not None})
+    if not axes:
+        raise UserInputError("the model has none of the grid's settings; give --guidance")
     grid = [{}]
     for key, values in axes.items():
         grid = [{**s, key: v} for s in grid for v in values]
@@ -247,7 +258,7 @@ def main(argv: list[str]) -> None:
         bundle = bundled_models("model").get(args.model)
         if bundle is None or bundle.resolve() != source.resolve():
             raise UserInputError(f"--bundle rewrites a bundled model; {args.model!r} is not one")
-    grid = grid_of(args)
+    grid = grid_of(args, json.loads((source / "anygen.json").read_text()))
     model = load_generator(args.model, device=args.device)
     rule = {
         "n": args.select_n,

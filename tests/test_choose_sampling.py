@@ -172,6 +172,7 @@ def test_a_chosen_setting_is_written_once_however_often_the_recipe_runs(saved, t
     assert "Chosen, as the `rerank` block: guidance 1.5, temperature 0.5." in once
     config = json.loads((tmp_path / "twice" / "anygen.json").read_text())
     assert config["rerank"] == choice["chosen"] and config["temperature"] == 2.0
+    assert list(config) == list(json.loads((model / "anygen.json").read_text()))  # in place
 
     args = recipe.parse_args(["--model", str(model), "--output-dir", "x", "--target", "defaults"])
     recipe.write_model(model, tmp_path / "defaults", args, choice)
@@ -216,3 +217,16 @@ def test_shapes_fusions_defaults_are_what_the_recipe_chose_and_recorded():
     (row,) = [r for r in selection["grid"] if all(r[k] == v for k, v in chosen.items())]
     assert row["validation_right"] == max(r["validation_right"] for r in selection["grid"])
     assert row["validation_right"] >= plain["validation_right"] + selection["margin"]
+
+
+def test_the_grid_leaves_out_settings_the_model_has_no_default_for():
+    recipe = load_recipe(RECIPE)
+    args = recipe.parse_args(["--model", "m", "--output-dir", "x"])
+    ldm = {"family": "ldm", "steps": 20, "guidance_scale": 2.5}
+    assert recipe.grid_of(args, ldm) == [{"guidance_scale": g} for g in (1.5, 1.75, 2.0)]
+    code = {"guidance_scale": 1.5, "temperature": 0.25, "top_p": 1.0}
+    assert len(recipe.grid_of(args, code)) == 6  # 3 guidance x 2 temperatures x 1 top_p
+    args = recipe.parse_args(["--model", "m", "--output-dir", "x", "--target", "defaults"])
+    assert len(recipe.grid_of(args, code)) == 24  # CODE_SAMPLING_GRID_FINE
+    args = recipe.parse_args(["--model", "m", "--output-dir", "x", "--guidance", "2,3"])
+    assert recipe.grid_of(args, ldm) == [{"guidance_scale": 2.0}, {"guidance_scale": 3.0}]
