@@ -4,8 +4,7 @@ Sampling settings are chosen after training, on validation prompts (shapes-eval 
 1000 and 2000; reported evaluations use seed 0), by a rule fixed before scoring
 (``anygen.eval.suites.choose_setting``): score every setting of a grid and the model's
 plain defaults; the best replaces the plain defaults only if it gets at least ``--margin``
-more prompts right, equals going to the setting nearest the plain defaults (``--plain``
-compares the grid with other settings instead, as when re-choosing defaults already chosen).
+more prompts right, equals going to the setting nearest the plain defaults.
 
 ``--target rerank`` (the default) chooses the ``rerank`` block of the model's
 ``anygen.json``: the settings best-of-K candidates are drawn with (``--rerank K``), each
@@ -19,7 +18,9 @@ kept only if ``--margin`` above. This reproduces the bundled models' blocks:
         --output-dir runs/fusion-rerank --bundle
 
 ``--target defaults`` chooses the model's own defaults (one image per prompt) over
-``CODE_SAMPLING_GRID_FINE`` unless a grid is given, as shapes-fusion's were re-chosen:
+``CODE_SAMPLING_GRID_FINE`` unless a grid is given, as shapes-fusion's were re-chosen;
+``--plain`` compares the grid with other settings than the model's own (those the training
+recipe chose, when re-choosing defaults already re-chosen), which stay if nothing wins:
 
     anygen train recipes/choose_sampling.py --model shapes-fusion --target defaults \\
         --plain guidance_scale=1.5,temperature=0.35,top_p=1.0 --output-dir runs/fusion-defaults
@@ -131,6 +132,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if any(s == 0 for s in args.seeds):
         p.error("--seeds must not include 0, the reported evaluation's prompt set")
+    if args.plain is not None and args.target != "defaults":
+        p.error(
+            "--plain applies to --target defaults (a rerank block is compared with the "
+            "model's own defaults)"
+        )
     unknown = sorted(set(args.plain or {}) - set(HEADERS))
     if unknown:
         p.error(f"--plain sets {', '.join(unknown)}; it may set {', '.join(HEADERS)}")
@@ -186,7 +192,7 @@ def table(choice: dict, target: str) -> str:
         verdict = (
             f"No setting beats the plain defaults ({plain['validation_right']}) by "
             f"{choice['margin']} prompts, so {what} "
-            + ("is left out." if target == "rerank" else "stay.")
+            + ("is left out." if target == "rerank" else "are the plain settings.")
         )
     else:
         setting = ", ".join(f"{HEADERS.get(k, k)} {v}" for k, v in choice["chosen"].items())
@@ -233,8 +239,9 @@ def write_model(source: Path, target: Path, args: argparse.Namespace, choice: di
             config.pop("rerank", None)
         else:
             config["rerank"] = choice["chosen"]  # where a block was, else at the end
-    elif choice["chosen"] is not None:
-        config.update(choice["chosen"])
+    else:  # the chosen setting, else the plain one (the model's own, or --plain's)
+        plain = {k: v for k, v in choice["plain"].items() if k in HEADERS}
+        config.update(choice["chosen"] or plain)
     card_path = source / "README.md"
     card = card_path.read_text() if card_path.is_file() else ""
     key = FRONT_MATTER[args.target]
@@ -274,9 +281,7 @@ def main(argv: list[str]) -> None:
         scorer = (
             model if args.reranker is None else load_generator(args.reranker, device=args.device)
         )
-        choice = select_block(
-            model, scorer, grid, candidates=args.candidates, by=args.by, plain=args.plain, **rule
-        )
+        choice = select_block(model, scorer, grid, candidates=args.candidates, by=args.by, **rule)
     else:
         choice = choose_setting(
             lambda prompts, seeds, setting: (

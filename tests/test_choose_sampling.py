@@ -127,17 +127,16 @@ def test_the_recipe_writes_its_choice_into_a_copy_of_the_model(saved, tmp_path):
     out = tmp_path / "out"
     args = ["--model", str(model), "--reranker", str(judge), "--output-dir", str(out)]
     args += ["--select-n", "2", "--candidates", "2", "--temperature", "0.5"]
-    run_recipe(RECIPE, [*args, "--plain", "guidance_scale=2.5"])
+    run_recipe(RECIPE, args)
     choice = json.loads((out / "choice.json").read_text())
     assert [r["temperature"] for r in choice["grid"]] == [0.5] * 3  # the extension not tried
     assert choice["plain"]["temperature"] == 2.0  # the model's own, not its old block's
-    assert choice["plain"]["guidance_scale"] == 2.5  # as --plain asked
     assert choice["chosen"] is None  # a random model gets nothing right: no block
     config = json.loads((out / "model" / "anygen.json").read_text())
     assert "rerank" not in config and config["temperature"] == 2.0
     assert card_metadata(out / "model")["rerank_selection"] == choice
     card = (out / "model" / "README.md").read_text()
-    plain_row = "| 2.5 | 2.0 | 1.0 | 0 (plain defaults) |"
+    plain_row = f"| {config['guidance_scale']} | 2.0 | 1.0 | 0 (plain defaults) |"
     assert "Its card." in card and plain_row in card
     assert "so the `rerank` block is left out" in card
     assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before
@@ -193,9 +192,14 @@ def test_the_recipe_refuses_what_it_cannot_do(saved, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run_recipe(RECIPE, [*base, "--seeds", "0,1000"])
     assert "must not include 0, the reported evaluation's prompt set" in capsys.readouterr().err
-    for plain, message in [("top_k=3", "--plain sets top_k"), ("temperature", "KEY=NUMBER")]:
+    for plain, message in [
+        ("top_k=3", "--plain sets top_k"),
+        ("temperature", "KEY=NUMBER"),
+        ("temperature=1", "--plain applies to --target defaults"),
+    ]:
+        target = [] if "applies" in message else ["--target", "defaults"]
         with pytest.raises(SystemExit):
-            run_recipe(RECIPE, [*base, "--plain", plain])
+            run_recipe(RECIPE, [*base, *target, "--plain", plain])
         assert message in capsys.readouterr().err
     with pytest.raises(UserInputError, match="temperature"):
         run_recipe(RECIPE, [*base, "--temperature", "-1"])
@@ -230,3 +234,20 @@ def test_the_grid_leaves_out_settings_the_model_has_no_default_for():
     assert len(recipe.grid_of(args, code)) == 24  # CODE_SAMPLING_GRID_FINE
     args = recipe.parse_args(["--model", "m", "--output-dir", "x", "--guidance", "2,3"])
     assert recipe.grid_of(args, ldm) == [{"guidance_scale": 2.0}, {"guidance_scale": 3.0}]
+
+
+def test_the_defaults_target_keeps_the_plain_settings_it_was_given_when_nothing_wins(
+    saved, tmp_path
+):
+    model, _ = saved
+    out = tmp_path / "out"
+    args = ["--model", str(model), "--output-dir", str(out), "--target", "defaults"]
+    args += ["--select-n", "2", "--guidance", "1,2", "--temperature", "1", "--top-p", "1"]
+    run_recipe(RECIPE, [*args, "--plain", "guidance_scale=2.5,temperature=0.5,top_p=0.9"])
+    choice = json.loads((out / "choice.json").read_text())
+    assert choice["chosen"] is None and len(choice["grid"]) == 2
+    config = json.loads((out / "model" / "anygen.json").read_text())
+    assert (config["guidance_scale"], config["temperature"], config["top_p"]) == (2.5, 0.5, 0.9)
+    assert config["rerank"] == {"temperature": 0.5}  # the defaults target leaves the block
+    card = (out / "model" / "README.md").read_text().replace("\n", " ")
+    assert "so the defaults are the plain settings." in card

@@ -372,11 +372,13 @@ def choose_setting(
     draws one image per prompt with ``generate(prompts, seeds, setting)`` for ``n`` t2i
     prompts of each validation seed in ``seeds`` (reported evaluations use seed 0) and
     scores the prompts it gets right. The best replaces the plain setting only if it gets
-    more right, and at least ``margin`` more (a grid gives some lead by chance); equals go to
-    the setting nearest the plain one (the sum of absolute differences). If the chosen temperature is
-    the grid's highest, ``extend_temperatures`` are tried at the chosen setting's other
-    values, and the best of them replaces it only if more right, by at least ``margin``.
-    Returns the scores, ``plain`` and ``chosen`` (None: the plain setting stays).
+    more right, and at least ``margin`` more (a grid gives some lead by chance); equals go
+    to the setting nearest the plain one (the sum of absolute differences). If the chosen
+    temperature is the grid's highest, ``extend_temperatures`` are tried at the chosen
+    setting's other values, and the best of them replaces it only if more right, by at
+    least ``margin``. Returns the scores, ``plain`` and ``chosen`` (None: the plain setting
+    stays). The training recipes' own choice (``select_t2i_settings``: one validation set,
+    the best wins) is the simpler rule this refines.
     """
     if not grid:
         raise UserInputError("the grid of settings to choose from is empty")
@@ -421,7 +423,8 @@ def choose_setting(
     plain_row = score(plain)
     best = best_of([*rows, plain_row])
     chosen = None
-    if best is not plain_row and best["validation_right"] >= plain_row["validation_right"] + margin:
+    lead = best["validation_right"] - plain_row["validation_right"]
+    if best is not plain_row and lead >= margin:
         chosen = best
         top_t = max(s.get("temperature", 0.0) for s in grid)
         if extend_temperatures and best.get("temperature") == top_t:

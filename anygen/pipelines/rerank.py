@@ -19,7 +19,7 @@ makes a model's single image likelier to be right also makes its K candidates al
 model's ``anygen.json`` may therefore hold a ``rerank`` block of sampling defaults for
 its candidates, e.g. ``"rerank": {"temperature": 0.35, "top_p": 1.0}``; a setting the
 caller gives still wins, and the settings drawn with are recorded in the output as ever.
-``select_block`` chooses such a block on validation prompts (``recipes/rerank_block.py``).
+``select_block`` chooses such a block on validation prompts (``recipes/choose_sampling.py``).
 """
 
 from __future__ import annotations
