@@ -206,16 +206,17 @@ def test_the_recipe_refuses_what_it_cannot_do(saved, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_shapes_fusions_defaults_are_what_the_recipe_chose_and_recorded():
+@pytest.mark.parametrize("name", ["shapes-fusion", "shapes-ldm"])
+def test_bundled_defaults_are_what_the_recipe_chose_and_recorded(name):
     """``--target defaults`` against the recipe's own first choice (``--plain``) recorded the
     shipped defaults: the best of the grid, the margin above that first choice."""
     from anygen.pipelines import load_generator
 
-    gen = load_generator("shapes-fusion", device="cpu")
-    selection = card_metadata("shapes-fusion")["sampling_reselection"]
+    gen = load_generator(name, device="cpu")
+    selection = card_metadata(name)["sampling_reselection"]
     chosen = selection["chosen"]
     assert {k: gen.defaults[k] for k in chosen} == chosen
-    first = card_metadata("shapes-fusion")["sampling_selection"]["chosen"]
+    first = card_metadata(name)["sampling_selection"]["chosen"]
     plain = selection["plain"]
     assert {k: plain[k] for k in first} == first and selection["n"] == 600
     (row,) = [r for r in selection["grid"] if all(r[k] == v for k, v in chosen.items())]
