@@ -49,9 +49,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from anygen.eval.suites import score_folder
 
     given = [f"--{f.replace('_', '-')}" for f in SAMPLING_FLAGS if getattr(args, f) is not None]
-    if args.rerank is not None and (args.images is not None or args.suite != "t2i"):
+    story_rerank = args.rerank is not None and args.images is None and args.suite == "story"
+    if (
+        args.rerank is not None
+        and not story_rerank
+        and (args.images is not None or args.suite != "t2i")
+    ):
         what = "--images" if args.images is not None else f"the {args.suite} suite"
-        raise UserInputError(f"--rerank applies to the t2i suite, not to {what}")
+        raise UserInputError(f"--rerank applies to the t2i and story suites, not to {what}")
+    if story_rerank:
+        _story_rerank_only(args)
     if given and (args.images is not None or args.suite == "reconstruction"):
         what = "--images" if args.images is not None else "the reconstruction suite"
         raise UserInputError(f"{', '.join(given)} cannot apply to {what}: nothing is sampled")
@@ -70,7 +77,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             device=args.device,
             options=options,
-            wrap=lambda generator: _reranked(generator, args),
+            wrap=None if story_rerank else (lambda generator: _reranked(generator, args)),
+            candidates=args.rerank if story_rerank else 1,
         )
     print(report.table())
     if args.output is not None:
@@ -409,8 +417,17 @@ def cmd_story(args: argparse.Namespace) -> int:
     seeds: list[int] = []
     times: list[float] = []
     print(args.prompt, flush=True)
+    opening: dict = {}
     for segment in stream_story(
-        generator, args.prompt, args.scenes, options, seed=seed, seeds_out=seeds, times_out=times
+        generator,
+        args.prompt,
+        args.scenes,
+        options,
+        seed=seed,
+        candidates=args.rerank or 1,
+        seeds_out=seeds,
+        times_out=times,
+        opening_out=opening,
     ):
         segments.append(segment)
         if isinstance(segment, str):
@@ -420,7 +437,7 @@ def cmd_story(args: argparse.Namespace) -> int:
         save_png(segment, folder / file, overwrite=args.overwrite)
         files.append(file)
         print(f"  [picture {len(files)}: {folder / file}]", flush=True)
-    story = Story(segments, 1, seeds, generator.name, seed, times)
+    story = Story(segments, 1, seeds, generator.name, seed, times, opening or None)
     save_story(story, folder, files=files, overwrite=args.overwrite)
     print(f"wrote {folder / 'story.html'}, story.md and story.json", file=sys.stderr)
     return 0
@@ -487,6 +504,16 @@ def _add_rerank_flags(p: argparse.ArgumentParser) -> None:
         choices=("caption", "pmi"),
         help="caption (default): log p(prompt | image); pmi: log p(image | prompt) - log p(image)",
     )
+
+
+def _story_rerank_only(args: argparse.Namespace) -> None:
+    """A story's pictures are ranked by the story model itself: no other scorer or score."""
+    for flag, value in (("--reranker", args.reranker), ("--rerank-by", args.rerank_by)):
+        if value is not None:
+            raise UserInputError(
+                f"{flag} applies to text-to-image reranking; a story's opening picture is "
+                "ranked by the story model itself, by its caption likelihood"
+            )
 
 
 def _reranked(generator, args: argparse.Namespace):
@@ -642,6 +669,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, help="classifier-free guidance of the pictures")
     p.add_argument("--temperature", type=float, help="sampling temperature (text and codes)")
     p.add_argument("--max-new-tokens", type=_positive_int, help="longest text of a scene")
+    p.add_argument(
+        "--rerank",
+        type=_positive_int,
+        metavar="K",
+        help="draw K candidates for the opening picture and keep the one the model's caption "
+        "scores best (later pictures follow events and are drawn once)",
+    )
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--output-dir", type=Path, required=True, help="folder for the story")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")

@@ -107,7 +107,10 @@ def write_text_atomic(path: Path, text: str) -> Path:
 
 def story_record(story, files: list[str]) -> dict:
     """The JSON record of a story: segments in order (text, or an image file) with the
-    seed of the scene each image ends, the model, the seed and whether a segment was given."""
+    seed of the scene each image ends, the model, the seed and whether a segment was given;
+    an opening picture that was the best of several records how many, the seed that drew
+    it and its score (``rerank``)."""
+    opening = getattr(story, "opening", None)
     segments, images = [], 0
     given_images = sum(1 for s in story.segments[: story.given] if not isinstance(s, str))
     for i, seg in enumerate(story.segments):
@@ -118,6 +121,8 @@ def story_record(story, files: list[str]) -> dict:
             item = {"type": "image", "file": files[images], "given": given}
             if not given:  # generated scene k ends with generated picture k
                 item["seed"] = story.seeds[images - given_images]
+                if opening and images == given_images:  # the opening picture
+                    item["rerank"] = opening
             segments.append(item)
             images += 1
     return {

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from _fusion_reference import reference_log_likelihood
 
 from anygen.cli import main as cli
 from anygen.errors import UserInputError
@@ -58,27 +59,6 @@ def parti(tokenizer) -> Parti:
         # temperature 2: candidates of a tiny random model differ from one another
         defaults={"temperature": 2.0},
     )
-
-
-@torch.no_grad()
-def reference_log_likelihood(model: FusionTransformer, prompt: Prompt, k: int) -> float:
-    """The row alone, teacher-forced, each target under the distribution decoding draws
-    it from: image codes among the codes, text under the text phase's allowed ids."""
-    c = model.config
-    ids = torch.tensor([prompt.ids])
-    h, logits = model(ids, torch.ones_like(ids), prompt.visual)
-    total = 0.0
-    banned = (c.pad_id, c.eoi_id, c.img_id, c.bos_id, c.boi_id)
-    for t in range(len(prompt.ids) - k, len(prompt.ids)):
-        target = prompt.ids[t]
-        if target >= c.image_offset:
-            lp = model.image_logits(h[0, t - 1]).log_softmax(-1)[target - c.image_offset]
-        else:
-            row = logits[0, t - 1, : c.text_vocab_size].clone()
-            row[list(banned)] = float("-inf")
-            lp = row.log_softmax(-1)[target]
-        total += float(lp)
-    return total
 
 
 @pytest.mark.parametrize("mode", ["discrete", "continuous"])
@@ -336,9 +316,15 @@ def test_cli_refuses_reranking_it_cannot_do(parti, tmp_path, capsys, extra, mess
     assert not (tmp_path / "x.png").exists()
 
 
-def test_cli_eval_refuses_reranking_outside_the_t2i_suite(capsys):
+def test_cli_eval_refuses_reranking_outside_the_t2i_and_story_suites(capsys):
     assert cli(["eval", "--model", "shapes-fusion", "--suite", "caption", "--rerank", "2"]) == 2
-    assert "--rerank applies to the t2i suite, not to the caption suite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--rerank applies to the t2i and story suites, not to the caption suite" in err
+    story = ["eval", "--model", "shapes-fusion", "--suite", "story", "--rerank", "2"]
+    assert cli([*story, "--reranker", "shapes-fusion"]) == 2
+    assert "--reranker applies to text-to-image reranking" in capsys.readouterr().err
+    assert cli([*story, "--rerank-by", "pmi"]) == 2
+    assert "--rerank-by applies to text-to-image reranking" in capsys.readouterr().err
 
 
 def test_rerank_curve_keeps_the_best_scored_candidate_and_bounds_it_by_the_oracle():

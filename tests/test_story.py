@@ -20,8 +20,9 @@ from anygen.cli import main as cli
 from anygen.errors import UserInputError
 from anygen.models.fusion import FUSION_PRESETS, FusionTransformer
 from anygen.output import save_story
-from anygen.pipelines import Options
+from anygen.pipelines import Options, load_generator
 from anygen.pipelines.fusion import Fusion
+from anygen.pipelines.rerank import Reranked, candidate_seeds
 from anygen.pipelines.story import generate_story, stream_story
 from anygen.tokenizers.text import load_text_tokenizer
 from anygen.tokenizers.visual import VISUAL_PRESETS, VisualCodec
@@ -189,6 +190,74 @@ def test_cli_story_refuses_a_model_that_cannot_tell_stories(tmp_path, capsys):
         == 2
     )
     assert "anygen story: error" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- the opening picture, best of K
+
+
+def test_the_opening_picture_is_the_best_of_k_and_the_story_goes_on_from_it(gen):
+    """The opening picture is what text-to-image reranking keeps for the prompt (the story
+    model scoring its own candidates), and the rest is the story continued from it."""
+    opts = Options(temperature=2.0)  # candidates of a tiny random model differ
+    story = generate_story(gen, "a red circle", scenes=2, options=opts, seed=5, candidates=3)
+    best = Reranked(gen, gen, 3).generate_batch(["a red circle"], [5], opts)
+    assert np.array_equal(np.asarray(story.images[0]), np.asarray(best.images[0]))
+    kept = best.settings["seeds"][0]
+    assert kept in candidate_seeds(5, 3)
+    assert story.opening == {
+        "candidates": 3,
+        "seed": kept,
+        "score": best.settings["rerank_scores"][0],
+    }
+    assert story.seeds == [5, 6] and len(story.scene_seconds) == 2
+    rest = generate_story(gen, story.segments[:2], scenes=1, options=opts, seed=6)
+    assert len(story.segments) == len(rest.segments)
+    for x, y in zip(story.segments, rest.segments, strict=True):
+        if isinstance(x, str):
+            assert x == y
+        else:
+            assert np.array_equal(np.asarray(x), np.asarray(y))
+    # one scene: the opening picture alone
+    alone = generate_story(gen, "a red circle", scenes=1, options=opts, seed=5, candidates=3)
+    assert kinds(alone.segments) == ["text", "image"] and alone.opening == story.opening
+
+
+def test_candidates_rank_an_opening_picture_only(gen):
+    first = generate_story(gen, "a blue square", scenes=1, seed=1)
+    with pytest.raises(UserInputError, match="has its pictures already"):
+        generate_story(gen, first.segments, scenes=1, candidates=2)
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(UserInputError, match="candidates must be a whole number >= 1"):
+            generate_story(gen, "a red circle", scenes=1, candidates=bad)
+
+
+def test_cli_story_and_eval_rerank_the_opening_picture(gen, tmp_path, capsys):
+    model = tmp_path / "model"
+    gen.save_pretrained(model, tokenizer_ref="shapes-bpe")
+    out = tmp_path / "story"
+    base = ["story", "a red circle", "--model", str(model), "--seed", "5", "--scenes", "2"]
+    assert cli([*base, "--rerank", "3", "--output-dir", str(out)]) == 0
+    record = json.loads((out / "story.json").read_text())
+    # the model as the CLI loads it (the continuous decoder's pixels may differ by one
+    # level from the unsaved model's)
+    story = generate_story(load_generator(model), "a red circle", scenes=2, seed=5, candidates=3)
+    pictures = [s for s in record["segments"] if s["type"] == "image"]
+    assert pictures[0]["rerank"] == story.opening and "rerank" not in pictures[1]
+    assert [p["seed"] for p in pictures] == [5, 6] == record["scene_seeds"]
+    with Image.open(out / "picture-01.png") as saved:
+        assert np.array_equal(np.asarray(saved.convert("RGB")), np.asarray(story.images[0]))
+    capsys.readouterr()
+    report = tmp_path / "report.json"
+    args = ["eval", "--model", str(model), "--suite", "story", "--n", "2", "--rerank", "2"]
+    assert cli([*args, "-o", str(report)]) == 0
+    meta = json.loads(report.read_text())["meta"]
+    assert meta["rerank"] == {
+        "candidates": 2,
+        "pictures": "opening",
+        "by": "caption",
+        "scorer": str(model),
+        "sampling": {},
+    }
 
 
 # ------------------------------------------------------------------------ a real browser

@@ -47,12 +47,20 @@ def evaluate_model(
     options: Options | None = None,
     progress: bool = True,
     wrap: Callable[[Generator], Generator] | None = None,
+    candidates: int = 1,
 ) -> Report:
     """Load ``model`` and score it on ``suite`` (t2i, caption, story, edit, subject; or
     reconstruction, for an image tokenizer or an ldm model's VAE). ``wrap`` turns the
-    loaded generator into the one scored (``anygen.pipelines.rerank.rerank``: best of K)."""
+    loaded generator into the one scored (``anygen.pipelines.rerank.rerank``: best of K);
+    ``candidates`` > 1 (story suite): each opening picture the best of that many, ranked
+    by the model itself (``anygen.pipelines.story``)."""
     if suite not in NEEDS:
         raise UserInputError(f"unknown suite {suite!r}; choose one of {', '.join(NEEDS)}")
+    if candidates != 1 and suite != "story":
+        raise UserInputError(
+            f"candidates apply to the story suite, not to {suite}; a t2i model is reranked "
+            "by wrap (anygen.pipelines.rerank.rerank)"
+        )
     if suite == "reconstruction":
         report = _reconstruction(model, n=n, seed=seed, batch_size=batch_size, device=device)
         report.meta = {"model": model, "suite": suite, "n": n, "seed": seed}
@@ -97,7 +105,7 @@ def evaluate_model(
         )
     elif suite == "story":
         report = run_story(
-            lambda prompt, scenes, s: gen.story(prompt, scenes, s, opts),
+            lambda prompt, scenes, s: gen.story(prompt, scenes, s, opts, candidates=candidates),
             n=n,
             seed=seed,
             progress=progress,
@@ -118,8 +126,16 @@ def evaluate_model(
         )
     # the options' own seed is replaced per prompt (``seeded``); the report's is the prompt set's
     report.meta = {**opts.to_dict(), "model": model, "suite": suite, "n": n, "seed": seed}
-    from anygen.pipelines.rerank import Reranked
+    from anygen.pipelines.rerank import Reranked, candidate_sampling
 
+    if candidates > 1:
+        report.meta["rerank"] = {
+            "candidates": candidates,
+            "pictures": "opening",  # later pictures are drawn once
+            "by": "caption",
+            "scorer": gen.name,
+            "sampling": candidate_sampling(gen),  # its settings, where the options left gaps
+        }
     if isinstance(gen, Reranked):
         report.meta["rerank"] = {
             "candidates": gen.candidates,

@@ -443,12 +443,17 @@ class Fusion(TextToImage):
         scenes: int,
         seed: int,
         options: Options | None = None,
+        *,
+        candidates: int = 1,
     ) -> list[Segment]:
         """A story of ``scenes`` scenes after ``prompt`` (``anygen.pipelines.story``), as
-        its segments, the prompt first."""
+        its segments, the prompt first; ``candidates`` > 1: the opening picture is the best
+        of that many."""
         from anygen.pipelines.story import generate_story
 
-        return generate_story(self, prompt, scenes, options, seed=seed).segments
+        return generate_story(
+            self, prompt, scenes, options, seed=seed, candidates=candidates
+        ).segments
 
     # ------------------------------------------------------------------ image -> text
 

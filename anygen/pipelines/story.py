@@ -11,6 +11,14 @@ story is one decoding pass, so the shared prefix is read once and its KV cache c
 from scene to scene; ``reuse_prefix=False`` starts a fresh pass per scene instead (the
 reference for the speed comparison). Scene k draws from its own seed, ``seed + k``
 (reseeded where the scene begins), and the story records them.
+
+``candidates=K`` > 1 makes the opening picture (the first one, which only text comes
+before: a caption) the best of K, drawn and ranked as text-to-image reranking does it
+(``rerank.Reranked`` with the story model as its own scorer: its caption likelihood, and
+its ``rerank`` sampling block); the story goes on from the kept picture. Later pictures
+follow events, which are not captions: ranked by the evidence the story, or the scene's
+event, gives each candidate's codes, they were right no more often on validation stories
+than one draw, so they are drawn once.
 """
 
 from __future__ import annotations
@@ -42,6 +50,8 @@ class Story:
     model: str
     seed: int
     scene_seconds: list[float] = field(default_factory=list)
+    # the opening picture's best of K: {"candidates", "seed" (the kept one's), "score"}
+    opening: dict | None = None
 
     @property
     def images(self) -> list[Image.Image]:
@@ -94,17 +104,46 @@ def stream_story(
     *,
     seed: int | None = None,
     reuse_prefix: bool = True,
+    candidates: int = 1,
     seeds_out: list[int] | None = None,
     times_out: list[float] | None = None,
+    opening_out: dict | None = None,
 ) -> Iterator[Segment]:
     """Yield each new segment (text, then its picture, scene after scene) as soon as it is
-    ready. ``seeds_out``/``times_out``, when given, receive each scene's seed and seconds."""
+    ready. ``seeds_out``/``times_out``, when given, receive each scene's seed and seconds;
+    ``opening_out`` the opening picture's best of ``candidates`` (``Story.opening``)."""
     segments = _check(model, prompt, scenes)
+    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+        raise UserInputError(f"candidates must be a whole number >= 1, got {candidates!r}")
+    if candidates > 1 and any(isinstance(s, Image.Image) for s in segments):
+        raise UserInputError(
+            "candidates rank a story's opening picture, and this story has its pictures "
+            "already; continue it with candidates=1"
+        )
     opts = (options or Options()).validate()
     seed = resolve_seed(seed if seed is not None else opts.seed)
     max_new = opts.max_new_tokens or getattr(model, "defaults", {}).get("max_new_tokens", 24)
     seeds_out = seeds_out if seeds_out is not None else []
     times_out = times_out if times_out is not None else []
+    if candidates > 1:
+        from anygen.pipelines.rerank import Reranked
+
+        start = time.perf_counter()
+        seeds_out.append(seed)
+        caption = " ".join(s for s in segments if isinstance(s, str))
+        best = Reranked(model, model, candidates).generate_batch([caption], [seed], opts)
+        picture = best.images[0]
+        if opening_out is not None:
+            opening_out.update(
+                candidates=candidates,
+                seed=best.settings["seeds"][0],
+                score=best.settings["rerank_scores"][0],
+            )
+        yield picture
+        times_out.append(time.perf_counter() - start)
+        segments, scenes, seed = [*segments, picture], scenes - 1, seed + 1
+        if scenes == 0:
+            return
     if not reuse_prefix:
         # a fresh pass per scene over everything so far: the prefix is read again each time
         story = list(segments)
@@ -147,12 +186,13 @@ def generate_story(
     *,
     seed: int | None = None,
     reuse_prefix: bool = True,
+    candidates: int = 1,
 ) -> Story:
     """The whole story at once (see ``stream_story``)."""
     given = _check(model, prompt, scenes)
     opts = (options or Options()).validate()
     seed = resolve_seed(seed if seed is not None else opts.seed)
-    seeds, times = [], []
+    seeds, times, opening = [], [], {}
     new = list(
         stream_story(
             model,
@@ -161,8 +201,10 @@ def generate_story(
             opts,
             seed=seed,
             reuse_prefix=reuse_prefix,
+            candidates=candidates,
             seeds_out=seeds,
             times_out=times,
+            opening_out=opening,
         )
     )
     return Story(
@@ -172,4 +214,5 @@ def generate_story(
         model=getattr(model, "name", ""),
         seed=seed,
         scene_seconds=times,
+        opening=opening or None,
     )
