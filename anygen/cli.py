@@ -49,16 +49,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from anygen.eval.suites import score_folder
 
     given = [f"--{f.replace('_', '-')}" for f in SAMPLING_FLAGS if getattr(args, f) is not None]
-    story_rerank = args.rerank is not None and args.images is None and args.suite == "story"
+    # the story and caption suites rank by the model itself (no --reranker, no --rerank-by)
+    self_rerank = args.rerank is not None and args.images is None
+    self_rerank = self_rerank and args.suite in ("story", "caption")
     if (
         args.rerank is not None
-        and not story_rerank
+        and not self_rerank
         and (args.images is not None or args.suite != "t2i")
     ):
         what = "--images" if args.images is not None else f"the {args.suite} suite"
-        raise UserInputError(f"--rerank applies to the t2i and story suites, not to {what}")
-    if story_rerank:
-        _story_rerank_only(args)
+        raise UserInputError(
+            f"--rerank applies to the t2i, story and caption suites, not to {what}"
+        )
+    if self_rerank:
+        _self_rerank_only(args, SELF_RANKED[args.suite])
     if given and (args.images is not None or args.suite == "reconstruction"):
         what = "--images" if args.images is not None else "the reconstruction suite"
         raise UserInputError(f"{', '.join(given)} cannot apply to {what}: nothing is sampled")
@@ -77,8 +81,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             device=args.device,
             options=options,
-            wrap=None if story_rerank else (lambda generator: _reranked(generator, args)),
-            candidates=args.rerank if story_rerank else 1,
+            wrap=None if self_rerank else (lambda generator: _reranked(generator, args)),
+            candidates=args.rerank if self_rerank else 1,
         )
     print(report.table())
     if args.output is not None:
@@ -322,10 +326,17 @@ def cmd_caption(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         progress=False,
     ).validate()
-    captions = generator.caption(images, options)
-    for path, caption in zip(args.images, captions, strict=True):
+    if args.rerank is None:
+        ranked = [(caption, None, None) for caption in generator.caption(images, options)]
+    else:
+        _require(generator, "best_captions", "rank its captions (--rerank)")
+        ranked = generator.best_captions(images, args.rerank, options)
+    for path, (caption, kept, score) in zip(args.images, ranked, strict=True):
         if args.json:
-            print(json.dumps({"image": path, "caption": caption, "model": generator.name}))
+            record = {"image": path, "caption": caption, "model": generator.name}
+            if args.rerank is not None:
+                record["rerank"] = {"candidates": args.rerank, "kept": kept, "score": score}
+            print(json.dumps(record))
         else:
             print(f"{path}\t{caption}")
     return 0
@@ -506,14 +517,20 @@ def _add_rerank_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _story_rerank_only(args: argparse.Namespace) -> None:
-    """A story's pictures are ranked by the story model itself: no other scorer or score."""
+# what --rerank ranks outside text to image, and by what: the model itself, no other scorer
+SELF_RANKED = {
+    "story": "a story's opening picture is ranked by the story model itself, by its "
+    "caption likelihood",
+    "caption": "captions are ranked by the captioning model itself, by the likelihood of "
+    "the image's codes after each",
+}
+
+
+def _self_rerank_only(args: argparse.Namespace, how: str) -> None:
+    """--reranker and --rerank-by choose a text-to-image scorer; elsewhere they are refused."""
     for flag, value in (("--reranker", args.reranker), ("--rerank-by", args.rerank_by)):
         if value is not None:
-            raise UserInputError(
-                f"{flag} applies to text-to-image reranking; a story's opening picture is "
-                "ranked by the story model itself, by its caption likelihood"
-            )
+            raise UserInputError(f"{flag} applies to text-to-image reranking; {how}")
 
 
 def _reranked(generator, args: argparse.Namespace):
@@ -634,6 +651,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed for sampling (with --temperature > 0)")
     p.add_argument("--max-new-tokens", type=_positive_int, help="text budget per caption")
     p.add_argument("--temperature", type=float, help="0 (default): greedy; > 0: sample")
+    p.add_argument(
+        "--rerank",
+        type=_positive_int,
+        metavar="K",
+        help="the plain caption and K-1 sampled ones (at --temperature, or the model's "
+        "candidate temperature); keep the one after which the image is likeliest",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object per image")
     _add_device_flags(p)
     _add_attention_flag(p)

@@ -17,7 +17,7 @@ from anygen.errors import UserInputError
 from anygen.models.fusion import FUSION_PRESETS, FusionTransformer, Prompt, log_likelihood
 from anygen.models.parti import PARTI_PRESETS, PartiTransformer
 from anygen.output import read_png_metadata
-from anygen.pipelines import Options
+from anygen.pipelines import Options, load_generator
 from anygen.pipelines.fusion import Fusion
 from anygen.pipelines.parti import Parti
 from anygen.pipelines.rerank import Reranked, candidate_seeds, rerank
@@ -316,15 +316,94 @@ def test_cli_refuses_reranking_it_cannot_do(parti, tmp_path, capsys, extra, mess
     assert not (tmp_path / "x.png").exists()
 
 
-def test_cli_eval_refuses_reranking_outside_the_t2i_and_story_suites(capsys):
-    assert cli(["eval", "--model", "shapes-fusion", "--suite", "caption", "--rerank", "2"]) == 2
+def test_cli_eval_refuses_reranking_outside_the_t2i_story_and_caption_suites(capsys):
+    assert cli(["eval", "--model", "shapes-fusion", "--suite", "edit", "--rerank", "2"]) == 2
     err = capsys.readouterr().err
-    assert "--rerank applies to the t2i and story suites, not to the caption suite" in err
-    story = ["eval", "--model", "shapes-fusion", "--suite", "story", "--rerank", "2"]
-    assert cli([*story, "--reranker", "shapes-fusion"]) == 2
-    assert "--reranker applies to text-to-image reranking" in capsys.readouterr().err
-    assert cli([*story, "--rerank-by", "pmi"]) == 2
-    assert "--rerank-by applies to text-to-image reranking" in capsys.readouterr().err
+    assert "--rerank applies to the t2i, story and caption suites, not to the edit suite" in err
+    for suite, ranked in (("story", "opening picture"), ("caption", "captions are ranked")):
+        args = ["eval", "--model", "shapes-fusion", "--suite", suite, "--rerank", "2"]
+        assert cli([*args, "--reranker", "shapes-fusion"]) == 2
+        err = capsys.readouterr().err
+        assert "--reranker applies to text-to-image reranking" in err and ranked in err
+        assert cli([*args, "--rerank-by", "pmi"]) == 2
+        assert "--rerank-by applies to text-to-image reranking" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ captions, best of K
+
+
+def captioner(tokenizer) -> Fusion:
+    """A tiny captioner whose sampled captions differ from one another."""
+    model = fusion(tokenizer)
+    model.defaults["caption_candidate_temperature"] = 2.0
+    return model
+
+
+def test_best_captions_keep_the_caption_after_which_the_image_is_likeliest(tokenizer, parti):
+    """Every candidate drawn alone (the plain caption; the others by ``caption`` at their
+    candidate seeds) and scored teacher-forced: the kept caption is the best of them."""
+    model, k = captioner(tokenizer), 4
+    images = parti.generate_batch(["a red circle", "a blue square"], [0, 1], OPTS).images
+    best = model.best_captions(images, k, Options(seed=3))
+    c = model.config
+    codes = [(x + c.image_offset).tolist() for x in model.encode_images(images)]
+    plain = model.caption(images, Options(seed=3))
+    for i, (image, (text, kept, score)) in enumerate(zip(images, best, strict=True)):
+        seeds = candidate_seeds(3 + i, k)
+        texts = [plain[i]] + [
+            model.caption([image], Options(seed=seeds[j], temperature=2.0))[0] for j in range(1, k)
+        ]
+        assert len(set(texts)) > 1  # the candidates differ
+        want = [
+            reference_log_likelihood(
+                model.transformer,
+                Prompt([c.bos_id, *model.text_ids(t), c.boi_id, *codes[i]]),
+                len(codes[i]),
+            )
+            for t in texts
+        ]
+        assert kept == int(np.argmax(want)) and text == texts[kept]
+        assert score == pytest.approx(want[kept], abs=1e-3)
+    # one candidate: the plain caption
+    assert [t for t, _, _ in model.best_captions(images, 1, Options(seed=3))] == plain
+
+
+def test_bad_caption_ranking_requests_are_named(tokenizer, parti):
+    image = parti.generate_batch(["a red circle"], [0], OPTS).images
+    model = captioner(tokenizer)
+    with pytest.raises(UserInputError, match="a temperature above 0"):
+        model.best_captions(image, 2, Options(temperature=0.0))
+    with pytest.raises(UserInputError, match="candidates must be a whole number"):
+        model.best_captions(image, 0)
+    with pytest.raises(UserInputError, match="no likelihood to rank captions"):
+        fusion(tokenizer, "continuous").best_captions(image, 2)
+
+
+def test_cli_captions_and_evaluates_with_ranked_captions(tokenizer, parti, tmp_path, capsys):
+    model = tmp_path / "captioner"
+    captioner(tokenizer).save_pretrained(model, tokenizer_ref="shapes-bpe")
+    image = tmp_path / "x.png"
+    parti.generate_batch(["a red circle"], [0], OPTS).images[0].save(image)
+    args = ["caption", str(image), "--model", str(model), "--seed", "2", "--rerank", "3"]
+    assert cli([*args, "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    from PIL import Image
+
+    loaded = load_generator(str(model), device="cpu")
+    ((text, kept, score),) = loaded.best_captions([Image.open(image)], 3, Options(seed=2))
+    assert record["caption"] == text
+    assert record["rerank"] == {"candidates": 3, "kept": kept, "score": score}
+    report = tmp_path / "report.json"
+    args = ["eval", "--model", str(model), "--suite", "caption", "--n", "2", "--rerank", "2"]
+    assert cli([*args, "-o", str(report)]) == 0
+    meta = json.loads(report.read_text())["meta"]
+    assert meta["rerank"] == {
+        "candidates": 2,
+        "ranked": "captions",
+        "by": "image likelihood",
+        "scorer": str(model),
+        "temperature": 2.0,
+    }
 
 
 def test_rerank_curve_keeps_the_best_scored_candidate_and_bounds_it_by_the_oracle():

@@ -253,7 +253,7 @@ def test_cli_story_and_eval_rerank_the_opening_picture(gen, tmp_path, capsys):
     meta = json.loads(report.read_text())["meta"]
     assert meta["rerank"] == {
         "candidates": 2,
-        "pictures": "opening",
+        "ranked": "opening picture",
         "by": "caption",
         "scorer": str(model),
         "sampling": {},

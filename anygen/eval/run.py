@@ -35,6 +35,13 @@ NEEDS = {
 }
 
 
+# what ``candidates`` ranks in a suite, and by what score
+RANKED = {
+    "story": {"ranked": "opening picture", "by": "caption"},  # later pictures: drawn once
+    "caption": {"ranked": "captions", "by": "image likelihood"},  # log p(codes | caption)
+}
+
+
 def evaluate_model(
     model: str,
     suite: str,
@@ -52,14 +59,15 @@ def evaluate_model(
     """Load ``model`` and score it on ``suite`` (t2i, caption, story, edit, subject; or
     reconstruction, for an image tokenizer or an ldm model's VAE). ``wrap`` turns the
     loaded generator into the one scored (``anygen.pipelines.rerank.rerank``: best of K);
-    ``candidates`` > 1 (story suite): each opening picture the best of that many, ranked
-    by the model itself (``anygen.pipelines.story``)."""
+    ``candidates`` > 1, ranked by the model itself: each story's opening picture the best
+    of that many (story suite; ``anygen.pipelines.story``), or each caption (caption suite,
+    ``Fusion.best_captions``; the VQA answers are not ranked)."""
     if suite not in NEEDS:
         raise UserInputError(f"unknown suite {suite!r}; choose one of {', '.join(NEEDS)}")
-    if candidates != 1 and suite != "story":
+    if candidates != 1 and suite not in RANKED:
         raise UserInputError(
-            f"candidates apply to the story suite, not to {suite}; a t2i model is reranked "
-            "by wrap (anygen.pipelines.rerank.rerank)"
+            f"candidates apply to the story and caption suites, not to {suite}; a t2i model "
+            "is reranked by wrap (anygen.pipelines.rerank.rerank)"
         )
     if suite == "reconstruction":
         report = _reconstruction(model, n=n, seed=seed, batch_size=batch_size, device=device)
@@ -95,8 +103,16 @@ def evaluate_model(
         report = run_t2i(generate_fn, n=n, seed=seed, batch_size=batch_size, progress=progress)
     elif suite == "caption":
         answer = getattr(gen, "answer", None)
+        if candidates > 1 and not callable(getattr(gen, "best_captions", None)):
+            raise UserInputError(f"model {model!r} cannot rank its captions")
+
+        def caption_fn(images):
+            if candidates == 1:
+                return gen.caption(images, opts)
+            return [text for text, _, _ in gen.best_captions(images, candidates, opts)]
+
         report = run_caption(
-            lambda images: gen.caption(images, opts),
+            caption_fn,
             (lambda images, questions: answer(images, questions, opts)) if answer else None,
             n=n,
             seed=seed,
@@ -129,13 +145,15 @@ def evaluate_model(
     from anygen.pipelines.rerank import Reranked, candidate_sampling
 
     if candidates > 1:
-        report.meta["rerank"] = {
-            "candidates": candidates,
-            "pictures": "opening",  # later pictures are drawn once
-            "by": "caption",
-            "scorer": gen.name,
-            "sampling": candidate_sampling(gen),  # its settings, where the options left gaps
-        }
+        report.meta["rerank"] = {"candidates": candidates, **RANKED[suite], "scorer": gen.name}
+        if suite == "story":  # the opening picture's settings, where the options left gaps
+            report.meta["rerank"]["sampling"] = candidate_sampling(gen)
+        else:
+            report.meta["rerank"]["temperature"] = (
+                opts.temperature
+                if opts.temperature is not None
+                else gen.defaults["caption_candidate_temperature"]
+            )
     if isinstance(gen, Reranked):
         report.meta["rerank"] = {
             "candidates": gen.candidates,

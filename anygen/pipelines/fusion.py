@@ -23,6 +23,7 @@ A saved model is a directory:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -70,6 +71,7 @@ DEFAULTS = {
     "top_p": 1.0,
     "text_temperature": 0.0,  # captions and answers: greedy
     "story_temperature": 1.0,  # story events: sampled (seeded)
+    "caption_candidate_temperature": 0.5,  # best_captions: the sampled candidates
     "max_new_tokens": 24,
 }
 # what ``Fusion.score`` can measure (see there)
@@ -457,11 +459,16 @@ class Fusion(TextToImage):
 
     # ------------------------------------------------------------------ image -> text
 
-    def _texts(self, prompts: list[Prompt], opts: Options) -> list[str]:
+    def _texts(
+        self, prompts: list[Prompt], opts: Options, *, seeds: Sequence[int] | None = None
+    ) -> list[str]:
+        """One text per prompt; row i draws from ``seeds[i]``, by default the seed + i."""
         s = self.sampling(opts, "text_temperature")
         max_new = opts.max_new_tokens or self.defaults["max_new_tokens"]
-        seed = resolve_seed(opts.seed if opts.seed is not None else 0)
-        generators = [make_generator(seed + i, self.device) for i in range(len(prompts))]
+        if seeds is None:
+            seed = resolve_seed(opts.seed if opts.seed is not None else 0)
+            seeds = [seed + i for i in range(len(prompts))]
+        generators = [make_generator(x, self.device) for x in seeds]
         texts = [""] * len(prompts)
         plan = Plan(["text"], max_new_tokens=max_new)
         for row, kind, value in decode_stream(self.transformer, prompts, plan, s, generators):
@@ -475,6 +482,58 @@ class Fusion(TextToImage):
         opts = (options or Options()).validate()
         _check_images(images)
         return self._texts(self.image_prompts(images, [CAPTION_QUESTION] * len(images)), opts)
+
+    def best_captions(
+        self, images: Sequence[Image.Image], candidates: int, options: Options | None = None
+    ) -> list[tuple[str, int, float]]:
+        """Each image's caption, the best of ``candidates``: the plain caption (``caption``)
+        and ``candidates - 1`` sampled ones, kept by how likely the model finds the image's
+        codes after each, log p(codes | caption) (a noisy channel: the text-to-image
+        direction checks the captioner). Returns (caption, kept candidate, score) per
+        image; equals go to the earlier candidate, so the plain caption wins a tie.
+
+        The sampled candidates draw at the temperature option where it is given, else at
+        the model's ``caption_candidate_temperature``; candidate j > 0 of image i draws
+        from ``rerank.candidate_seeds(seed + i, candidates)[j]``."""
+        from anygen.pipelines.rerank import candidate_seeds
+
+        opts = (options or Options()).validate()
+        _check_images(images)
+        if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+            raise UserInputError(f"candidates must be a whole number >= 1, got {candidates!r}")
+        c = self.config
+        if c.continuous:
+            raise UserInputError(
+                f"{self.name!r} regresses its images (continuous): they have no likelihood "
+                "to rank captions by"
+            )
+        temperature = opts.temperature
+        if temperature is None:
+            temperature = self.defaults["caption_candidate_temperature"]
+        if candidates > 1 and temperature <= 0:
+            raise UserInputError(
+                "ranking captions needs candidates that differ: a temperature above 0"
+            )
+        prompts = self.image_prompts(images, [CAPTION_QUESTION] * len(images))
+        texts = [self._texts(prompts, opts)]  # [candidate j][image i]
+        seed = resolve_seed(opts.seed if opts.seed is not None else 0)
+        seeds = [candidate_seeds(seed + i, candidates) for i in range(len(images))]
+        sampled = dataclasses.replace(opts, temperature=temperature)
+        for j in range(1, candidates):  # one candidate of every image at a time
+            texts.append(self._texts(prompts, sampled, seeds=[s[j] for s in seeds]))
+        codes = [(x + c.image_offset).tolist() for x in self.encode_images(images)]
+        rows = [
+            Prompt([c.bos_id, *self.text_ids(t), c.boi_id, *codes[i]])
+            for per_image in texts
+            for i, t in enumerate(per_image)
+        ]
+        scores = log_likelihood(self.transformer, rows, [c.image_tokens] * len(rows))
+        scores = scores.view(candidates, len(images))
+        out = []
+        for i in range(len(images)):
+            j = max(range(candidates), key=lambda j: (float(scores[j, i]), -j))
+            out.append((texts[j][i], j, round(float(scores[j, i]), 4)))
+        return out
 
     def answer(
         self,
