@@ -28,9 +28,18 @@ recipe chose, when re-choosing defaults already re-chosen), which stay if nothin
 A setting the model has no default for is left out of the grid unless given, so for a
 diffusion model (shapes-ldm) the grid is its guidance scales (``--guidance 1.5,2.5,3``).
 
+``--target story`` chooses a fusion model's ``story_temperature`` (the temperature its
+story events are written at) on validation stories (shapes-eval story, ``--select-n``
+stories per seed, default 100), counting the scenes whose picture matches the state
+reached, over ``--story-temperature`` (default 0, 0.5, 1):
+
+    anygen train recipes/choose_sampling.py --model shapes-fusion --target story \
+        --output-dir runs/fusion-story --bundle
+
 The result is OUT/choice.json and OUT/model, a copy of the model with the settings written
 into its ``anygen.json`` and its card (front matter ``rerank_selection`` or
-``sampling_reselection``, and a table between ``<!-- anygen:KEY -->`` markers, appended
+``sampling_reselection`` or ``story_selection``, and a table between ``<!-- anygen:KEY -->``
+markers, appended
 when the card has none); ``--bundle`` also replaces the bundled model of that name. A block
 is removed when no setting beats the plain defaults by the margin.
 """
@@ -46,7 +55,13 @@ import textwrap
 from pathlib import Path
 
 from anygen.errors import UserInputError
-from anygen.eval.suites import CODE_SAMPLING_GRID_FINE, SELECT_N, choose_setting
+from anygen.eval.suites import (
+    CODE_SAMPLING_GRID_FINE,
+    SELECT_N,
+    choose_by_rule,
+    choose_setting,
+    run_story,
+)
 from anygen.hub import atomic_directory, bundled_models, resolve
 from anygen.pipelines import Options, load_generator
 from anygen.pipelines.rerank import select_block
@@ -55,8 +70,15 @@ log = logging.getLogger("recipes.choose_sampling")
 
 # the rule by which the bundled rerank blocks were chosen (shapes-parti, shapes-fusion)
 RERANK_GRID = {"guidance_scale": (1.5, 1.75, 2.0), "temperature": (0.5, 0.35), "top_p": (1.0,)}
-FRONT_MATTER = {"rerank": "rerank_selection", "defaults": "sampling_reselection"}
+FRONT_MATTER = {
+    "rerank": "rerank_selection",
+    "defaults": "sampling_reselection",
+    "story": "story_selection",
+}
 HEADERS = {"guidance_scale": "guidance", "temperature": "temperature", "top_p": "top_p"}
+STORY_HEADERS = {"story_temperature": "story temperature"}
+STORY_TEMPERATURES = (0.0, 0.5, 1.0)
+STORY_N = 100  # validation stories per seed
 
 
 def floats(text: str) -> tuple[float, ...]:
@@ -104,13 +126,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--model", required=True, help="a bundled name, a model directory or hub id")
     p.add_argument("--output-dir", type=Path, required=True)
-    p.add_argument("--target", choices=("rerank", "defaults"), default="rerank")
+    p.add_argument("--target", choices=("rerank", "defaults", "story"), default="rerank")
     p.add_argument("--reranker", help="the model scoring candidates (default: the model)")
     p.add_argument("--candidates", type=int, default=8, help="K of best of K (--target rerank)")
     p.add_argument("--by", default="caption", help="the reranker's score (caption or pmi)")
     p.add_argument("--guidance", type=floats, help="guidance scales of the grid")
     p.add_argument("--temperature", type=floats, help="temperatures of the grid")
     p.add_argument("--top-p", type=floats, help="top-p values of the grid")
+    p.add_argument(
+        "--story-temperature",
+        type=floats,
+        help="story event temperatures of the grid (--target story; default 0, 0.5, 1)",
+    )
     p.add_argument(
         "--extend-temperature",
         type=floats,
@@ -123,7 +150,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="the settings the grid is compared with, e.g. guidance_scale=1.5,temperature=0.35 "
         "(default: the model's own defaults)",
     )
-    p.add_argument("--select-n", type=int, default=SELECT_N, help="prompts per validation seed")
+    p.add_argument(
+        "--select-n",
+        type=int,
+        help=f"prompts (stories) per validation seed (default {SELECT_N}; {STORY_N} stories)",
+    )
     p.add_argument("--seeds", type=ints, default=(1000, 2000), help="validation prompt sets")
     p.add_argument("--margin", type=int, default=6, help="prompts a setting must win by")
     p.add_argument("--batch-size", type=int, default=16)
@@ -140,6 +171,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     unknown = sorted(set(args.plain or {}) - set(HEADERS))
     if unknown:
         p.error(f"--plain sets {', '.join(unknown)}; it may set {', '.join(HEADERS)}")
+    code_flags = {"--guidance": args.guidance, "--temperature": args.temperature}
+    code_flags["--top-p"] = args.top_p
+    given = [flag for flag, value in code_flags.items() if value is not None]
+    if args.target == "story" and given:
+        p.error(f"{', '.join(given)} apply to the rerank and defaults targets, not to story")
+    if args.target != "story" and args.story_temperature is not None:
+        p.error("--story-temperature applies to --target story")
+    if any(t < 0 for t in args.story_temperature or ()):
+        p.error("--story-temperature values must be at least 0")
+    if args.select_n is None:
+        args.select_n = STORY_N if args.target == "story" else SELECT_N
     if args.select_n < 1 or args.candidates < 1 or args.margin < 0:
         p.error("--select-n and --candidates must be at least 1, --margin at least 0")
     return args
@@ -149,6 +191,8 @@ def grid_of(args: argparse.Namespace, defaults: dict) -> list[dict]:
     """The grid the flags give: a product of the values, with defaults per target. A
     setting the model has no default for (a diffusion model's temperature) is left out
     unless given."""
+    if args.target == "story":
+        return [{"story_temperature": t} for t in args.story_temperature or STORY_TEMPERATURES]
     axes = dict(RERANK_GRID)
     if args.target == "defaults":
         axes = {k: tuple(dict.fromkeys(s[k] for s in CODE_SAMPLING_GRID_FINE)) for k in axes}
@@ -170,7 +214,11 @@ def table(choice: dict, target: str) -> str:
     """The choice as a markdown table, best first, and a sentence saying what was chosen."""
     keys = [k for k in choice["plain"] if k not in ("validation_right", "by_seed")]
     at = f" at K = {choice['candidates']}" if target == "rerank" else ""
-    head = [HEADERS.get(k, k) for k in keys] + [f"right of {choice['n']}{at}"]
+    names = {**HEADERS, **STORY_HEADERS}
+    total = f"scenes right of {choice['scenes']}" if target == "story" else "right of"
+    if target != "story":
+        total += f" {choice['n']}{at}"
+    head = [names.get(k, k) for k in keys] + [total]
     extended = set(choice.get("extend_temperatures", ()))
     rows = sorted(choice["grid"], key=lambda r: -r["validation_right"])
     plain = choice["plain"]
@@ -187,22 +235,30 @@ def table(choice: dict, target: str) -> str:
             note = " (the extension)"
         cells = [str(r[k]) for k in keys] + [f"{r['validation_right']}{note}"]
         lines.append("| " + " | ".join(cells) + " |")
-    what = "the `rerank` block" if target == "rerank" else "the defaults"
+    what = {"rerank": "the `rerank` block", "defaults": "the defaults"}.get(target, "the default")
+    unit = "scenes" if target == "story" else "prompts"
     if choice["chosen"] is None:
         verdict = (
             f"No setting beats the plain defaults ({plain['validation_right']}) by "
-            f"{choice['margin']} prompts, so {what} "
-            + ("is left out." if target == "rerank" else "are the plain settings.")
+            f"{choice['margin']} {unit}, so {what} "
+            + {"rerank": "is left out.", "defaults": "are the plain settings."}.get(
+                target, "is the plain setting."
+            )
         )
     else:
-        setting = ", ".join(f"{HEADERS.get(k, k)} {v}" for k, v in choice["chosen"].items())
+        setting = ", ".join(f"{names.get(k, k)} {v}" for k, v in choice["chosen"].items())
         verdict = f"Chosen, as {what}: {setting}."
     seeds = " and ".join(str(s) for s in choice["seeds"])
+    where = (
+        f"validation stories (shapes-eval story, {choice['n']} stories: seeds {seeds})"
+        if target == "story"
+        else f"validation prompts (shapes-eval t2i, seeds {seeds})"
+    )
     rule = (
-        f"Chosen by `recipes/choose_sampling.py --target {target}` on validation prompts "
-        f"(shapes-eval t2i, seeds {seeds}), by its rule: the best setting replaces the plain "
-        f"defaults only if it gets at least {choice['margin']} more prompts right; equals go "
-        "to the setting nearest the plain defaults."
+        f"Chosen by `recipes/choose_sampling.py --target {target}` on {where}, by its rule: "
+        f"the best setting replaces the plain defaults only if it gets at least "
+        f"{choice['margin']} more {unit} right; equals go to the setting nearest the plain "
+        "defaults."
     )
     if extended:
         temps = ", ".join(f"{t:g}" for t in sorted(extended))
@@ -240,7 +296,8 @@ def write_model(source: Path, target: Path, args: argparse.Namespace, choice: di
         else:
             config["rerank"] = choice["chosen"]  # where a block was, else at the end
     else:  # the chosen setting, else the plain one (the model's own, or --plain's)
-        plain = {k: v for k, v in choice["plain"].items() if k in HEADERS}
+        names = {**HEADERS, **STORY_HEADERS}
+        plain = {k: v for k, v in choice["plain"].items() if k in names}
         config.update(choice["chosen"] or plain)
     card_path = source / "README.md"
     card = card_path.read_text() if card_path.is_file() else ""
@@ -250,6 +307,46 @@ def write_model(source: Path, target: Path, args: argparse.Namespace, choice: di
         shutil.copytree(source, tmp, dirs_exist_ok=True)
         (tmp / "anygen.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "README.md").write_text(card)
+
+
+def choose_story_temperature(
+    model,
+    grid: list[dict],
+    *,
+    n: int,
+    seeds,
+    margin: int,
+    batch_size: int,
+    extend_temperatures=(),
+) -> dict:
+    """``choose_by_rule`` over story temperatures: each setting tells ``n`` validation
+    stories per seed, counting the scenes whose picture matches the state reached."""
+    if not callable(getattr(model, "story", None)):
+        raise UserInputError(f"model {model.name!r} ({model.family}) does not tell stories")
+    defaults = dict(model.defaults)
+    scenes: dict[int, int] = {}
+
+    def right(setting: dict, seed: int) -> int:
+        model.defaults = {**defaults, **setting}
+        try:
+            report = run_story(
+                lambda prompt, k, s: model.story(prompt, k, s, Options(progress=False)),
+                n=n,
+                seed=seed,
+                progress=False,
+            )
+        finally:
+            model.defaults = defaults
+        counts = [int(r.category.split("_")[1]) for r in report.records]
+        scenes[seed] = sum(counts)
+        return sum(
+            round(r.extra["scene_match"] * k) for r, k in zip(report.records, counts, strict=True)
+        )
+
+    choice = choose_by_rule(
+        right, grid, defaults, seeds=seeds, margin=margin, desc=f"story of {model.name}"
+    )
+    return {"n": n * len(seeds), "scenes": sum(scenes.values()), **choice}
 
 
 def main(argv: list[str]) -> None:
@@ -277,7 +374,9 @@ def main(argv: list[str]) -> None:
     if extend is None:
         extend = (0.7,) if args.target == "rerank" else ()
     rule["extend_temperatures"] = extend
-    if args.target == "rerank":
+    if args.target == "story":
+        choice = choose_story_temperature(model, grid, **rule)
+    elif args.target == "rerank":
         scorer = (
             model if args.reranker is None else load_generator(args.reranker, device=args.device)
         )

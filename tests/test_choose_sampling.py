@@ -12,7 +12,7 @@ from test_rerank import parti, scorer, tokenizer, with_rerank_block  # noqa: F40
 
 from anygen.data.render import render_image
 from anygen.errors import UserInputError
-from anygen.eval.suites import choose_setting, t2i_prompts
+from anygen.eval.suites import choose_by_rule, choose_setting, t2i_prompts
 from anygen.hub import card_metadata
 from anygen.training import load_recipe, run_recipe
 
@@ -252,3 +252,58 @@ def test_the_defaults_target_keeps_the_plain_settings_it_was_given_when_nothing_
     assert config["rerank"] == {"temperature": 0.5}  # the defaults target leaves the block
     card = (out / "model" / "README.md").read_text().replace("\n", " ")
     assert "so the defaults are the plain settings." in card
+
+
+# ------------------------------------------------------------------ --target story
+
+
+def test_the_rule_chooses_from_any_count_of_right_answers():
+    """``choose_by_rule`` is the rule without the t2i suite: a count per setting and seed."""
+    counts = {0.0: (120, 130), 0.5: (110, 118), 1.0: (100, 105)}
+
+    def right(setting, seed):
+        return counts[setting["story_temperature"]][SEEDS.index(seed)]
+
+    grid = [{"story_temperature": t} for t in counts]
+    result = choose_by_rule(right, grid, {"story_temperature": 1.0}, seeds=SEEDS, margin=6)
+    assert result["plain"]["validation_right"] == 205 and result["plain"]["by_seed"] == [100, 105]
+    assert result["chosen"] == {"story_temperature": 0.0}
+    close = choose_by_rule(right, grid, {"story_temperature": 0.5}, seeds=SEEDS, margin=30)
+    assert close["chosen"] is None  # 250 against 228: a lead under the margin
+
+
+def test_the_story_target_writes_the_story_temperature(tokenizer, tmp_path):  # noqa: F811
+    from test_rerank import fusion
+
+    model = tmp_path / "fusion"
+    fusion(tokenizer).save_pretrained(model, tokenizer_ref="shapes-bpe")
+    (model / "README.md").write_text("---\nname: tiny\n---\n# tiny\n")
+    out = tmp_path / "out"
+    args = ["--model", str(model), "--output-dir", str(out), "--target", "story"]
+    run_recipe(RECIPE, [*args, "--story-temperature", "0,1", "--select-n", "2", "--seeds", "7"])
+    choice = json.loads((out / "choice.json").read_text())
+    assert [r["story_temperature"] for r in choice["grid"]] == [0.0, 1.0]
+    assert choice["n"] == 2 and choice["scenes"] >= 2 and choice["seeds"] == [7]
+    assert choice["plain"]["story_temperature"] == 1.0  # the fusion default
+    assert choice["chosen"] is None  # a random model matches no scene
+    config = json.loads((out / "model" / "anygen.json").read_text())
+    assert config["story_temperature"] == 1.0
+    card = (out / "model" / "README.md").read_text()
+    assert card_metadata(out / "model")["story_selection"] == choice
+    assert f"| story temperature | scenes right of {choice['scenes']} |" in card
+    assert "| 1.0 | 0 (plain defaults) |" in card
+    assert "by 6 scenes, so the default is the plain setting." in card.replace("\n", " ")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--target", "story", "--guidance", "2"], "--guidance apply to the rerank and defaults"),
+        (["--story-temperature", "0"], "--story-temperature applies to --target story"),
+        (["--target", "story", "--story-temperature", "-1"], "must be at least 0"),
+    ],
+)
+def test_the_story_target_refuses_flags_of_other_targets(extra, message, capsys):
+    with pytest.raises(SystemExit):
+        run_recipe(RECIPE, ["--model", "m", "--output-dir", "x", *extra])
+    assert message in capsys.readouterr().err

@@ -371,14 +371,44 @@ def choose_setting(
     Each setting of ``grid`` and the plain one (``defaults``' values of the grid's keys)
     draws one image per prompt with ``generate(prompts, seeds, setting)`` for ``n`` t2i
     prompts of each validation seed in ``seeds`` (reported evaluations use seed 0) and
-    scores the prompts it gets right. The best replaces the plain setting only if it gets
-    more right, and at least ``margin`` more (a grid gives some lead by chance); equals go
-    to the setting nearest the plain one (the sum of absolute differences). If the chosen
-    temperature is the grid's highest, ``extend_temperatures`` are tried at the chosen
-    setting's other values, and the best of them replaces it only if more right, by at
-    least ``margin``. Returns the scores, ``plain`` and ``chosen`` (None: the plain setting
-    stays). The training recipes' own choice (``select_t2i_settings``: one validation set,
-    the best wins) is the simpler rule this refines.
+    scores the prompts it gets right; ``choose_by_rule`` chooses. The training recipes' own
+    choice (``select_t2i_settings``: one validation set, the best wins) is the simpler rule
+    this refines.
+    """
+
+    def right(setting: dict, seed: int) -> int:
+        report = run_t2i(
+            lambda prompts, s: generate(prompts, s, setting),
+            n=n,
+            seed=seed,
+            batch_size=batch_size,
+            progress=False,
+        )
+        return sum(r.ok for r in report.records)
+
+    rule = {"margin": margin, "extend_temperatures": extend_temperatures, "desc": desc}
+    return {"n": n * len(seeds), **choose_by_rule(right, grid, defaults, seeds=seeds, **rule)}
+
+
+def choose_by_rule(
+    right: Callable[[dict, int], int],
+    grid: Sequence[dict],
+    defaults: dict,
+    *,
+    seeds: Sequence[int] = (1000, 2000),
+    margin: int = 6,
+    extend_temperatures: Sequence[float] = (),
+    desc: str = "validation",
+) -> dict:
+    """The rule by which sampling settings are chosen: ``right(setting, seed)`` counts what
+    ``setting`` gets right on validation set ``seed``, for each setting of ``grid`` and the
+    plain one (``defaults``' values of the grid's keys), summed over ``seeds``. The best
+    replaces the plain setting only if it gets more right, and at least ``margin`` more (a
+    grid gives some lead by chance); equals go to the setting nearest the plain one (the sum
+    of absolute differences). If the chosen temperature is the grid's highest,
+    ``extend_temperatures`` are tried at the chosen setting's other values, and the best of
+    them replaces it only if more right, by at least ``margin``. Returns the scores,
+    ``plain`` and ``chosen`` (None: the plain setting stays).
     """
     if not grid:
         raise UserInputError("the grid of settings to choose from is empty")
@@ -397,19 +427,12 @@ def choose_setting(
     def score(setting: dict) -> dict:
         key = tuple(setting[k] for k in keys)
         if key not in done:
-            right = []
+            counts = []
             for seed in seeds:
-                report = run_t2i(
-                    lambda prompts, s: generate(prompts, s, setting),
-                    n=n,
-                    seed=seed,
-                    batch_size=batch_size,
-                    progress=False,
-                )
-                right.append(sum(r.ok for r in report.records))
+                counts.append(int(right(setting, seed)))
                 bar.update()
-            logger.info("%s: %s right %d of %d", desc, setting, sum(right), n * len(seeds))
-            done[key] = {**setting, "validation_right": sum(right), "by_seed": right}
+            logger.info("%s: %s right %d", desc, setting, sum(counts))
+            done[key] = {**setting, "validation_right": sum(counts), "by_seed": counts}
         return done[key]
 
     def distance(row: dict) -> float:
@@ -439,7 +462,6 @@ def choose_setting(
                 chosen = longer
     bar.close()
     return {
-        "n": n * len(seeds),
         "seeds": list(seeds),
         "margin": margin,
         "extend_temperatures": list(extend_temperatures),
