@@ -307,3 +307,20 @@ def test_the_story_target_refuses_flags_of_other_targets(extra, message, capsys)
     with pytest.raises(SystemExit):
         run_recipe(RECIPE, ["--model", "m", "--output-dir", "x", *extra])
     assert message in capsys.readouterr().err
+
+
+def test_shapes_fusions_story_temperature_is_what_the_recipe_chose_and_recorded():
+    from anygen.pipelines import load_generator
+    from anygen.pipelines.fusion import DEFAULTS
+
+    gen = load_generator("shapes-fusion", device="cpu")
+    selection = card_metadata("shapes-fusion")["story_selection"]
+    assert gen.defaults["story_temperature"] == selection["chosen"]["story_temperature"]
+    plain = selection["plain"]
+    assert plain["story_temperature"] == DEFAULTS["story_temperature"]  # the fusion default
+    (row,) = [
+        r for r in selection["grid"] if r["story_temperature"] == gen.defaults["story_temperature"]
+    ]
+    assert row["validation_right"] == max(r["validation_right"] for r in selection["grid"])
+    assert row["validation_right"] >= plain["validation_right"] + selection["margin"]
+    assert all(sum(r["by_seed"]) == r["validation_right"] for r in selection["grid"])
