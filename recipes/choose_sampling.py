@@ -33,7 +33,7 @@ story events are written at) on validation stories (shapes-eval story, ``--selec
 stories per seed, default 100), counting the scenes whose picture matches the state
 reached, over ``--story-temperature`` (default 0, 0.5, 1):
 
-    anygen train recipes/choose_sampling.py --model shapes-fusion --target story \
+    anygen train recipes/choose_sampling.py --model shapes-fusion --target story \\
         --output-dir runs/fusion-story --bundle
 
 The result is OUT/choice.json and OUT/model, a copy of the model with the settings written
