@@ -50,13 +50,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     given = [f"--{f.replace('_', '-')}" for f in SAMPLING_FLAGS if getattr(args, f) is not None]
     # the story and caption suites rank by the model itself (no --reranker, no --rerank-by)
-    self_rerank = args.rerank is not None and args.images is None
-    self_rerank = self_rerank and args.suite in ("story", "caption")
-    if (
-        args.rerank is not None
-        and not self_rerank
-        and (args.images is not None or args.suite != "t2i")
-    ):
+    ranking = args.rerank is not None and args.images is None
+    self_rerank = ranking and args.suite in SELF_RANKED
+    if args.rerank is not None and not self_rerank and not (ranking and args.suite == "t2i"):
         what = "--images" if args.images is not None else f"the {args.suite} suite"
         raise UserInputError(
             f"--rerank applies to the t2i, story and caption suites, not to {what}"

@@ -514,14 +514,18 @@ class Fusion(TextToImage):
             raise UserInputError(
                 "ranking captions needs candidates that differ: a temperature above 0"
             )
-        prompts = self.image_prompts(images, [CAPTION_QUESTION] * len(images))
+        encoded = self.encode_images(images)  # once: the prompts' images and the scored codes
+        prompts = [
+            self.prompt([image, CAPTION_QUESTION], encoded=[x])
+            for image, x in zip(images, encoded, strict=True)
+        ]
         texts = [self._texts(prompts, opts)]  # [candidate j][image i]
         seed = resolve_seed(opts.seed if opts.seed is not None else 0)
         seeds = [candidate_seeds(seed + i, candidates) for i in range(len(images))]
         sampled = dataclasses.replace(opts, temperature=temperature)
         for j in range(1, candidates):  # one candidate of every image at a time
             texts.append(self._texts(prompts, sampled, seeds=[s[j] for s in seeds]))
-        codes = [(x + c.image_offset).tolist() for x in self.encode_images(images)]
+        codes = [(x + c.image_offset).tolist() for x in encoded]
         rows = [
             Prompt([c.bos_id, *self.text_ids(t), c.boi_id, *codes[i]])
             for per_image in texts
