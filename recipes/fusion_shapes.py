@@ -19,6 +19,13 @@ shapes-eval t2i and caption (seed 0) and the card records it all.
 
     anygen train recipes/fusion_shapes.py --output-dir runs/shapes-fusion
     anygen train recipes/fusion_shapes.py --output-dir runs/shapes-fusion --bundle
+    anygen train recipes/fusion_shapes.py --output-dir runs/fusion-more --init-from shapes-fusion \\
+        --seed 1 --steps 4000 --lr 3e-4 --mix t2i=0.2,caption=0.25,vqa=0.35,story=0.1,edit=0.1
+
+``--init-from`` starts from a saved fusion model's weights (in fp32) with a fresh optimizer
+and learning-rate schedule (warmup, then cosine decay to 0 over ``--steps``); ``--preset``
+does not apply, and the model must read the recipe's tokens and images. Give it a
+``--seed`` other than the first run's, or it draws the same training documents again.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from anygen.data.datasets import images_to_tensor
 from anygen.data.documents import DEFAULT_MIX, Document, check_mix, mixed_document
 from anygen.data.render import render_image
 from anygen.data.world import Scene
+from anygen.errors import UserInputError
 from anygen.eval.suites import (
     CODE_SAMPLING_GRID,
     SELECT_N,
@@ -59,11 +67,18 @@ from anygen.models.fusion import (
     pack_rows,
 )
 from anygen.pipelines import Options
+from anygen.pipelines.base import read_model_meta
 from anygen.pipelines.fusion import Fusion
 from anygen.tokenizers.text import load_text_tokenizer
 from anygen.tokenizers.visual import load_visual_codec
 from anygen.tokenizers.vq import load_image_tokenizer
-from anygen.training import TrainConfig, device_description, train, training_seconds
+from anygen.training import (
+    TrainConfig,
+    device_description,
+    train,
+    training_seconds,
+    warn_if_same_seed,
+)
 
 log = logging.getLogger("recipes.fusion_shapes")
 
@@ -173,6 +188,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     p.add_argument("--resume", action="store_true")
     p.add_argument(
+        "--init-from",
+        metavar="MODEL",
+        help="start from this saved fusion model's weights (bundled name, path or hub id) with"
+        " a fresh optimizer and schedule; --preset does not apply",
+    )
+    p.add_argument(
         "--select-n",
         type=int,
         default=SELECT_N,
@@ -233,7 +254,13 @@ def main(argv: list[str]) -> None:
         img_id=tokenizer.convert_tokens_to_ids("<img>"),
         **shape,
     )
-    model = FusionTransformer(cfg)
+    start_defaults = {}  # a continuation keeps its model's sampling defaults
+    if args.init_from:
+        model = init_model(args.init_from, cfg)
+        warn_if_same_seed(resolve(args.init_from), args.seed)
+        start_defaults = sampling_defaults(resolve(args.init_from))
+    else:
+        model = FusionTransformer(cfg)
     slots = Slots(tokenizer, images, cfg)
     data = DocumentRows(
         args.steps * args.batch_size, args.seed, args.mix, args.row_len, slots.length
@@ -264,13 +291,18 @@ def main(argv: list[str]) -> None:
         return
     words = (resolve(args.tokenizer, kind="tokenizer") / "words.txt").read_text().split()
     pipe = Fusion(
-        result.model, tokenizer, images, name=args.name, defaults={"known_words": sorted(words)}
+        result.model,
+        tokenizer,
+        images,
+        name=args.name,
+        defaults={**start_defaults, "known_words": sorted(words)},
     )
     facts = {
         "recipe": "recipes/fusion_shapes.py",
         "argv": argv,
         "seed": args.seed,
-        "preset": args.preset,
+        "preset": None if args.init_from else args.preset,
+        "init_from": args.init_from,
         "image_mode": args.image_mode,
         "steps": args.steps,
         "batch": f"{args.batch_size} rows of {args.row_len} tokens",
@@ -311,6 +343,52 @@ def main(argv: list[str]) -> None:
         )
         copy_codec_card(args.visual, ASSETS / args.name)
         log.info("bundled fp16 weights in %s", ASSETS / args.name)
+
+
+# what a model must share with the recipe's tokenizers to continue on their documents
+_FITS = (
+    "text_vocab_size",
+    "pad_id",
+    "bos_id",
+    "eos_id",
+    "boi_id",
+    "eoi_id",
+    "img_id",
+    "image_mode",
+    "image_tokens",
+    "image_vocab_size",
+    "visual_dim",
+)
+
+
+def init_model(name: str, cfg) -> FusionTransformer:
+    """The transformer of saved fusion model ``name``, in fp32, checked against the
+    configuration the recipe's tokenizers give (``cfg``): a model trained over other tokens
+    or images cannot continue on these."""
+    model = FusionTransformer.from_pretrained(resolve(name)).float()
+    have = model.config
+    unused = "image_vocab_size" if cfg.continuous else "visual_dim"
+    mismatches = [
+        f"{k}: the model has {getattr(have, k)!r}, the recipe {getattr(cfg, k)!r}"
+        for k in _FITS
+        if k != unused and getattr(have, k) != getattr(cfg, k)
+    ]
+    if mismatches:
+        raise UserInputError(f"--init-from {name} does not fit: " + "; ".join(mismatches))
+    log.info(
+        "starting from %s (%.2f M parameters)",
+        name,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+    )
+    return model.train()
+
+
+def sampling_defaults(model_dir: Path) -> dict:
+    """The sampling defaults a saved fusion model records (guidance, temperatures, its
+    ``rerank`` block...): what its continuation starts from, until ``--select-n`` re-chooses."""
+    meta = read_model_meta(model_dir, "a saved fusion model")
+    parts = ("family", "tokenizer", "image_tokenizer", "visual", "known_words")
+    return {k: v for k, v in meta.items() if k not in parts}
 
 
 def copy_codec_card(visual: str | None, model_dir: Path) -> None:
@@ -420,6 +498,11 @@ def model_card(name: str, facts: dict, defaults: dict, reports: dict[str, Report
             f"{sel['seed']}; the scores below use seed 0):\n\n"
             f"| guidance | temperature | validation overall |\n|---|---|---|\n{rows}\n"
         )
+    origin = (
+        f"Continued from {facts['init_from']} (its weights; fresh optimizer and schedule)"
+        if facts.get("init_from")
+        else "Trained from scratch"
+    )
     settings = ", ".join(
         f"{k} {defaults[k]}" for k in ("guidance_scale", "temperature", "text_temperature")
     )
@@ -431,7 +514,7 @@ summary: "early-fusion transformer ({mode} images), shapes world: text to image,
 # {name}
 
 An early-fusion transformer of the shapes world (Llama-family decoder, {facts["parameters_m"]} M
-parameters) over one sequence of text and images: {what}. Trained from scratch by
+parameters) over one sequence of text and images: {what}. {origin} by
 `{facts["recipe"]}` (seed {facts["seed"]}, {facts["steps"]} steps of {facts["batch"]},
 {facts["train_time_s"]:.0f} s on {facts["device"]}) on the document mix {facts["mix"]}.
 Sampling defaults: {settings}.

@@ -603,6 +603,38 @@ def test_recipes_train_fusion_models_end_to_end(tmp_path):
     gen = load_generator(str(out / "model"))
     assert gen.generate("a red circle", Options(seed=0)).images[0].size == (64, 64)
 
+    # --init-from continues the saved model under a fresh schedule, with its sampling defaults
+    more = tmp_path / "more"
+    train("fusion_shapes.py", "--output-dir", str(more), "--init-from", str(out / "model"),
+          "--image-tokenizer", str(vq), "--seed", "1", "--steps", "2", "--batch-size", "2",
+          "--select-n", "0", "--eval-n", "0", "--mix", "t2i=0.5,vqa=0.5")  # fmt: skip
+    facts = json.loads((more / "model" / "training.json").read_text())
+    assert facts["init_from"] == str(out / "model") and facts["preset"] is None
+    assert "Continued from" in (more / "model" / "README.md").read_text()
+    after = load_generator(str(more / "model"))
+    assert after.transformer.config == gen.transformer.config
+    chosen = json.loads((out / "model" / "training.json").read_text())["sampling_selection"]
+    assert {k: after.defaults[k] for k in chosen["chosen"]} == chosen["chosen"]
+    changed = [
+        name
+        for (name, a), (_, b) in zip(
+            gen.transformer.named_parameters(), after.transformer.named_parameters(), strict=True
+        )
+        if not torch.equal(a, b)
+    ]
+    assert changed  # it trained from those weights rather than copying them
+
+    # a model over other image codes cannot continue on these: one line, before training
+    run = subprocess.run(
+        [sys.executable, "-m", "anygen", "train", str(recipes / "fusion_shapes.py"),
+         "--output-dir", str(tmp_path / "refused"), "--init-from", str(out / "model"),
+         "--steps", "2"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert run.returncode != 0
+    assert "does not fit: image_vocab_size: the model has 32, the recipe 512" in run.stderr
+    assert "Traceback" not in run.stderr and not (tmp_path / "refused" / "train").exists()
+
     emu = tmp_path / "emu"
     train("emu_shapes.py", "--output-dir", str(emu), "--preset", "tiny", "--vae", "shapes-ldm",
           "--codec-steps", "2", "--codec-batch-size", "2", "--codec-eval-n", "2",
