@@ -20,7 +20,7 @@ shapes-eval t2i and caption (seed 0) and the card records it all.
     anygen train recipes/fusion_shapes.py --output-dir runs/shapes-fusion
     anygen train recipes/fusion_shapes.py --output-dir runs/shapes-fusion --bundle
     anygen train recipes/fusion_shapes.py --output-dir runs/fusion-more --init-from shapes-fusion \\
-        --seed 1 --steps 4000 --lr 3e-4 --mix t2i=0.2,caption=0.25,vqa=0.35,story=0.1,edit=0.1
+        --seed 1 --steps 4000 --lr 3e-4 --mix t2i=0.25,caption=0.2,vqa=0.3,story=0.15,edit=0.1
 
 ``--init-from`` starts from a saved fusion model's weights (in fp32) with a fresh optimizer
 and learning-rate schedule (warmup, then cosine decay to 0 over ``--steps``); ``--preset``
