@@ -44,7 +44,6 @@ from anygen.data.datasets import images_to_tensor
 from anygen.data.documents import DEFAULT_MIX, Document, check_mix, mixed_document
 from anygen.data.render import render_image
 from anygen.data.world import Scene
-from anygen.errors import UserInputError
 from anygen.eval.suites import (
     CODE_SAMPLING_GRID,
     SELECT_N,
@@ -68,13 +67,14 @@ from anygen.models.fusion import (
 )
 from anygen.pipelines import Options
 from anygen.pipelines.base import read_model_meta
-from anygen.pipelines.fusion import Fusion
+from anygen.pipelines.fusion import PART_KEYS, Fusion
 from anygen.tokenizers.text import load_text_tokenizer
 from anygen.tokenizers.visual import load_visual_codec
 from anygen.tokenizers.vq import load_image_tokenizer
 from anygen.training import (
     TrainConfig,
     device_description,
+    start_from,
     train,
     training_seconds,
     warn_if_same_seed,
@@ -373,22 +373,14 @@ def init_model(name: str, cfg) -> FusionTransformer:
         for k in _FITS
         if k != unused and getattr(have, k) != getattr(cfg, k)
     ]
-    if mismatches:
-        raise UserInputError(f"--init-from {name} does not fit: " + "; ".join(mismatches))
-    log.info(
-        "starting from %s (%.2f M parameters)",
-        name,
-        sum(p.numel() for p in model.parameters()) / 1e6,
-    )
-    return model.train()
+    return start_from(model, name, mismatches)
 
 
 def sampling_defaults(model_dir: Path) -> dict:
     """The sampling defaults a saved fusion model records (guidance, temperatures, its
     ``rerank`` block...): what its continuation starts from, until ``--select-n`` re-chooses."""
     meta = read_model_meta(model_dir, "a saved fusion model")
-    parts = ("family", "tokenizer", "image_tokenizer", "visual", "known_words")
-    return {k: v for k, v in meta.items() if k not in parts}
+    return {k: v for k, v in meta.items() if k not in (*PART_KEYS, "known_words")}
 
 
 def copy_codec_card(visual: str | None, model_dir: Path) -> None:

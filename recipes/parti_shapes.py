@@ -32,7 +32,6 @@ from pathlib import Path
 import torch
 
 from anygen.data.datasets import ShapesT2IDataset
-from anygen.errors import UserInputError
 from anygen.eval.suites import (
     CODE_SAMPLING_GRID,
     CODE_SAMPLING_GRID_FINE,
@@ -50,6 +49,7 @@ from anygen.training import (
     TrainConfig,
     caption_forms_arg,
     device_description,
+    start_from,
     train,
     training_seconds,
     warn_if_same_seed,
@@ -248,14 +248,7 @@ def init_model(name: str, tokenizer, image_tokenizer) -> PartiTransformer:
         )
         if have != want
     ]
-    if mismatches:
-        raise UserInputError(f"--init-from {name} does not fit: " + "; ".join(mismatches))
-    log.info(
-        "starting from %s (%.2f M parameters)",
-        name,
-        sum(p.numel() for p in model.parameters()) / 1e6,
-    )
-    return model.train()
+    return start_from(model, name, mismatches)
 
 
 # The coarse grid (top_p 1), then the settings of the fine grid it lacks: 36 in all.

@@ -74,6 +74,8 @@ DEFAULTS = {
     "caption_candidate_temperature": 0.5,  # best_captions: the sampled candidates
     "max_new_tokens": 24,
 }
+# the keys of a saved model's anygen.json that name its parts; the rest are its defaults
+PART_KEYS = ("family", "tokenizer", "image_tokenizer", "visual")
 # what ``Fusion.score`` can measure (see there)
 SCORES = ("caption", "pmi")
 
@@ -645,8 +647,7 @@ class Fusion(TextToImage):
             images = load_visual_codec(part_location(path, meta, "visual"))
         else:
             images = load_image_tokenizer(part_location(path, meta, "image_tokenizer"))
-        skip = ("family", "tokenizer", "image_tokenizer", "visual")
-        defaults = {k: v for k, v in meta.items() if k not in skip}
+        defaults = {k: v for k, v in meta.items() if k not in PART_KEYS}
         return cls(
             transformer,
             tokenizer,

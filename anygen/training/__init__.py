@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from anygen.errors import UserInputError
 from anygen.training.checkpoint import latest_checkpoint, list_checkpoints
@@ -26,6 +27,9 @@ from anygen.training.loop import (
     TrainResult,
     train,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,7 @@ __all__ = [
     "load_recipe",
     "run_recipe",
     "train",
+    "start_from",
     "warn_if_same_seed",
 ]
 
@@ -81,6 +86,16 @@ def caption_forms_arg(text: str) -> dict[str, float]:
     except UserInputError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return weights
+
+
+def start_from(model: torch.nn.Module, name: str, mismatches: Sequence[str]) -> torch.nn.Module:
+    """``model``, loaded from saved model ``name`` for ``--init-from``, in training mode; a
+    UserInputError naming every mismatch with the recipe's tokenizers if there are any."""
+    if mismatches:
+        raise UserInputError(f"--init-from {name} does not fit: " + "; ".join(mismatches))
+    millions = sum(p.numel() for p in model.parameters()) / 1e6
+    log.info("starting from %s (%.2f M parameters)", name, millions)
+    return model.train()
 
 
 def warn_if_same_seed(init_dir: str | os.PathLike, seed: int) -> bool:
