@@ -19,13 +19,17 @@ shapes-eval t2i and caption (seed 0) and the card records it all.
 
     anygen train recipes/fusion_shapes.py --output-dir runs/shapes-fusion
     anygen train recipes/fusion_shapes.py --output-dir runs/shapes-fusion --bundle
-    anygen train recipes/fusion_shapes.py --output-dir runs/fusion-more --init-from shapes-fusion \\
-        --seed 1 --steps 4000 --lr 3e-4 --mix t2i=0.25,caption=0.2,vqa=0.3,story=0.15,edit=0.1
+    anygen train recipes/fusion_shapes.py --output-dir runs/fusion-vqa3 --init-from \\
+        runs/shapes-fusion/model --seed 3 --steps 4000 --lr 3e-4 --select-n 0 \\
+        --mix t2i=0.35,caption=0.15,vqa=0.25,story=0.2,edit=0.05
 
 ``--init-from`` starts from a saved fusion model's weights (in fp32) with a fresh optimizer
 and learning-rate schedule (warmup, then cosine decay to 0 over ``--steps``); ``--preset``
 does not apply, and the model must read the recipe's tokens and images. Give it a
-``--seed`` other than the first run's, or it draws the same training documents again.
+``--seed`` that no run before it used, or it draws the same training documents again. The
+continuation keeps that model's sampling defaults (``--select-n`` re-chooses them) and
+records how it was trained (``started_from`` in training.json and the card). The last
+command above, from the first run at ``--steps 33500``, made the shipped shapes-fusion.
 """
 
 from __future__ import annotations
@@ -74,6 +78,8 @@ from anygen.tokenizers.vq import load_image_tokenizer
 from anygen.training import (
     TrainConfig,
     device_description,
+    lineage,
+    lineage_text,
     start_from,
     train,
     training_seconds,
@@ -255,10 +261,12 @@ def main(argv: list[str]) -> None:
         **shape,
     )
     start_defaults = {}  # a continuation keeps its model's sampling defaults
+    started_from = None  # and records how that model was trained, read before --bundle
     if args.init_from:
         model = init_model(args.init_from, cfg)
         warn_if_same_seed(resolve(args.init_from), args.seed)
         start_defaults = sampling_defaults(resolve(args.init_from))
+        started_from = lineage(resolve(args.init_from))
     else:
         model = FusionTransformer(cfg)
     slots = Slots(tokenizer, images, cfg)
@@ -303,6 +311,7 @@ def main(argv: list[str]) -> None:
         "seed": args.seed,
         "preset": None if args.init_from else args.preset,
         "init_from": args.init_from,
+        "started_from": started_from,
         "image_mode": args.image_mode,
         "steps": args.steps,
         "batch": f"{args.batch_size} rows of {args.row_len} tokens",
@@ -491,13 +500,18 @@ def model_card(name: str, facts: dict, defaults: dict, reports: dict[str, Report
             f"| guidance | temperature | validation overall |\n|---|---|---|\n{rows}\n"
         )
     origin = (
-        f"Continued from {facts['init_from']} (its weights; fresh optimizer and schedule)"
+        f"Continued from {facts['init_from']} ({lineage_text(facts.get('started_from'))}; "
+        "its weights, a fresh optimizer and schedule)"
         if facts.get("init_from")
         else "Trained from scratch"
     )
-    settings = ", ".join(
-        f"{k} {defaults[k]}" for k in ("guidance_scale", "temperature", "text_temperature")
-    )
+    keys = ("guidance_scale", "temperature", "top_p", "text_temperature", "story_temperature")
+    settings = ", ".join(f"{k} {defaults[k]}" for k in keys if k in defaults)
+    if "rerank" in defaults:
+        block = ", ".join(f"{k} {v}" for k, v in defaults["rerank"].items())
+        settings += f"; best of K draws its candidates at {block}"
+    if facts.get("init_from") and "sampling_selection" not in facts:
+        settings += f" (kept from {facts['init_from']}: not re-chosen for these weights)"
     return f"""---
 name: {name}
 summary: "early-fusion transformer ({mode} images), shapes world: text to image, captions, answers, stories"

@@ -70,6 +70,8 @@ from anygen.training import (
     TrainConfig,
     caption_forms_arg,
     device_description,
+    lineage,
+    lineage_text,
     train,
     training_seconds,
     warn_if_same_seed,
@@ -328,6 +330,7 @@ def main(argv: list[str]) -> None:
     out = args.output_dir
     if args.init_from and args.vae_from:
         raise UserInputError("--init-from and --vae-from exclude each other")
+    started_from = None  # for --init-from: how that model was trained
     if args.vae_from:
         components = build_components(cfg, tokenizer)
         donor = LatentDiffusion.from_pretrained(resolve(args.vae_from), dtype=torch.float32)
@@ -356,6 +359,7 @@ def main(argv: list[str]) -> None:
         args.vae_steps = 0
         log.info("starting from %s; latent scaling factor %.4f", args.init_from, scaling)
         warn_if_same_seed(resolve(args.init_from), args.seed)
+        started_from = lineage(resolve(args.init_from))  # read now, before --bundle
     else:
         components = build_components(cfg, tokenizer)
         # Stage 1: the VAE.
@@ -473,6 +477,7 @@ def main(argv: list[str]) -> None:
         "seed": args.seed,
         "preset": args.preset,
         "init_from": args.init_from,
+        "started_from": started_from,
         "vae_from": args.vae_from,
         "vae_steps": args.vae_steps,
         "denoiser_steps": args.steps,
@@ -566,7 +571,10 @@ def model_card(facts: dict, report=None, weights: str = "fp32 weights") -> str:
     kind = "DiT" if dit else "UNet"
     denoiser = "PixArtTransformer2DModel (DiT)" if dit else "UNet2DConditionModel"
     if facts.get("init_from"):
-        origin = f"Continued from {facts['init_from']} (its VAE, denoiser and text encoder)"
+        origin = (
+            f"Continued from {facts['init_from']} ({lineage_text(facts.get('started_from'))}; "
+            "its VAE, denoiser and text encoder)"
+        )
     elif facts.get("vae_from"):
         origin = (
             f"The VAE is {facts['vae_from']}'s; the denoiser and text encoder were trained "

@@ -49,6 +49,8 @@ from anygen.training import (
     TrainConfig,
     caption_forms_arg,
     device_description,
+    lineage,
+    lineage_text,
     start_from,
     train,
     training_seconds,
@@ -113,9 +115,11 @@ def main(argv: list[str]) -> None:
     torch.manual_seed(args.seed)
     tokenizer = load_text_tokenizer(args.tokenizer)
     image_tokenizer = load_image_tokenizer(args.image_tokenizer).requires_grad_(False)
+    started_from = None  # how the model continued was trained, read before --bundle
     if args.init_from:
         model = init_model(args.init_from, tokenizer, image_tokenizer)
         warn_if_same_seed(resolve(args.init_from), args.seed)
+        started_from = lineage(resolve(args.init_from))
         cfg = model.config
     else:
         cfg = dataclasses.replace(
@@ -192,6 +196,7 @@ def main(argv: list[str]) -> None:
         "seed": args.seed,
         "preset": None if args.init_from else args.preset,
         "init_from": args.init_from,
+        "started_from": started_from,
         "steps": args.steps,
         "batch_size": args.batch_size,
         "caption_forms": args.caption_forms,
@@ -298,7 +303,8 @@ def model_card(facts: dict, defaults: dict, report=None) -> str:
         f"{k} {defaults[k]}" for k in ("guidance_scale", "temperature", "top_k", "top_p")
     )
     origin = (
-        f"Continued from {facts['init_from']} (its transformer; fresh optimizer and schedule)"
+        f"Continued from {facts['init_from']} ({lineage_text(facts.get('started_from'))}; "
+        "its transformer, a fresh optimizer and schedule)"
         if facts.get("init_from")
         else "Trained from scratch"
     )

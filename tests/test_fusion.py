@@ -608,9 +608,15 @@ def test_recipes_train_fusion_models_end_to_end(tmp_path):
     train("fusion_shapes.py", "--output-dir", str(more), "--init-from", str(out / "model"),
           "--image-tokenizer", str(vq), "--seed", "1", "--steps", "2", "--batch-size", "2",
           "--select-n", "0", "--eval-n", "0", "--mix", "t2i=0.5,vqa=0.5")  # fmt: skip
+    first = json.loads((out / "model" / "training.json").read_text())
     facts = json.loads((more / "model" / "training.json").read_text())
     assert facts["init_from"] == str(out / "model") and facts["preset"] is None
-    assert "Continued from" in (more / "model" / "README.md").read_text()
+    # it records how the model it started from was trained, should that model be replaced
+    assert facts["started_from"]["seed"] == 0 and facts["started_from"]["steps"] == 2
+    assert facts["started_from"]["argv"] == first["argv"]
+    card = (more / "model" / "README.md").read_text()
+    assert f"Continued from {out / 'model'} (trained before by 2 steps with seed 0 (" in card
+    assert "(kept from" in card and "not re-chosen for these weights)" in card
     after = load_generator(str(more / "model"))
     assert after.transformer.config == gen.transformer.config
     chosen = json.loads((out / "model" / "training.json").read_text())["sampling_selection"]

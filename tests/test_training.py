@@ -475,6 +475,32 @@ def test_continuing_with_the_init_models_seed_warns(tmp_path, caplog):
     assert not warn_if_same_seed(tmp_path / "no-record-here", 8)  # nothing to compare with
     (tmp_path / "training.json").write_text("[not a record")
     assert not warn_if_same_seed(tmp_path, 8)
+    # a continued model: the seeds of the runs before it draw the same samples too
+    earlier = {"seed": 0, "steps": 100, "started_from": {"seed": 3, "steps": 50}}
+    (tmp_path / "training.json").write_text(json.dumps({"seed": 8, "started_from": earlier}))
+    assert [warn_if_same_seed(tmp_path, s) for s in (0, 1, 3, 8)] == [True, False, True, True]
+
+
+def test_lineage_records_the_runs_before_a_continuation(tmp_path):
+    from anygen.training import lineage, lineage_text
+
+    record = {"seed": 1, "steps": 4000, "train_time_s": 1935.8, "device": "cpu", "mix": {},
+              "started_from": {"seed": 0, "steps": 33500, "train_time_s": 40249.1}}  # fmt: skip
+    (tmp_path / "training.json").write_text(json.dumps(record))
+    got = lineage(tmp_path)
+    assert "mix" not in got and got["started_from"] == record["started_from"]
+    assert lineage_text(got) == (
+        "trained before by 4000 steps with seed 1 (1936 s on cpu), after 33500 steps with "
+        "seed 0 (40249 s on an unrecorded device)"
+    )
+    assert lineage(tmp_path / "none") is None and lineage_text(None).startswith("its training")
+    ldm = {"seed": 7, "denoiser_steps": 500, "train_time_s": {"vae": 20.0, "denoiser": 80.4}}
+    assert (
+        lineage_text(ldm)
+        == "trained before by 500 steps with seed 7 (100 s on an unrecorded device)"
+    )
+    (tmp_path / "training.json").write_text("[1, 2]")
+    assert lineage(tmp_path) is None
 
 
 def test_caption_forms_arg_parses_and_refuses_in_one_line():

@@ -43,6 +43,8 @@ __all__ = [
     "seconds_per_step",
     "training_seconds",
     "latest_checkpoint",
+    "lineage",
+    "lineage_text",
     "list_checkpoints",
     "load_recipe",
     "run_recipe",
@@ -98,17 +100,60 @@ def start_from(model: torch.nn.Module, name: str, mismatches: Sequence[str]) -> 
     return model.train()
 
 
-def warn_if_same_seed(init_dir: str | os.PathLike, seed: int) -> bool:
-    """Warn when a run continued from the saved model in ``init_dir`` uses the seed that
-    model's own training recorded (its ``training.json``): the recipes draw their training
-    samples from the seed, so the continuation would see the same samples again. Returns
-    whether it warned; a model without that record is not checked."""
-    record = Path(init_dir) / "training.json"
+# What a continuation records of the model it started from (and that model of its own start).
+LINEAGE_KEYS = (
+    "recipe", "argv", "seed", "steps", "denoiser_steps", "train_time_s", "device", "started_from"
+)  # fmt: skip
+
+
+def lineage(init_dir: str | os.PathLike) -> dict | None:
+    """How the saved model in ``init_dir`` was trained, from its ``training.json``: recipe,
+    argv, seed, steps, training seconds, device and, under ``started_from``, the same of
+    the model it was continued from in turn. A continuation records this as its own
+    ``started_from``, so its card still says where its weights came from after it replaces
+    that model under the same name. None for a model without a readable record."""
     try:
-        recorded = json.loads(record.read_text()).get("seed")
-    except (OSError, ValueError, AttributeError):
-        return False
-    if recorded != seed:
+        record = json.loads((Path(init_dir) / "training.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    return {k: record[k] for k in LINEAGE_KEYS if k in record}
+
+
+def lineage_runs(record: dict | None) -> list[dict]:
+    """The runs of a lineage record, the latest first (each without its ``started_from``)."""
+    runs = []
+    while isinstance(record, dict):
+        runs.append({k: v for k, v in record.items() if k != "started_from"})
+        record = record.get("started_from")
+    return runs
+
+
+def lineage_text(record: dict | None) -> str:
+    """One clause for a model card: the runs before this one, the latest first."""
+
+    def seconds(run: dict) -> float:  # the ldm recipe records its stages apart
+        time = run.get("train_time_s", 0)
+        return sum(time.values()) if isinstance(time, dict) else time
+
+    parts = [
+        f"{r.get('steps', r.get('denoiser_steps', '?'))} steps with seed {r.get('seed', '?')} "
+        f"({seconds(r):.0f} s on {r.get('device', 'an unrecorded device')})"
+        for r in lineage_runs(record)
+    ]
+    if not parts:
+        return "its training was not recorded"
+    return "trained before by " + ", after ".join(parts)
+
+
+def warn_if_same_seed(init_dir: str | os.PathLike, seed: int) -> bool:
+    """Warn when a run continued from the saved model in ``init_dir`` uses a seed that
+    model's training, or a run before it (its ``training.json`` lineage), used: the recipes
+    draw their training samples from the seed, so the continuation would see the same
+    samples again. Returns whether it warned; a model without that record is not checked."""
+    runs = lineage_runs(lineage(init_dir))
+    if seed not in [r.get("seed") for r in runs]:
         return False
     log.warning(
         "%s was trained with seed %s, the seed of this run: it will draw the same training"
