@@ -310,17 +310,20 @@ def test_the_story_target_refuses_flags_of_other_targets(extra, message, capsys)
 
 
 def test_shapes_fusions_story_temperature_is_what_the_recipe_chose_and_recorded():
+    """The bundled story temperature is what the card's last ``--target story`` run left:
+    the chosen setting, which beats the plain one (the model's own before the run) by the
+    margin, or, when none did, the plain one."""
     from anygen.pipelines import load_generator
-    from anygen.pipelines.fusion import DEFAULTS
 
     gen = load_generator("shapes-fusion", device="cpu")
     selection = card_metadata("shapes-fusion")["story_selection"]
-    assert gen.defaults["story_temperature"] == selection["chosen"]["story_temperature"]
-    plain = selection["plain"]
-    assert plain["story_temperature"] == DEFAULTS["story_temperature"]  # the fusion default
-    (row,) = [
-        r for r in selection["grid"] if r["story_temperature"] == gen.defaults["story_temperature"]
-    ]
-    assert row["validation_right"] == max(r["validation_right"] for r in selection["grid"])
-    assert row["validation_right"] >= plain["validation_right"] + selection["margin"]
-    assert all(sum(r["by_seed"]) == r["validation_right"] for r in selection["grid"])
+    plain, grid, margin = selection["plain"], selection["grid"], selection["margin"]
+    kept = selection["chosen"] or {"story_temperature": plain["story_temperature"]}
+    assert gen.defaults["story_temperature"] == kept["story_temperature"]
+    (row,) = [r for r in grid if r["story_temperature"] == kept["story_temperature"]]
+    if selection["chosen"]:
+        assert row["validation_right"] == max(r["validation_right"] for r in grid)
+        assert row["validation_right"] >= plain["validation_right"] + margin
+    else:  # no setting won by the margin
+        assert all(r["validation_right"] < plain["validation_right"] + margin for r in grid)
+    assert all(sum(r["by_seed"]) == r["validation_right"] for r in grid)
