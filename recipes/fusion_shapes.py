@@ -81,9 +81,9 @@ from anygen.tokenizers.vq import load_image_tokenizer
 from anygen.training import (
     TrainConfig,
     device_description,
-    lineage,
     lineage_text,
     start_from,
+    starting_lineage,
     train,
     training_seconds,
     warn_if_same_seed,
@@ -267,9 +267,11 @@ def main(argv: list[str]) -> None:
     started_from = None  # and records how that model was trained, read before --bundle
     if args.init_from:
         model = init_model(args.init_from, cfg)
-        warn_if_same_seed(resolve(args.init_from), args.seed)
+        started_from = starting_lineage(
+            resolve(args.init_from), args.output_dir / "model", args.resume
+        )
+        warn_if_same_seed(args.init_from, args.seed, started_from)
         start_defaults = sampling_defaults(resolve(args.init_from))
-        started_from = lineage(resolve(args.init_from))
     else:
         model = FusionTransformer(cfg)
     slots = Slots(tokenizer, images, cfg)

@@ -70,8 +70,8 @@ from anygen.training import (
     TrainConfig,
     caption_forms_arg,
     device_description,
-    lineage,
     lineage_text,
+    starting_lineage,
     train,
     training_seconds,
     warn_if_same_seed,
@@ -358,8 +358,10 @@ def main(argv: list[str]) -> None:
         scaling = float(components.vae.config.scaling_factor)
         args.vae_steps = 0
         log.info("starting from %s; latent scaling factor %.4f", args.init_from, scaling)
-        warn_if_same_seed(resolve(args.init_from), args.seed)
-        started_from = lineage(resolve(args.init_from))  # read now, before --bundle
+        started_from = starting_lineage(  # read now, before --bundle
+            resolve(args.init_from), out / "model", args.resume
+        )
+        warn_if_same_seed(args.init_from, args.seed, started_from)
     else:
         components = build_components(cfg, tokenizer)
         # Stage 1: the VAE.

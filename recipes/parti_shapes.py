@@ -49,9 +49,9 @@ from anygen.training import (
     TrainConfig,
     caption_forms_arg,
     device_description,
-    lineage,
     lineage_text,
     start_from,
+    starting_lineage,
     train,
     training_seconds,
     warn_if_same_seed,
@@ -118,8 +118,10 @@ def main(argv: list[str]) -> None:
     started_from = None  # how the model continued was trained, read before --bundle
     if args.init_from:
         model = init_model(args.init_from, tokenizer, image_tokenizer)
-        warn_if_same_seed(resolve(args.init_from), args.seed)
-        started_from = lineage(resolve(args.init_from))
+        started_from = starting_lineage(
+            resolve(args.init_from), args.output_dir / "model", args.resume
+        )
+        warn_if_same_seed(args.init_from, args.seed, started_from)
         cfg = model.config
     else:
         cfg = dataclasses.replace(

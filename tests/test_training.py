@@ -503,6 +503,28 @@ def test_lineage_records_the_runs_before_a_continuation(tmp_path):
     assert lineage(tmp_path) is None
 
 
+def test_a_resumed_continuation_keeps_the_lineage_its_first_run_read(tmp_path, caplog):
+    """--resume --bundle after the bundle was replaced: the record of the run's own saved
+    model wins, so the run does not become its own ancestor or warn about its own seed."""
+    from anygen.training import starting_lineage, warn_if_same_seed
+
+    bundle, run_model = tmp_path / "bundle", tmp_path / "run" / "model"
+    bundle.mkdir()
+    run_model.mkdir(parents=True)
+    parent = {"seed": 3, "steps": 4000}
+    (bundle / "training.json").write_text(json.dumps(parent))
+    assert starting_lineage(bundle, run_model, resume=True) == parent  # nothing saved yet
+    (run_model / "training.json").write_text(json.dumps({"seed": 5, "started_from": parent}))
+    # the bundle now holds this run's own weights and record
+    (bundle / "training.json").write_text(json.dumps({"seed": 5, "started_from": parent}))
+    assert starting_lineage(bundle, run_model, resume=True) == parent
+    assert starting_lineage(bundle, run_model, resume=False)["seed"] == 5
+    with caplog.at_level("WARNING", logger="anygen.training"):
+        assert not warn_if_same_seed(bundle, 5, parent)
+        assert warn_if_same_seed(bundle, 5)  # read from the replaced bundle: itself
+    assert "trained with seed 5" in caplog.text
+
+
 def test_caption_forms_arg_parses_and_refuses_in_one_line():
     import argparse
 

@@ -50,6 +50,7 @@ __all__ = [
     "run_recipe",
     "train",
     "start_from",
+    "starting_lineage",
     "warn_if_same_seed",
 ]
 
@@ -147,12 +148,30 @@ def lineage_text(record: dict | None) -> str:
     return "trained before by " + ", after ".join(parts)
 
 
-def warn_if_same_seed(init_dir: str | os.PathLike, seed: int) -> bool:
+def starting_lineage(
+    init_dir: str | os.PathLike, run_model_dir: str | os.PathLike, resume: bool
+) -> dict | None:
+    """The lineage a continuation from ``init_dir`` records. A resumed run keeps what its
+    first invocation read, the ``started_from`` in the model it saved in ``run_model_dir``:
+    by then ``--bundle`` may have replaced the model ``init_dir`` names with this run's own
+    weights, whose record would make the run its own ancestor."""
+    if resume:
+        try:
+            saved = json.loads((Path(run_model_dir) / "training.json").read_text())
+        except (OSError, ValueError):
+            saved = None
+        if isinstance(saved, dict) and isinstance(saved.get("started_from"), dict):
+            return saved["started_from"]
+    return lineage(init_dir)
+
+
+def warn_if_same_seed(init_dir: str | os.PathLike, seed: int, record: dict | None = None) -> bool:
     """Warn when a run continued from the saved model in ``init_dir`` uses a seed that
-    model's training, or a run before it (its ``training.json`` lineage), used: the recipes
-    draw their training samples from the seed, so the continuation would see the same
-    samples again. Returns whether it warned; a model without that record is not checked."""
-    runs = lineage_runs(lineage(init_dir))
+    model's training, or a run before it (its ``training.json`` lineage, or ``record`` when
+    given), used: the recipes draw their training samples from the seed, so the
+    continuation would see the same samples again. Returns whether it warned; a model
+    without that record is not checked."""
+    runs = lineage_runs(record if record is not None else lineage(init_dir))
     if seed not in [r.get("seed") for r in runs]:
         return False
     log.warning(
