@@ -87,6 +87,7 @@ from anygen.training import (
     train,
     training_seconds,
     warn_if_same_seed,
+    warn_if_unscored_bundle,
 )
 
 log = logging.getLogger("recipes.fusion_shapes")
@@ -242,6 +243,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
+    warn_if_unscored_bundle(args.bundle, args.eval_n, ASSETS / args.name)
     torch.manual_seed(args.seed)
     tokenizer = load_text_tokenizer(args.tokenizer)
     if args.image_mode == "continuous":

@@ -75,6 +75,7 @@ from anygen.training import (
     train,
     training_seconds,
     warn_if_same_seed,
+    warn_if_unscored_bundle,
 )
 
 log = logging.getLogger("recipes.ldm_shapes")
@@ -306,6 +307,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
+    warn_if_unscored_bundle(args.bundle, args.eval_n, BUNDLED_MODELS / args.name)
     if args.snr_floor is not None and args.snr_floor <= 0:  # before any stage trains
         raise UserInputError(f"--snr-floor must be positive, got {args.snr_floor}")
     if args.timestep_shift <= 0:

@@ -55,6 +55,7 @@ from anygen.training import (
     train,
     training_seconds,
     warn_if_same_seed,
+    warn_if_unscored_bundle,
 )
 
 log = logging.getLogger("recipes.parti_shapes")
@@ -112,6 +113,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
+    warn_if_unscored_bundle(args.bundle, args.eval_n, BUNDLE_DIR)
     torch.manual_seed(args.seed)
     tokenizer = load_text_tokenizer(args.tokenizer)
     image_tokenizer = load_image_tokenizer(args.image_tokenizer).requires_grad_(False)

@@ -56,7 +56,13 @@ from anygen.tokenizers.vq import (
     reconstruction_errors,
     vq_loss,
 )
-from anygen.training import TrainConfig, device_description, train, training_seconds
+from anygen.training import (
+    TrainConfig,
+    device_description,
+    train,
+    training_seconds,
+    warn_if_unscored_bundle,
+)
 
 log = logging.getLogger("recipes.vq_shapes")
 
@@ -190,6 +196,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
+    warn_if_unscored_bundle(args.bundle, args.eval_n, BUNDLE_DIR)
     torch.manual_seed(args.seed)
     trainer = build_trainer(args)
     size = trainer.tokenizer.image_size

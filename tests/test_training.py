@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from anygen.errors import CheckpointError, UserInputError
+from anygen.errors import AnygenError, CheckpointError, UserInputError
 from anygen.training import (
     TrainConfig,
     latest_checkpoint,
@@ -523,6 +523,38 @@ def test_a_resumed_continuation_keeps_the_lineage_its_first_run_read(tmp_path, c
         assert not warn_if_same_seed(bundle, 5, parent)
         assert warn_if_same_seed(bundle, 5)  # read from the replaced bundle: itself
     assert "trained with seed 5" in caplog.text
+
+
+def test_bundling_without_scores_warns(caplog):
+    from anygen.training import warn_if_unscored_bundle
+
+    with caplog.at_level("WARNING", logger="anygen.training"):
+        assert not warn_if_unscored_bundle(False, 0, "assets/m")
+        assert not warn_if_unscored_bundle(True, 300, "assets/m")
+        assert not caplog.records
+        assert warn_if_unscored_bundle(True, 0, "assets/m")
+    assert caplog.records[0].getMessage() == (
+        "--bundle with --eval-n 0: assets/m will be replaced by a model whose card has no"
+        " shapes-eval scores (drop --eval-n 0 to score the bundled weights)"
+    )
+
+
+@pytest.mark.parametrize(
+    "recipe, failing",
+    [
+        ("fusion_shapes.py", ["--tokenizer", "no-such-tokenizer"]),
+        ("parti_shapes.py", ["--tokenizer", "no-such-tokenizer"]),
+        ("ldm_shapes.py", ["--snr-floor", "-1"]),
+        ("vq_shapes.py", ["--decoder-layers", "2"]),
+    ],
+)
+def test_shapes_recipes_warn_of_an_unscored_bundle_before_training(recipe, failing, caplog):
+    """The warning comes first: these runs stop at their first bad argument, after it."""
+    module = load_recipe(TESTS_DIR.parent / "recipes" / recipe)
+    argv = ["--output-dir", "out", "--bundle", "--eval-n", "0", *failing]
+    with caplog.at_level("WARNING", logger="anygen.training"), pytest.raises(AnygenError):
+        module.main(argv)
+    assert "--bundle with --eval-n 0" in caplog.text
 
 
 def test_caption_forms_arg_parses_and_refuses_in_one_line():

@@ -52,6 +52,7 @@ __all__ = [
     "start_from",
     "starting_lineage",
     "warn_if_same_seed",
+    "warn_if_unscored_bundle",
 ]
 
 
@@ -179,6 +180,20 @@ def warn_if_same_seed(init_dir: str | os.PathLike, seed: int, record: dict | Non
         " samples again (give --seed another value for new ones)",
         init_dir,
         seed,
+    )
+    return True
+
+
+def warn_if_unscored_bundle(bundle: bool, eval_n: int, destination: str | os.PathLike) -> bool:
+    """Warn, before any training, when ``--bundle`` is asked for with ``--eval-n 0``: the
+    bundled model would replace ``destination`` with a card that has no shapes-eval
+    tables and a ``training.json`` without scores. Returns whether it warned."""
+    if not bundle or eval_n:
+        return False
+    log.warning(
+        "--bundle with --eval-n 0: %s will be replaced by a model whose card has no"
+        " shapes-eval scores (drop --eval-n 0 to score the bundled weights)",
+        destination,
     )
     return True
 
