@@ -90,7 +90,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from anygen.catalog import REAL_MODELS
     from anygen.hub import bundled_models, card_metadata
-    from anygen.userconfig import default_model
+    from anygen.userconfig import TASK_DEFAULTS, default_model
 
     rows = []
     for kind in ("model", "tokenizer"):
@@ -104,24 +104,32 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
-    default = default_model()
+    tasks = ("generate", "edit", *TASK_DEFAULTS)
+    default_for: dict[str, list[str]] = {}
+    for task in tasks:
+        default_for.setdefault(default_model(task), []).append(task)
+
+    def mark(name: str) -> str:
+        used = default_for.get(name)
+        if not used:
+            return ""
+        return " (default)" if len(used) == len(tasks) else f" (default: {', '.join(used)})"
+
     width = max(len(r["name"]) for r in rows)
     print("bundled (offline):")
     for r in rows:
         if r["source"] != "bundled":
             continue
         summary = r.get("summary") or r.get("pipeline_tag") or ""
-        mark = " (default)" if r["name"] == default else ""
-        print(f"  {r['name']:<{width}}  {r['kind']:<9}  {summary}{mark}".rstrip())
+        print(f"  {r['name']:<{width}}  {r['kind']:<9}  {summary}{mark(r['name'])}".rstrip())
     print("hub (downloaded on first use; check each licence):")
     for r in rows:
         if r["source"] != "hub":
             continue
         gated = ", gated" if r["gated"] else ""
-        mark = " (default)" if r["name"] == default else ""
         print(
             f"  {r['name']:<{width}}  {r['hub_id']}  [{r['family']}: {', '.join(r['tasks'])}]  "
-            f"{r['licence']}{gated}  ~{r['memory_gb']:g} GB{mark}"
+            f"{r['licence']}{gated}  ~{r['memory_gb']:g} GB{mark(r['name'])}"
         )
     return 0
 
@@ -270,12 +278,14 @@ def _single_output(output: Path | None, prompt: str, seed: int, index: int, n: i
     return output if n == 1 else output.with_name(f"{output.stem}-{index}{output.suffix}")
 
 
-def _load(args: argparse.Namespace):
-    """The generator a command asked for, with the runtime flags it has."""
+def _load(args: argparse.Namespace, task: str = "generate"):
+    """The generator a command asked for (``--model``, else the user's default model, else
+    the bundled model for ``task``), with the runtime flags it has."""
     from anygen.pipelines import load_generator
+    from anygen.userconfig import default_model
 
     return load_generator(
-        args.model,
+        args.model or default_model(task),
         device=args.device,
         dtype=args.dtype,
         loras=getattr(args, "lora", None) or (),
@@ -313,7 +323,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     from anygen.pipelines import Options
 
     images = _open_images(args.images)
-    generator = _load(args)
+    generator = _load(args, task="caption")
     print(f"anygen: model {generator.name}", file=sys.stderr)
     _require(generator, "caption", "caption images")
     options = Options(
@@ -342,7 +352,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     from anygen.pipelines import Options
 
     images = _open_images([args.image])
-    generator = _load(args)
+    generator = _load(args, task="ask")
     print(f"anygen: model {generator.name}", file=sys.stderr)
     _require(generator, "answer", "answer questions about images")
     options = Options(
@@ -403,8 +413,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
 def cmd_story(args: argparse.Namespace) -> int:
     from anygen.output import check_story_dir, picture_name, save_png, save_story
-    from anygen.pipelines import DEFAULT_STORY_MODEL, Options, load_generator
+    from anygen.pipelines import Options, load_generator
     from anygen.pipelines.story import Story, stream_story
+    from anygen.userconfig import default_model
 
     if not args.prompt.strip():
         raise UserInputError("the prompt is empty")
@@ -417,7 +428,7 @@ def cmd_story(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         progress=False,
     ).validate()
-    generator = load_generator(args.model or DEFAULT_STORY_MODEL, device=args.device)
+    generator = load_generator(args.model or default_model("story"), device=args.device)
     print(f"anygen: model {generator.name}, seed {seed}", file=sys.stderr)
     segments: list = [args.prompt]
     files: list[str] = []
@@ -472,10 +483,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
-MODEL_HELP = (
-    "bundled name, catalogue name (anygen models), directory or hub id "
-    "(default: $ANYGEN_MODEL, else model in ~/.config/anygen/config.toml, else shapes-ldm)"
-)
+def _model_help(builtin: str) -> str:
+    return (
+        "bundled name, catalogue name (anygen models), directory or hub id (default: "
+        f"$ANYGEN_MODEL, else model in ~/.config/anygen/config.toml, else {builtin})"
+    )
+
+
+MODEL_HELP = _model_help("shapes-ldm")
+READER_HELP = _model_help("shapes-fusion")
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -643,7 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
         "image-text-to-text model such as smolvlm).",
     )
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--model", help=READER_HELP)
     p.add_argument("--seed", type=int, help="seed for sampling (with --temperature > 0)")
     p.add_argument("--max-new-tokens", type=_positive_int, help="text budget per caption")
     p.add_argument("--temperature", type=float, help="0 (default): greedy; > 0: sample")
@@ -666,7 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("image", help="image file")
     p.add_argument("question", help="e.g. 'how many circles are there?'")
-    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--model", help=READER_HELP)
     p.add_argument("--seed", type=int, help="seed for sampling (with --temperature > 0)")
     p.add_argument("--max-new-tokens", type=_positive_int, help="text budget for the answer")
     p.add_argument("--temperature", type=float, help="0 (default): greedy; > 0: sample")
@@ -684,7 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("prompt", help="the first scene, e.g. 'a small red circle in the center'")
     p.add_argument("--scenes", type=_positive_int, default=3, help="scenes to write (default 3)")
-    p.add_argument("--model", help="a fusion model (default: shapes-fusion)")
+    p.add_argument("--model", help="a fusion model; " + READER_HELP)
     p.add_argument("--seed", type=int, help="random seed (default: a fresh one, recorded)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance of the pictures")
     p.add_argument("--temperature", type=float, help="sampling temperature (text and codes)")

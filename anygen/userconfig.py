@@ -10,8 +10,10 @@ Looked up in this order, first found wins, per key:
        device = "cuda"
        dtype = "bf16"
 
-3. built-in: model ``shapes-ldm`` (bundled, runs offline), device and dtype chosen by
-   ``anygen.pipelines.pick_device`` / ``pick_dtype``.
+3. built-in: the bundled model that can do the command's task (``shapes-fusion`` for
+   ``caption``, ``ask`` and ``story``, which read images or write text and pictures;
+   ``shapes-ldm`` for the rest), device and dtype chosen by
+   ``anygen.pipelines.pick_device`` / ``pick_dtype``. Both run offline.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from pathlib import Path
 from anygen.errors import UserInputError
 
 DEFAULT_MODEL = "shapes-ldm"
+# without a user default, a command whose task shapes-ldm cannot do uses this bundled model
+TASK_DEFAULTS = {"caption": "shapes-fusion", "ask": "shapes-fusion", "story": "shapes-fusion"}
 KEYS = ("model", "device", "dtype")
 ENV = {"model": "ANYGEN_MODEL", "device": "ANYGEN_DEVICE", "dtype": "ANYGEN_DTYPE"}
 
@@ -72,6 +76,8 @@ def user_default(key: str) -> str | None:
     return read_config_file().get(key)
 
 
-def default_model() -> str:
-    """``ANYGEN_MODEL``, else the config file's ``model``, else ``shapes-ldm``."""
-    return user_default("model") or DEFAULT_MODEL
+def default_model(task: str = "generate") -> str:
+    """``ANYGEN_MODEL``, else the config file's ``model``, else the bundled model for
+    ``task`` (a command's name): ``shapes-fusion`` for caption, ask and story,
+    ``shapes-ldm`` for the others."""
+    return user_default("model") or TASK_DEFAULTS.get(task, DEFAULT_MODEL)

@@ -136,6 +136,31 @@ def test_story_with_a_text_to_image_model_is_one_line(tmp_path, capsys):
     assert "cannot tell stories" in err[-1] and err[-1].startswith("anygen story: error")
 
 
+@pytest.fixture
+def no_user_default(tmp_path, monkeypatch):
+    monkeypatch.delenv("ANYGEN_MODEL", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+
+
+def test_caption_and_ask_default_to_the_bundled_model_that_reads_images(
+    no_user_default, tmp_path, capsys
+):
+    """Without --model or a user default, caption and ask use shapes-fusion (shapes-ldm,
+    the default of generate, cannot read images), and say so on stderr."""
+    from anygen.data import parse_caption, render_image, sample_rng, sample_scene
+
+    render_image(sample_scene(sample_rng(0, "cli-default", 0), 1)).save(tmp_path / "x.png")
+    assert cli(["caption", str(tmp_path / "x.png"), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "anygen: model shapes-fusion"
+    record = json.loads(captured.out)
+    assert record["model"] == "shapes-fusion" and parse_caption(record["caption"]).phrases
+    assert cli(["ask", str(tmp_path / "x.png"), "how many objects are there?", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "anygen: model shapes-fusion"
+    assert json.loads(captured.out)["answer"]
+
+
 @pytest.mark.parametrize(
     "command, what",
     [
@@ -143,15 +168,15 @@ def test_story_with_a_text_to_image_model_is_one_line(tmp_path, capsys):
         (["ask", "-", "how many circles?"], "cannot answer questions"),
     ],
 )
-def test_default_model_lacking_a_capability_says_so_in_one_line(
+def test_a_user_default_lacking_a_capability_says_so_in_one_line(
     command, what, tmp_path, monkeypatch, capsys
 ):
-    """shapes-ldm draws but does not read images: caption and ask are one-line errors."""
+    """A user default wins over the command's bundled one: shapes-ldm draws but does not
+    read images, so caption and ask are one-line errors."""
     from PIL import Image
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("ANYGEN_MODEL", raising=False)
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.setenv("ANYGEN_MODEL", "shapes-ldm")
     Image.new("RGB", (64, 64), "white").save(tmp_path / "x.png")
     argv = [a if a != "-" else "x.png" for a in command]
     if argv == ["caption"]:
@@ -160,6 +185,17 @@ def test_default_model_lacking_a_capability_says_so_in_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"anygen {argv[0]}: error: model shapes-ldm {what}")
     assert len([line for line in err if "error" in line]) == 1
+
+
+def test_models_marks_each_commands_default(no_user_default, monkeypatch, capsys):
+    def marks() -> dict[str, str]:
+        assert cli(["models"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        return {line.split()[0]: line.split("(default")[1] for line in lines if "(default" in line}
+
+    assert marks() == {"shapes-fusion": ": caption, ask, story)", "shapes-ldm": ": generate, edit)"}
+    monkeypatch.setenv("ANYGEN_MODEL", "sdxl")
+    assert marks() == {"sdxl": ")"}
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("*.py")))

@@ -1047,17 +1047,20 @@ def test_models_command_lists_bundled_and_catalogue(capsys):
 
 
 def test_default_model_precedence(tmp_path, monkeypatch):
-    """ANYGEN_MODEL, then $XDG_CONFIG_HOME/anygen/config.toml, then shapes-ldm."""
+    """ANYGEN_MODEL, then $XDG_CONFIG_HOME/anygen/config.toml, then the command's bundled
+    model: shapes-ldm, or shapes-fusion for the commands that read images or tell stories."""
     from anygen.userconfig import default_model, user_default
 
     monkeypatch.delenv("ANYGEN_MODEL", raising=False)
     monkeypatch.delenv("ANYGEN_DEVICE", raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
-    assert default_model() == "shapes-ldm"
+    assert default_model() == "shapes-ldm" == default_model("edit")
+    assert [default_model(t) for t in ("caption", "ask", "story")] == ["shapes-fusion"] * 3
     config = tmp_path / "anygen" / "config.toml"
     config.parent.mkdir()
     config.write_text('model = "sdxl"\ndevice = "cpu"\n')
     assert default_model() == "sdxl" and user_default("device") == "cpu"
+    assert default_model("caption") == "sdxl"  # the user's default serves every command
     monkeypatch.setenv("ANYGEN_MODEL", "janus-pro-1b")
     assert default_model() == "janus-pro-1b"
     config.write_text('model = "sdxl"\ncolour = "red"\n')

@@ -23,6 +23,7 @@ import torch
 from anygen.errors import ModelNotFoundError, UserInputError
 from anygen.pipelines.base import Generator, Options, Output, Segment
 from anygen.userconfig import DEFAULT_MODEL as DEFAULT_MODEL  # re-exported
+from anygen.userconfig import TASK_DEFAULTS
 
 if TYPE_CHECKING:
     from anygen.pipelines.lora import LoraSpec
@@ -41,7 +42,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STORY_MODEL = "shapes-fusion"  # stories need a model that writes text and images
+DEFAULT_STORY_MODEL = TASK_DEFAULTS["story"]  # stories need a model that writes text and images
 # diffusers pipelines whose loop anygen runs itself (text_to_image.LatentDiffusion)
 LATENT_DIFFUSION_PIPELINES = ("StableDiffusionPipeline",)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
