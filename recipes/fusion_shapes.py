@@ -25,14 +25,21 @@ shapes-eval t2i and caption (seed 0) and the card records it all.
     anygen train recipes/fusion_shapes.py --output-dir runs/fusion-c5 --init-from \\
         runs/fusion-vqa3/model --seed 5 --steps 4000 --lr 3e-4 --select-n 0 \\
         --mix t2i=0.35,caption=0.15,vqa=0.25,story=0.2,edit=0.05
+    anygen train recipes/fusion_shapes.py --output-dir runs/fusion-s6 --init-from \\
+        runs/fusion-c5/model --seed 6 --steps 4000 --lr 3e-4 --select-n 0 \\
+        --mix t2i=0.3,caption=0.15,vqa=0.2,story=0.3,edit=0.05
+    anygen train recipes/fusion_shapes.py --output-dir runs/fusion-c7 --init-from \\
+        runs/fusion-s6/model --seed 7 --steps 4000 --lr 3e-4 --select-n 0 \\
+        --mix t2i=0.35,caption=0.15,vqa=0.25,story=0.2,edit=0.05
 
 ``--init-from`` starts from a saved fusion model's weights (in fp32) with a fresh optimizer
 and learning-rate schedule (warmup, then cosine decay to 0 over ``--steps``); ``--preset``
 does not apply, and the model must read the recipe's tokens and images. Give it a
 ``--seed`` that no run before it used, or it draws the same training documents again. The
 continuation keeps that model's sampling defaults (``--select-n`` re-chooses them) and
-records how it was trained (``started_from`` in training.json and the card). The last two
-commands above, from the first run at ``--steps 33500``, made the shipped shapes-fusion.
+records how it was trained (``started_from`` in training.json and the card). The last four
+commands above, from the first run at ``--steps 33500``, made the shipped shapes-fusion
+(which started seeds 3, 5 and 6 from the bundled fp16 weights of the run before).
 """
 
 from __future__ import annotations
