@@ -104,7 +104,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
-    tasks = ("generate", "edit", *TASK_DEFAULTS)
+    tasks = ("generate", *TASK_DEFAULTS)
     default_for: dict[str, list[str]] = {}
     for task in tasks:
         default_for.setdefault(default_model(task), []).append(task)
@@ -390,7 +390,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         progress=not args.json,
     ).validate()
-    generator = _load(args)
+    generator = _load(args, task="edit")
     print(f"anygen: model {generator.name}", file=sys.stderr)
     _require(generator, "edit", "edit images")
     out = generator.edit(image, args.instruction, options)

@@ -161,6 +161,33 @@ def test_caption_and_ask_default_to_the_bundled_model_that_reads_images(
     assert json.loads(captured.out)["answer"]
 
 
+def test_edit_defaults_to_the_model_that_edits_by_instruction(no_user_default, tmp_path, capsys):
+    """shapes-fusion edits by instruction; shapes-ldm's img2img reads the instruction as a
+    caption, so `anygen edit` without --model takes shapes-fusion, and img2img's settings
+    are one-line errors there rather than silently ignored."""
+    from PIL import Image
+
+    from anygen.data import render_image, sample_rng, sample_scene
+
+    source, out = tmp_path / "x.png", tmp_path / "edited.png"
+    render_image(sample_scene(sample_rng(0, "cli-edit", 0), 1)).save(source)
+    argv = ["edit", str(source), "make the circle blue", "--seed", "0", "-o", str(out)]
+    assert cli([*argv, "--strength", "0.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith(
+        "strength means nothing to 'shapes-fusion': it edits by "
+        "instruction, writing the whole picture anew; leave it out"
+    )
+    assert not out.exists()
+    assert cli([*argv, "--json"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "anygen: model shapes-fusion"
+    record = json.loads(captured.out)
+    assert record["model"] == "shapes-fusion" and record["seed"] == 0
+    with Image.open(out) as im:
+        assert im.size == (64, 64) and im.text["model"] == "shapes-fusion"
+
+
 @pytest.mark.parametrize(
     "command, what",
     [
@@ -193,7 +220,7 @@ def test_models_marks_each_commands_default(no_user_default, monkeypatch, capsys
         lines = capsys.readouterr().out.splitlines()
         return {line.split()[0]: line.split("(default")[1] for line in lines if "(default" in line}
 
-    assert marks() == {"shapes-fusion": ": caption, ask, story)", "shapes-ldm": ": generate, edit)"}
+    assert marks() == {"shapes-fusion": ": caption, ask, story, edit)", "shapes-ldm": ": generate)"}
     monkeypatch.setenv("ANYGEN_MODEL", "sdxl")
     assert marks() == {"sdxl": ")"}
 

@@ -1054,8 +1054,9 @@ def test_default_model_precedence(tmp_path, monkeypatch):
     monkeypatch.delenv("ANYGEN_MODEL", raising=False)
     monkeypatch.delenv("ANYGEN_DEVICE", raising=False)
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
-    assert default_model() == "shapes-ldm" == default_model("edit")
-    assert [default_model(t) for t in ("caption", "ask", "story")] == ["shapes-fusion"] * 3
+    assert default_model() == "shapes-ldm" == default_model("generate")
+    tasks = ("caption", "ask", "story", "edit")
+    assert [default_model(t) for t in tasks] == ["shapes-fusion"] * 4
     config = tmp_path / "anygen" / "config.toml"
     config.parent.mkdir()
     config.write_text('model = "sdxl"\ndevice = "cpu"\n')

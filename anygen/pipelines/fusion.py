@@ -44,6 +44,7 @@ from anygen.models.fusion import (
     log_likelihood,
 )
 from anygen.pipelines.base import (
+    EDIT_SETTINGS,
     Options,
     Output,
     Segment,
@@ -261,6 +262,11 @@ class Fusion(TextToImage):
             raise UserInputError(
                 f"--scheduler means nothing to {self.name!r}; use --temperature, --top-k, --top-p"
             )
+        opts.refuse(
+            EDIT_SETTINGS,
+            f"means nothing to {self.name!r}: it edits by instruction, writing the whole "
+            "picture anew; leave it out",
+        )
         for label, value in (("width", opts.width), ("height", opts.height)):
             if value is not None and value != size:
                 raise UserInputError(
