@@ -5,8 +5,11 @@ One Llama-family decoder reads and writes a single stream of shapes-world docume
 answer, and stories (text, image, event, image, ...). Images are the 8 x 8 codes of the
 frozen ``shapes-vq`` tokenizer, added to the vocabulary (``--image-mode discrete``); or,
 with ``--image-mode continuous --visual DIR``, the 16 embeddings of a frozen visual
-encoder that the model regresses (l2) beside cross-entropy on text (``recipes/emu_shapes.py``
-trains that encoder and its diffusion decoder, then calls this recipe).
+encoder that the model regresses (l2, times ``--regression-weight``) beside cross-entropy
+on text (``recipes/emu_shapes.py`` trains that encoder and its diffusion decoder, then calls
+this recipe). The encoder's embeddings are layer-normalised, so most of each one is a
+pattern shared by every image: what tells images apart is a small share of its variance,
+and the weight sets how much of the loss that share gets.
 
 Documents are packed whole into rows of ``--row-len`` tokens, as language models
 pretrain, so a batch is not mostly padding. Captions and answers are always canonical; 20%
@@ -197,6 +200,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument(
+        "--regression-weight",
+        type=float,
+        default=None,
+        help="continuous: weight of the l2 term on the regressed embeddings (default: the "
+        "preset's, or the --init-from model's)",
+    )
+    p.add_argument(
         "--mix",
         default=",".join(f"{k}={v}" for k, v in DEFAULT_MIX.items()),
         help="document kinds and weights, e.g. t2i=0.4,caption=0.2,vqa=0.2,story=0.2",
@@ -230,6 +240,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.image_mode == "continuous" and args.visual is None:
         p.error("--image-mode continuous needs --visual DIR (a trained visual codec)")
+    if args.regression_weight is not None:
+        if args.image_mode != "continuous":
+            p.error("--regression-weight applies to --image-mode continuous only")
+        if args.regression_weight <= 0:
+            p.error(f"--regression-weight must be > 0, got {args.regression_weight}")
     try:
         args.mix = check_mix({k: float(v) for k, v in (x.split("=") for x in args.mix.split(","))})
     except ValueError:
@@ -283,6 +298,8 @@ def main(argv: list[str]) -> None:
         start_defaults = sampling_defaults(resolve(args.init_from))
     else:
         model = FusionTransformer(cfg)
+    if args.regression_weight is not None:  # saved with the model: how it was trained
+        model.config.regression_weight = args.regression_weight
     slots = Slots(tokenizer, images, cfg)
     data = DocumentRows(
         args.steps * args.batch_size, args.seed, args.mix, args.row_len, slots.length
@@ -327,6 +344,7 @@ def main(argv: list[str]) -> None:
         "init_from": args.init_from,
         "started_from": started_from,
         "image_mode": args.image_mode,
+        "regression_weight": model.config.regression_weight if cfg.continuous else None,
         "steps": args.steps,
         "batch": f"{args.batch_size} rows of {args.row_len} tokens",
         "mix": args.mix,

@@ -645,8 +645,10 @@ def test_recipes_train_fusion_models_end_to_end(tmp_path):
     train("emu_shapes.py", "--output-dir", str(emu), "--preset", "tiny", "--vae", "shapes-ldm",
           "--codec-steps", "2", "--codec-batch-size", "2", "--codec-eval-n", "2",
           "--transformer-preset", "tiny-continuous", "--steps", "2", "--batch-size", "2",
-          "--select-n", "0", "--eval-n", "2", "--eval-suites", "t2i,subject")  # fmt: skip
+          "--select-n", "0", "--eval-n", "2", "--eval-suites", "t2i,subject",
+          "--regression-weight", "28")  # fmt: skip
     assert "held_out_reconstruction" in (emu / "visual" / "README.md").read_text()
+    assert json.loads((emu / "model" / "training.json").read_text())["regression_weight"] == 28
     # the codec's card and scores travel with the model that stores the codec
     assert (emu / "model" / "visual" / "README.md").read_text() == (
         emu / "visual" / "README.md"
@@ -654,7 +656,26 @@ def test_recipes_train_fusion_models_end_to_end(tmp_path):
     assert (emu / "model" / "visual" / "eval.json").is_file()
     gen = load_generator(str(emu / "model"))
     assert gen.config.continuous and gen.config.image_tokens == VISUAL_PRESETS["tiny"].grid ** 2
+    assert gen.config.regression_weight == 28  # saved with the model: how it was trained
     assert gen.generate("a red circle", Options(seed=0)).images[0].size == (32, 32)
+
+
+def test_fusion_recipe_takes_a_regression_weight_for_continuous_models_only(capsys):
+    from pathlib import Path
+
+    from anygen.training import load_recipe
+
+    module = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "fusion_shapes.py")
+    continuous = ["--output-dir", "o", "--image-mode", "continuous", "--visual", "v"]
+    assert module.parse_args(continuous).regression_weight is None  # the model's own
+    assert module.parse_args([*continuous, "--regression-weight", "28"]).regression_weight == 28
+    for argv, message in [
+        (["--output-dir", "o", "--regression-weight", "28"], "applies to --image-mode continuous"),
+        ([*continuous, "--regression-weight", "0"], "--regression-weight must be > 0, got 0.0"),
+    ]:
+        with pytest.raises(SystemExit):
+            module.parse_args(argv)
+        assert message in capsys.readouterr().err
 
 
 def bundled(name):
