@@ -29,7 +29,7 @@ from torch import nn
 from anygen.data.datasets import ShapesT2IDataset, collate, images_to_tensor, tensor_to_images
 from anygen.eval.suites import Report, run_reconstruction
 from anygen.hub import resolve
-from anygen.tokenizers.visual import VISUAL_PRESETS, VisualCodec
+from anygen.tokenizers.visual import VISUAL_PRESETS, VisualCodec, load_visual_codec
 from anygen.training import (
     TrainConfig,
     device_description,
@@ -90,6 +90,18 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--codec-only", action="store_true", help="stop after stage 1")
     p.add_argument(
+        "--codec-init-from",
+        metavar="DIR",
+        help="stage 1 starts from this visual codec's weights (fp32) under a fresh schedule",
+    )
+    p.add_argument(
+        "--freeze-encoder",
+        action="store_true",
+        help="stage 1 trains the diffusion decoder only: the embeddings stay the ones a "
+        "transformer trained on the --codec-init-from codec regresses, so its pictures "
+        "render through the better decoder without retraining it",
+    )
+    p.add_argument(
         "--transformer-preset",
         default="shapes-continuous",
         help="stage 2: the fusion transformer's preset (FUSION_PRESETS)",
@@ -97,7 +109,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--bundle", action="store_true", help="bundle the model (stage 2)")
     # everything else goes to recipes/fusion_shapes.py (stage 2), whose default document
     # mix for this model adds in-context subject documents
-    return p.parse_known_args(argv)
+    args, rest = p.parse_known_args(argv)
+    if args.freeze_encoder and not args.codec_init_from:
+        p.error("--freeze-encoder needs --codec-init-from DIR (a trained encoder to keep)")
+    return args, rest
 
 
 def main(argv: list[str]) -> None:
@@ -107,14 +122,8 @@ def main(argv: list[str]) -> None:
     cfg = dataclasses.replace(VISUAL_PRESETS[args.preset])
     torch.manual_seed(args.seed)
     if not (codec_dir / "config.json").is_file():
-        from diffusers import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(resolve(args.vae) / "vae", dtype=torch.float32)
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        cfg = dataclasses.replace(
-            cfg, vae_factor=factor, latent_channels=vae.config.latent_channels
-        )
-        codec = VisualCodec(cfg, vae=vae)
+        codec = start_codec(args, cfg)
+        cfg = codec.config
         images = ShapesT2IDataset(
             args.codec_steps * args.codec_batch_size, seed=args.seed, size=cfg.image_size
         )
@@ -148,7 +157,9 @@ def main(argv: list[str]) -> None:
             "seed": args.seed,
             "steps": args.codec_steps,
             "batch_size": args.codec_batch_size,
-            "vae": args.vae,
+            "vae": None if args.codec_init_from else args.vae,  # else the codec's own
+            "codec_init_from": args.codec_init_from,
+            "freeze_encoder": args.freeze_encoder,
             "embeddings": f"{cfg.num_embeddings} x {cfg.visual_dim}",
             "train_time_s": round(training_seconds(out / "train-visual" / "metrics.jsonl"), 1),
             "device": device_description(),
@@ -188,6 +199,22 @@ def main(argv: list[str]) -> None:
     fusion.main(stage2)
 
 
+def start_codec(args: argparse.Namespace, cfg) -> VisualCodec:
+    """Stage 1's codec: a fresh one over ``--vae``'s frozen VAE, or ``--codec-init-from``'s
+    weights in fp32 (its VAE with it), the encoder frozen with ``--freeze-encoder``."""
+    if args.codec_init_from:
+        codec = load_visual_codec(args.codec_init_from, dtype=torch.float32)
+        if args.freeze_encoder:
+            codec.encoder.requires_grad_(False)
+        return codec
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(resolve(args.vae) / "vae", dtype=torch.float32)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    cfg = dataclasses.replace(cfg, vae_factor=factor, latent_channels=vae.config.latent_channels)
+    return VisualCodec(cfg, vae=vae)
+
+
 def codec_card(facts: dict, report: Report | None) -> str:
     front = "\n".join(f"{k}: {json.dumps(v)}" for k, v in facts.items())
     scores = (
@@ -196,14 +223,19 @@ def codec_card(facts: dict, report: Report | None) -> str:
         if report is not None
         else "Not scored.\n"
     )
+    vae = f"{facts['vae']}'s VAE" if facts.get("vae") else "the VAE of the codec it continues"
+    how = "trained together by the decoder's denoising loss"
+    if facts.get("codec_init_from"):
+        trained = "the decoder alone, the encoder frozen" if facts.get("freeze_encoder") else "both"
+        how = f"continued from {facts['codec_init_from']} ({trained}) by the denoising loss"
     return f"""---
 {front}
 ---
 # visual codec of shapes-emu
 
 A ViT visual encoder (64 px -> {facts["embeddings"]} embeddings) and the diffusion decoder that
-renders images from them (a UNet2DConditionModel over the latents of {facts["vae"]}'s VAE,
-cross-attending to the embeddings), trained together by the decoder's denoising loss
+renders images from them (a UNet2DConditionModel over the latents of {vae},
+cross-attending to the embeddings), {how}
 ({facts["steps"]} steps of batch {facts["batch_size"]}, {facts["train_time_s"]:.0f} s on
 {facts["device"]}).
 

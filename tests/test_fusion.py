@@ -657,7 +657,36 @@ def test_recipes_train_fusion_models_end_to_end(tmp_path):
     gen = load_generator(str(emu / "model"))
     assert gen.config.continuous and gen.config.image_tokens == VISUAL_PRESETS["tiny"].grid ** 2
     assert gen.config.regression_weight == 28  # saved with the model: how it was trained
+
+    # the decoder trained further from that codec, its encoder frozen: the embeddings the
+    # model regresses stay the same, only their rendering changes
+    from anygen.tokenizers.visual import load_visual_codec
+
+    more = tmp_path / "emu-decoder"
+    train("emu_shapes.py", "--output-dir", str(more), "--codec-init-from", str(emu / "visual"),
+          "--freeze-encoder", "--codec-steps", "2", "--codec-batch-size", "2",
+          "--codec-eval-n", "2", "--codec-only")  # fmt: skip
+    before, after = load_visual_codec(emu / "visual"), load_visual_codec(more / "visual")
+    for name, equal in (("encoder", True), ("unet", False)):
+        a, b = getattr(before, name).state_dict(), getattr(after, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a) is equal, name
+    assert "(the decoder alone, the encoder frozen)" in (more / "visual" / "README.md").read_text()
     assert gen.generate("a red circle", Options(seed=0)).images[0].size == (32, 32)
+
+
+def test_emu_recipe_freezes_the_encoder_of_a_codec_it_continues_only(capsys):
+    from pathlib import Path
+
+    from anygen.training import load_recipe
+
+    module = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "emu_shapes.py")
+    args, rest = module.parse_args(
+        ["--output-dir", "o", "--codec-init-from", "v", "--freeze-encoder"]
+    )
+    assert args.freeze_encoder and args.codec_init_from == "v" and rest == []
+    with pytest.raises(SystemExit):
+        module.parse_args(["--output-dir", "o", "--freeze-encoder"])
+    assert "--freeze-encoder needs --codec-init-from DIR" in capsys.readouterr().err
 
 
 def test_fusion_recipe_takes_a_regression_weight_for_continuous_models_only(capsys):
