@@ -32,9 +32,9 @@ from anygen.hub import resolve
 from anygen.tokenizers.visual import VISUAL_PRESETS, VisualCodec, load_visual_codec
 from anygen.training import (
     TrainConfig,
-    device_description,
     load_recipe,
     train,
+    training_device,
     training_seconds,
 )
 
@@ -162,7 +162,7 @@ def main(argv: list[str]) -> None:
             "freeze_encoder": args.freeze_encoder,
             "embeddings": f"{cfg.num_embeddings} x {cfg.visual_dim}",
             "train_time_s": round(training_seconds(out / "train-visual" / "metrics.jsonl"), 1),
-            "device": device_description(),
+            "device": training_device(out / "train-visual" / "metrics.jsonl"),
             "torch": torch.__version__,
         }
         report = None

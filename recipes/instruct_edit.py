@@ -51,9 +51,9 @@ from anygen.pipelines import Options, load_generator
 from anygen.pipelines.text_to_image import ANYGEN_FILE
 from anygen.training import (
     TrainConfig,
-    device_description,
     seconds_per_step,
     train,
+    training_device,
     training_seconds,
 )
 from anygen.training.checkpoint import latest_checkpoint
@@ -239,7 +239,7 @@ def main(argv: list[str]) -> None:
         "final_loss": result.loss,
         "train_s": round(train_s, 1),
         "s_per_step": round(s_per_step, 3),
-        "device": device_description(),
+        "device": training_device(metrics),
         "torch": torch.__version__,
     }
     defaults = {

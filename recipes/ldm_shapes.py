@@ -69,10 +69,10 @@ from anygen.tokenizers.vq import reconstruction_errors
 from anygen.training import (
     TrainConfig,
     caption_forms_arg,
-    device_description,
     lineage_text,
     starting_lineage,
     train,
+    training_device,
     training_seconds,
     warn_if_same_seed,
     warn_if_unscored_bundle,
@@ -498,7 +498,9 @@ def main(argv: list[str]) -> None:
             stage: round(training_seconds(out / stage / "metrics.jsonl"), 1)
             for stage in ("vae", "denoiser", "decoder")
         },
-        "device": device_description(),
+        "device": training_device(
+            *(out / stage / "metrics.jsonl" for stage in ("vae", "denoiser", "decoder"))
+        ),
         "torch": torch.__version__,
     }
     if selection is not None:

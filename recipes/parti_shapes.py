@@ -48,11 +48,11 @@ from anygen.tokenizers.vq import load_image_tokenizer
 from anygen.training import (
     TrainConfig,
     caption_forms_arg,
-    device_description,
     lineage_text,
     start_from,
     starting_lineage,
     train,
+    training_device,
     training_seconds,
     warn_if_same_seed,
     warn_if_unscored_bundle,
@@ -211,7 +211,7 @@ def main(argv: list[str]) -> None:
         # a resumed run continues the checkpoint's step under a schedule over --steps
         "resumed_from": result.resumed_from.name if result.resumed_from else None,
         "train_time_s": round(training_seconds(args.output_dir / "train" / "metrics.jsonl"), 1),
-        "device": device_description(),
+        "device": training_device(args.output_dir / "train" / "metrics.jsonl"),
         "torch": torch.__version__,
     }
     if selection is not None:

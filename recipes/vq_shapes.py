@@ -58,8 +58,8 @@ from anygen.tokenizers.vq import (
 )
 from anygen.training import (
     TrainConfig,
-    device_description,
     train,
+    training_device,
     training_seconds,
     warn_if_unscored_bundle,
 )
@@ -233,7 +233,7 @@ def main(argv: list[str]) -> None:
         "steps": args.steps,
         "batch_size": args.batch_size,
         "train_time_s": round(training_seconds(out / "train" / "metrics.jsonl"), 1),
-        "device": device_description(),
+        "device": training_device(out / "train" / "metrics.jsonl"),
         "torch": torch.__version__,
     }
     if args.decoder_from is not None:

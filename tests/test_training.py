@@ -463,6 +463,29 @@ def test_training_seconds_sums_row_intervals_and_skips_a_resume_gap(tmp_path):
     assert seconds_per_step(tmp_path / "missing.jsonl") == 0.0
 
 
+def test_training_device_reads_the_devices_a_run_logged(tmp_path):
+    """A card names the device the run trained on, not the one of the call that bundled it
+    (a `--resume --bundle` at other threads); runs logged before rows named one fall back."""
+    from anygen.training import device_description, training_device
+
+    _complete_run(tmp_path / "run", max_steps=2)
+    logged = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert logged and {row["device"] for row in logged} == {device_description()}
+    assert training_device(tmp_path / "run" / "metrics.jsonl") == device_description()
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    rows = [{"step": 10, "device": "cpu (1 thread)"}, {"step": 20, "device": "cpu (1 thread)"}]
+    first.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    second.write_text(json.dumps({"step": 30, "device": "H200"}) + "\n")
+    assert training_device(first) == "cpu (1 thread)"
+    assert training_device(first, second) == "cpu (1 thread) then H200"
+    (tmp_path / "old.jsonl").write_text(json.dumps({"step": 10, "time": 1.0}) + "\n")
+    assert training_device(tmp_path / "old.jsonl", tmp_path / "missing.jsonl") == (
+        device_description()
+    )
+
+
 def test_continuing_with_the_init_models_seed_warns(tmp_path, caplog):
     from anygen.training import warn_if_same_seed
 

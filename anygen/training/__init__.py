@@ -41,6 +41,7 @@ __all__ = [
     "caption_forms_arg",
     "device_description",
     "seconds_per_step",
+    "training_device",
     "training_seconds",
     "latest_checkpoint",
     "lineage",
@@ -66,6 +67,21 @@ def device_description() -> str:
         return torch.cuda.get_device_name()
     threads = torch.get_num_threads()
     return f"{platform.processor() or platform.machine()} ({threads} thread{'s' * (threads != 1)})"
+
+
+def training_device(*metrics: str | os.PathLike) -> str:
+    """The device a run trained on, from the rows of its ``metrics.jsonl`` files (each names
+    its device): several, in the order first used, joined by " then " when a resumed run
+    moved. ``device_description()`` of this process for runs whose rows name none."""
+    devices: list[str] = []
+    for path in map(Path, metrics):
+        if not path.is_file():
+            continue
+        for line in path.read_text().splitlines():
+            device = json.loads(line).get("device") if line.strip() else None
+            if device and device not in devices:
+                devices.append(device)
+    return " then ".join(devices) or device_description()
 
 
 def caption_forms_arg(text: str) -> dict[str, float]:

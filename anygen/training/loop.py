@@ -54,7 +54,9 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 METRICS_FILENAME = "metrics.jsonl"
 CONFIG_FILENAME = "train_config.json"
 # Columns of metrics.jsonl that a loss term may not take as its name.
-_METRIC_COLUMNS = ("step", "loss", "lr", "grad_norm", "samples_per_s", "epoch", "elapsed_s", "time")
+_METRIC_COLUMNS = (
+    "step", "loss", "lr", "grad_norm", "samples_per_s", "epoch", "elapsed_s", "time", "device"
+)  # fmt: skip
 # Settings that fix the data position of a step; a resume under other values warns.
 _DATA_ORDER_SETTINGS = ("seed", "batch_size", "gradient_accumulation_steps", "num_processes")
 
@@ -322,6 +324,9 @@ def train(
     last_metrics = _last_row(output_dir / METRICS_FILENAME, start_step) if resume_from else None
     last_checkpoint = resume_from
     grad_norm: torch.Tensor | float | None = None
+    from anygen.training import device_description  # the package imports this module
+
+    device = device_description()
     run_start = time.perf_counter()
     progress = tqdm(
         total=config.max_steps,
@@ -368,8 +373,8 @@ def train(
                 if isinstance(grad_norm, torch.Tensor | float):
                     metrics["grad_norm"] = float(grad_norm)
                 metrics["samples_per_s"] *= config.batch_size * accelerator.num_processes
-                if is_main:
-                    _append_metrics(output_dir / METRICS_FILENAME, metrics)
+                if is_main:  # each row names its device: a resumed run may change it
+                    _append_metrics(output_dir / METRICS_FILENAME, {**metrics, "device": device})
                 progress.set_postfix(loss=f"{metrics['loss']:.4g}", lr=f"{metrics['lr']:.3g}")
                 last_metrics = metrics
             saved = None
