@@ -26,6 +26,7 @@ from torch import nn
 from anygen.errors import AnygenError, CheckpointError, UserInputError
 from anygen.training import (
     TrainConfig,
+    device_description,
     latest_checkpoint,
     list_checkpoints,
     load_recipe,
@@ -268,6 +269,7 @@ def test_resume_at_max_steps_trains_nothing(tmp_path):
     # it reports the loss the run logged last, as the run that trained it did
     last_row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert last_row["step"] == 2
+    assert last_row.pop("device") == device_description()  # numbers only in the result
     assert result.metrics == last_row and result.loss == last_row["loss"]
     saved = load_file(out / "checkpoints" / "step-00000002" / "model.safetensors")
     for name, tensor in model.state_dict().items():
@@ -466,7 +468,7 @@ def test_training_seconds_sums_row_intervals_and_skips_a_resume_gap(tmp_path):
 def test_training_device_reads_the_devices_a_run_logged(tmp_path):
     """A card names the device the run trained on, not the one of the call that bundled it
     (a `--resume --bundle` at other threads); runs logged before rows named one fall back."""
-    from anygen.training import device_description, training_device
+    from anygen.training import training_device
 
     _complete_run(tmp_path / "run", max_steps=2)
     logged = [

@@ -25,6 +25,7 @@ from anygen.training.loop import (
     TrainConfig,
     TrainingDivergedError,
     TrainResult,
+    read_metrics,
     train,
 )
 
@@ -46,6 +47,7 @@ __all__ = [
     "latest_checkpoint",
     "lineage",
     "lineage_text",
+    "read_metrics",
     "list_checkpoints",
     "load_recipe",
     "run_recipe",
@@ -73,15 +75,8 @@ def training_device(*metrics: str | os.PathLike) -> str:
     """The device a run trained on, from the rows of its ``metrics.jsonl`` files (each names
     its device): several, in the order first used, joined by " then " when a resumed run
     moved. ``device_description()`` of this process for runs whose rows name none."""
-    devices: list[str] = []
-    for path in map(Path, metrics):
-        if not path.is_file():
-            continue
-        for line in path.read_text().splitlines():
-            device = json.loads(line).get("device") if line.strip() else None
-            if device and device not in devices:
-                devices.append(device)
-    return " then ".join(devices) or device_description()
+    devices = [row["device"] for path in metrics for row in read_metrics(path) if "device" in row]
+    return " then ".join(dict.fromkeys(devices)) or device_description()
 
 
 def caption_forms_arg(text: str) -> dict[str, float]:
@@ -231,10 +226,7 @@ def seconds_per_step(metrics: str | os.PathLike, gap: float = 300.0) -> float:
 
 def _timed_intervals(metrics: str | os.PathLike, gap: float) -> list[tuple[float, int]]:
     """(seconds, steps) between consecutive rows of ``metrics.jsonl``, gaps left out."""
-    path = Path(metrics)
-    if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_metrics(metrics)
     return [
         (b["time"] - a["time"], b["step"] - a["step"])
         for a, b in zip(rows, rows[1:], strict=False)

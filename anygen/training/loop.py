@@ -617,13 +617,19 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
         os.replace(tmp, path)
 
 
-def _last_row(path: Path, last_step: int) -> dict[str, float] | None:
-    """The last row of ``metrics.jsonl`` at or before `last_step` (None when there is none)."""
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl`` ([] when there is none)."""
+    path = Path(path)
     if not path.is_file():
-        return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [row for row in rows if row.get("step", 0) <= last_step]
-    return rows[-1] if rows else None
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _last_row(path: Path, last_step: int) -> dict[str, float] | None:
+    """The numbers of the last row of ``metrics.jsonl`` at or before `last_step` (None when
+    there is none): the metrics a step reports, without the row's device."""
+    rows = [row for row in read_metrics(path) if row.get("step", 0) <= last_step]
+    return {k: v for k, v in rows[-1].items() if k != "device"} if rows else None
 
 
 def _append_metrics(path: Path, row: dict[str, float]) -> None:
