@@ -90,7 +90,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from anygen.catalog import REAL_MODELS
     from anygen.hub import bundled_models, card_metadata
-    from anygen.userconfig import TASK_DEFAULTS, default_model
+    from anygen.userconfig import COMMANDS, default_model
 
     rows = []
     for kind in ("model", "tokenizer"):
@@ -104,7 +104,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
-    tasks = ("generate", *TASK_DEFAULTS)
+    tasks = COMMANDS
     default_for: dict[str, list[str]] = {}
     for task in tasks:
         default_for.setdefault(default_model(task), []).append(task)
@@ -131,6 +131,12 @@ def cmd_models(args: argparse.Namespace) -> int:
             f"  {r['name']:<{width}}  {r['hub_id']}  [{r['family']}: {', '.join(r['tasks'])}]  "
             f"{r['licence']}{gated}  ~{r['memory_gb']:g} GB{mark(r['name'])}"
         )
+    listed = {r["name"] for r in rows}
+    others = [name for name in default_for if name not in listed]
+    if others:
+        print("your defaults (paths or hub ids):")
+        for name in others:
+            print(f"  {name}{mark(name)}")
     return 0
 
 
@@ -486,7 +492,8 @@ def _positive_int(text: str) -> int:
 def _model_help(builtin: str) -> str:
     return (
         "bundled name, catalogue name (anygen models), directory or hub id (default: "
-        f"$ANYGEN_MODEL, else model in ~/.config/anygen/config.toml, else {builtin})"
+        f"$ANYGEN_MODEL, else the command's [models] entry or model in "
+        f"~/.config/anygen/config.toml, else {builtin})"
     )
 
 

@@ -4,11 +4,16 @@ Looked up in this order, first found wins, per key:
 
 1. the environment: ``ANYGEN_MODEL``, ``ANYGEN_DEVICE``, ``ANYGEN_DTYPE``;
 2. ``$XDG_CONFIG_HOME/anygen/config.toml`` (``~/.config/anygen/config.toml`` when
-   ``XDG_CONFIG_HOME`` is unset), keys ``model``, ``device``, ``dtype``::
+   ``XDG_CONFIG_HOME`` is unset), keys ``model``, ``device``, ``dtype``, and a ``[models]``
+   table whose per-command entries win over ``model`` for their command::
 
        model = "sdxl"
        device = "cuda"
        dtype = "bf16"
+
+       [models]
+       caption = "llava-1.5-7b"
+       story = "shapes-fusion"
 
 3. built-in: the bundled model that does the command's task best (``shapes-fusion`` for
    ``caption``, ``ask``, ``story`` and ``edit``, which read images or write text and
@@ -34,6 +39,7 @@ TASK_DEFAULTS = {
     "edit": "shapes-fusion",
 }
 KEYS = ("model", "device", "dtype")
+COMMANDS = ("generate", "caption", "ask", "story", "edit")
 ENV = {"model": "ANYGEN_MODEL", "device": "ANYGEN_DEVICE", "dtype": "ANYGEN_DTYPE"}
 
 
@@ -43,9 +49,10 @@ def config_path() -> Path:
     return Path(base).expanduser() / "anygen" / "config.toml"
 
 
-def read_config_file(path: Path | None = None) -> dict[str, str]:
+def read_config_file(path: Path | None = None) -> dict:
     """The known keys of the config file; {} when there is none. A malformed file or an
-    unknown key is an error that names the file, never silently ignored."""
+    unknown key is an error that names the file, never silently ignored. The ``models`` table,
+    where there is one, comes back as a dict from command to model."""
     path = config_path() if path is None else path
     if not path.is_file():
         return {}
@@ -62,15 +69,26 @@ def read_config_file(path: Path | None = None) -> dict[str, str]:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserInputError(f"{path} is not valid TOML: {e}") from None
-    unknown = sorted(set(data) - set(KEYS))
+    data = dict(data)
+    models = data.pop("models", {})
+    _check_keys(path, data, KEYS, "keys")
+    if not isinstance(models, dict):
+        raise UserInputError(f"{path}: models must be a table ([models], one command a line)")
+    _check_keys(path, models, COMMANDS, "commands in [models]")
+    if models:
+        data["models"] = {k: v.strip() for k, v in models.items()}
+    return data
+
+
+def _check_keys(path: Path, table: dict, known: tuple[str, ...], what: str) -> None:
+    unknown = sorted(set(table) - set(known))
     if unknown:
         raise UserInputError(
-            f"{path}: unknown keys {', '.join(unknown)}; known keys are {', '.join(KEYS)}"
+            f"{path}: unknown {what} {', '.join(unknown)}; known {what} are {', '.join(known)}"
         )
-    bad = [k for k, v in data.items() if not isinstance(v, str) or not v.strip()]
+    bad = [k for k, v in table.items() if not isinstance(v, str) or not v.strip()]
     if bad:
         raise UserInputError(f"{path}: {', '.join(bad)} must be non-empty strings")
-    return dict(data)
 
 
 def user_default(key: str) -> str | None:
@@ -84,7 +102,17 @@ def user_default(key: str) -> str | None:
 
 
 def default_model(task: str = "generate") -> str:
-    """``ANYGEN_MODEL``, else the config file's ``model``, else the bundled model for
-    ``task`` (a command's name): ``shapes-fusion`` for caption, ask, story and edit,
-    ``shapes-ldm`` for generate."""
-    return user_default("model") or TASK_DEFAULTS.get(task, DEFAULT_MODEL)
+    """``ANYGEN_MODEL``, else the config file's ``[models]`` entry for ``task`` (a command's
+    name), else its ``model``, else the bundled model for ``task``: ``shapes-fusion`` for
+    caption, ask, story and edit, ``shapes-ldm`` for generate."""
+    if task not in COMMANDS:
+        raise ValueError(f"task must be one of {COMMANDS}, got {task!r}")
+    env = os.environ.get(ENV["model"], "").strip()
+    if env:
+        return env
+    config = read_config_file()
+    return (
+        config.get("models", {}).get(task)
+        or config.get("model")
+        or TASK_DEFAULTS.get(task, DEFAULT_MODEL)
+    )

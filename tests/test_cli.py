@@ -214,13 +214,21 @@ def test_a_user_default_lacking_a_capability_says_so_in_one_line(
     assert len([line for line in err if "error" in line]) == 1
 
 
-def test_models_marks_each_commands_default(no_user_default, monkeypatch, capsys):
+def test_models_marks_each_commands_default(no_user_default, tmp_path, monkeypatch, capsys):
     def marks() -> dict[str, str]:
         assert cli(["models"]) == 0
         lines = capsys.readouterr().out.splitlines()
         return {line.split()[0]: line.split("(default")[1] for line in lines if "(default" in line}
 
     assert marks() == {"shapes-fusion": ": caption, ask, story, edit)", "shapes-ldm": ": generate)"}
+    config = tmp_path / "config" / "anygen" / "config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text('[models]\ngenerate = "shapes-parti"\ncaption = "llava-hf/llava-1.5-7b-hf"\n')
+    assert marks() == {
+        "shapes-fusion": ": ask, story, edit)",
+        "shapes-parti": ": generate)",
+        "llava-hf/llava-1.5-7b-hf": ": caption)",  # a hub id is listed as the user's own
+    }
     monkeypatch.setenv("ANYGEN_MODEL", "sdxl")
     assert marks() == {"sdxl": ")"}
 

@@ -1047,8 +1047,9 @@ def test_models_command_lists_bundled_and_catalogue(capsys):
 
 
 def test_default_model_precedence(tmp_path, monkeypatch):
-    """ANYGEN_MODEL, then $XDG_CONFIG_HOME/anygen/config.toml, then the command's bundled
-    model: shapes-ldm, or shapes-fusion for the commands that read images or tell stories."""
+    """ANYGEN_MODEL, then $XDG_CONFIG_HOME/anygen/config.toml (its [models] entry for the
+    command, then its model), then the command's bundled model: shapes-ldm, or shapes-fusion
+    for the commands that read images, tell stories or edit."""
     from anygen.userconfig import default_model, user_default
 
     monkeypatch.delenv("ANYGEN_MODEL", raising=False)
@@ -1062,8 +1063,28 @@ def test_default_model_precedence(tmp_path, monkeypatch):
     config.write_text('model = "sdxl"\ndevice = "cpu"\n')
     assert default_model() == "sdxl" and user_default("device") == "cpu"
     assert default_model("caption") == "sdxl"  # the user's default serves every command
+    config.write_text('model = "sdxl"\n[models]\ncaption = "llava-1.5-7b"\nstory = " x "\n')
+    assert [default_model(t) for t in ("generate", "caption", "ask", "story")] == [
+        "sdxl",
+        "llava-1.5-7b",
+        "sdxl",
+        "x",
+    ]
+    config.write_text('[models]\nask = "llava-1.5-7b"\n')
+    assert default_model("ask") == "llava-1.5-7b" and default_model("caption") == "shapes-fusion"
     monkeypatch.setenv("ANYGEN_MODEL", "janus-pro-1b")
-    assert default_model() == "janus-pro-1b"
+    assert default_model() == "janus-pro-1b" == default_model("ask")  # the environment wins
+    with pytest.raises(ValueError, match="task must be one of"):
+        default_model("paint")
+    config.write_text('[models]\npaint = "sdxl"\n')
+    with pytest.raises(UserInputError, match=r"unknown commands in \[models\] paint; known"):
+        user_default("device")
+    config.write_text('models = "sdxl"\n')
+    with pytest.raises(UserInputError, match="models must be a table"):
+        user_default("device")
+    config.write_text('[models]\nedit = ""\n')
+    with pytest.raises(UserInputError, match="edit must be non-empty strings"):
+        user_default("device")
     config.write_text('model = "sdxl"\ncolour = "red"\n')
     with pytest.raises(UserInputError, match="unknown keys colour"):
         user_default("device")
