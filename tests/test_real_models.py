@@ -505,7 +505,7 @@ def test_lora_refusals(saved, tmp_path, lora_file):
 # --------------------------------------------------------------------------- editing
 
 
-def test_img2img_edit_with_a_text_to_image_checkpoint(saved):
+def test_img2img_edit_with_a_text_to_image_checkpoint(saved, capsys):
     gen = load_generator(str(saved("sd")), device="cpu")
     source = Image.new("RGB", (W, H), (200, 30, 30))
     opts = dict(OPTS, seed=5)
@@ -522,6 +522,9 @@ def test_img2img_edit_with_a_text_to_image_checkpoint(saved):
         gen.edit(Image.new("RGB", (30, 30)), "a blue square", Options(**opts))
     resized = gen.edit(Image.new("RGB", (30, 30)), "x", Options(width=W, height=H, **opts))
     assert resized.images[0].size == (W, H)
+    capsys.readouterr()
+    gen.edit(source, "a blue square", Options(strength=0.6, **{**opts, "progress": True}))
+    assert f"{gen.name} editing" in capsys.readouterr().err  # diffusers' bar, labelled as ours
 
 
 def test_instruct_pix2pix_edits_and_does_not_generate(saved):

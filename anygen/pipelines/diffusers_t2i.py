@@ -357,10 +357,11 @@ class DiffusersTextToImage(TextToImage):
             )
         return self._samplers[key]
 
-    def _run(self, pipe, kwargs: dict, progress: bool) -> list[Image.Image]:
+    def _run(self, pipe, kwargs: dict, progress: bool, what: str) -> list[Image.Image]:
+        """Call diffusers' ``pipe``, its progress bar labelled "<model> <what>" like ours."""
         scheduler = kwargs.pop("_scheduler", None)
         original = pipe.scheduler
-        pipe.set_progress_bar_config(disable=not progress, leave=False)
+        pipe.set_progress_bar_config(disable=not progress, leave=False, desc=f"{self.name} {what}")
         try:
             if scheduler is not None:
                 pipe.scheduler = scheduler
@@ -392,7 +393,7 @@ class DiffusersTextToImage(TextToImage):
         )
         timer = Timer()
         with timer("generate"):
-            images = self._run(self.pipe, kwargs, opts.progress)
+            images = self._run(self.pipe, kwargs, opts.progress, "denoising")
         settings.update(width=width, height=height, seeds=list(seeds))
         return Output(
             segments=images,
@@ -475,7 +476,7 @@ def run_edit(owner, edit_pipe, image: Image.Image, instruction: str, opts: Optio
     )
     timer = Timer()
     with timer("edit"):
-        images = helper._run(edit_pipe, kwargs, opts.progress)
+        images = helper._run(edit_pipe, kwargs, opts.progress, "editing")
     settings.update(width=image.width, height=image.height, seeds=seeds, instruction=instruction)
     return Output(
         segments=images, seed=seed, model=owner.name, timings=timer.timings, settings=settings
