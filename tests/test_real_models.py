@@ -1079,21 +1079,16 @@ def test_default_model_precedence(tmp_path, monkeypatch):
     assert default_model() == "janus-pro-1b" == default_model("ask")  # the environment wins
     with pytest.raises(ValueError, match="task must be one of"):
         default_model("paint")
-    config.write_text('[models]\npaint = "sdxl"\n')
-    with pytest.raises(UserInputError, match=r"unknown commands in \[models\] paint; known"):
-        user_default("device")
-    config.write_text('models = "sdxl"\n')
-    with pytest.raises(UserInputError, match="models must be a table"):
-        user_default("device")
-    config.write_text('[models]\nedit = ""\n')
-    with pytest.raises(UserInputError, match="edit must be non-empty strings"):
-        user_default("device")
-    config.write_text('model = "sdxl"\ncolour = "red"\n')
-    with pytest.raises(UserInputError, match="unknown keys colour"):
-        user_default("device")
-    config.write_text("model = [")
-    with pytest.raises(UserInputError, match="not valid TOML"):
-        user_default("device")
+    for text, message in [
+        ('[models]\npaint = "sdxl"\n', r"unknown commands in \[models\] paint; known commands"),
+        ('models = "sdxl"\n', "models must be a table"),
+        ('[models]\nedit = ""\n', "edit must be non-empty strings"),
+        ('model = "sdxl"\ncolour = "red"\n', "unknown keys colour"),
+        ("model = [", "not valid TOML"),
+    ]:
+        config.write_text(text)
+        with pytest.raises(UserInputError, match=message):
+            user_default("device")
 
 
 def test_user_config_picks_the_model_load_generator_uses(llava_dir, tmp_path, monkeypatch):
