@@ -51,7 +51,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import torch
@@ -272,10 +271,13 @@ def main(argv: list[str]) -> None:
         images = load_visual_codec(args.visual).requires_grad_(False).eval()
         shape = {"image_tokens": images.num_embeddings, "visual_dim": images.visual_dim}
         images_ref = None  # the codec is copied into the model directory
+        # read now: a --bundle may replace the folder it came from (the bundled model's own)
+        codec_card = read_codec_card(args.visual)
     else:
         images = load_image_tokenizer(args.image_tokenizer).requires_grad_(False).eval()
         shape = {"image_tokens": images.grid_size**2, "image_vocab_size": images.codebook_size}
         images_ref = args.image_tokenizer
+        codec_card = {}
     cfg = dataclasses.replace(
         FUSION_PRESETS[args.preset],
         text_vocab_size=len(tokenizer),
@@ -376,13 +378,13 @@ def main(argv: list[str]) -> None:
     for name, report in reports.items():
         files[f"eval-{name}.json"] = report.to_json() + "\n"
     pipe.save_pretrained(args.output_dir / "model", card=card, extra_files=files, **refs)
-    copy_codec_card(args.visual, args.output_dir / "model")
+    write_codec_card(codec_card, args.output_dir / "model")
     log.info("saved %s", args.output_dir / "model")
     if args.bundle:
         pipe.save_pretrained(
             ASSETS / args.name, card=card, dtype=torch.float16, extra_files=files, **refs
         )
-        copy_codec_card(args.visual, ASSETS / args.name)
+        write_codec_card(codec_card, ASSETS / args.name)
         log.info("bundled fp16 weights in %s", ASSETS / args.name)
 
 
@@ -424,14 +426,22 @@ def sampling_defaults(model_dir: Path) -> dict:
     return {k: v for k, v in meta.items() if k not in (*PART_KEYS, "known_words")}
 
 
-def copy_codec_card(visual: str | None, model_dir: Path) -> None:
-    """The visual codec's card and held-out scores travel with a model that stores it."""
-    if visual is None or not (model_dir / "visual").is_dir():
+def read_codec_card(visual: str) -> dict[str, str]:
+    """The visual codec's card and held-out scores (README.md, eval.json) where it has them,
+    name -> text: they travel with a model that stores the codec."""
+    return {
+        name: (Path(visual) / name).read_text()
+        for name in ("README.md", "eval.json")
+        if (Path(visual) / name).is_file()
+    }
+
+
+def write_codec_card(files: dict[str, str], model_dir: Path) -> None:
+    """Write ``read_codec_card``'s files into the codec folder of a saved model."""
+    if not (model_dir / "visual").is_dir():
         return
-    for name in ("README.md", "eval.json"):
-        source = Path(visual) / name
-        if source.is_file():
-            shutil.copyfile(source, model_dir / "visual" / name)
+    for name, text in files.items():
+        (model_dir / "visual" / name).write_text(text)
 
 
 def evaluate(pipe: Fusion, n: int, suites: list[str]) -> dict[str, Report]:

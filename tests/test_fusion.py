@@ -761,3 +761,28 @@ def test_bundled_fusion_models_meet_their_bars(name):
     captions = [r.ok for r in cap.records if r.category.startswith("caption")]
     answers = [r.ok for r in cap.records if r.category.startswith("vqa")]
     assert np.mean(captions) >= 0.90 and np.mean(answers) >= 0.90, cap.table()
+
+
+def test_fusion_recipe_keeps_the_codec_card_when_a_bundle_replaces_its_folder(tmp_path):
+    """`--visual anygen/assets/models/NAME/visual --bundle` reads the codec from the folder
+    the bundle replaces: its card and scores are read before any save, so they survive."""
+    import shutil
+    from pathlib import Path
+
+    from anygen.training import load_recipe
+
+    module = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "fusion_shapes.py")
+    visual = tmp_path / "model" / "visual"
+    visual.mkdir(parents=True)
+    (visual / "README.md").write_text("# visual codec\nheld_out_reconstruction: 0.5\n")
+    (visual / "eval.json").write_text('{"overall": 0.5}\n')
+    (visual / "model.safetensors").write_bytes(b"weights")
+    files = module.read_codec_card(str(visual))
+    assert set(files) == {"README.md", "eval.json"}
+    shutil.rmtree(tmp_path / "model")  # the bundle replaces the model folder...
+    visual.mkdir(parents=True)  # ...with one whose codec was saved without its card
+    module.write_codec_card(files, tmp_path / "model")
+    assert (visual / "README.md").read_text().startswith("# visual codec\nheld_out")
+    assert (visual / "eval.json").read_text() == '{"overall": 0.5}\n'
+    module.write_codec_card(files, tmp_path / "no-codec")  # a model without visual/: nothing
+    assert not (tmp_path / "no-codec").exists()
