@@ -71,7 +71,7 @@ def read_config_file(path: Path | None = None) -> dict:
         raise UserInputError(f"{path} is not valid TOML: {e}") from None
     data = dict(data)
     models = data.pop("models", {})
-    _check_keys(path, data, KEYS, "keys")
+    _check_keys(path, data, (*KEYS, "models"), "keys")  # models is popped: listed, never bad
     if not isinstance(models, dict):
         raise UserInputError(f"{path}: models must be a table ([models], one command a line)")
     _check_keys(path, models, COMMANDS, "commands in [models]")

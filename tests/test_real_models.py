@@ -1083,7 +1083,8 @@ def test_default_model_precedence(tmp_path, monkeypatch):
         ('[models]\npaint = "sdxl"\n', r"unknown commands in \[models\] paint; known commands"),
         ('models = "sdxl"\n', "models must be a table"),
         ('[models]\nedit = ""\n', "edit must be non-empty strings"),
-        ('model = "sdxl"\ncolour = "red"\n', "unknown keys colour"),
+        ('model = "sdxl"\ncolour = "red"\n', "unknown keys colour; known keys are model, dev"),
+        ('modles = "sdxl"\n', "unknown keys modles; .* dtype, models$"),
         ("model = [", "not valid TOML"),
     ]:
         config.write_text(text)
