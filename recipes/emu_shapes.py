@@ -7,6 +7,12 @@ denoising loss: the encoder learns what the decoder needs to rebuild the image, 
 decoder learns to rebuild images from its encoder's embeddings. The VAE stays frozen.
 The codec is scored on held-out scenes: does decode(encode(x)) satisfy x's caption.
 
+``--regressions-of MODEL`` continues a codec's decoder (the encoder frozen) on what a trained
+transformer writes rather than on the encoder's embeddings: for a share of its pictures the
+decoder renders the transformer's own regressed embeddings of the picture that ends a
+document (text to image, a story scene, an edit, a subject), given all that precedes it, so
+that it learns to draw from what it will be given at generation time.
+
 Stage 2 freezes the codec and trains the fusion transformer on the shapes-world document
 mix, regressing the 16 embeddings of every image (l2) beside cross-entropy on text: it is
 ``recipes/fusion_shapes.py --image-mode continuous`` run on this codec.
@@ -21,12 +27,23 @@ import argparse
 import dataclasses
 import json
 import logging
+import random
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
-from anygen.data.datasets import ShapesT2IDataset, collate, images_to_tensor, tensor_to_images
+from anygen.data.datasets import (
+    ShapesT2IDataset,
+    collate,
+    image_tensor,
+    images_to_tensor,
+    tensor_to_images,
+)
+from anygen.data.documents import check_mix, mixed_document
+from anygen.data.render import render_image
+from anygen.data.world import Scene
 from anygen.eval.suites import Report, run_reconstruction
 from anygen.hub import resolve
 from anygen.tokenizers.visual import VISUAL_PRESETS, VisualCodec, load_visual_codec
@@ -46,13 +63,75 @@ HERE = Path(__file__).resolve().parent
 EMU_MIX = "t2i=0.3,caption=0.15,vqa=0.15,story=0.15,edit=0.1,subject=0.15"
 
 
+# the kinds of document that end in a picture the transformer draws
+DRAWN_KINDS = ("t2i", "story", "edit", "subject")
+
+
 class CodecTrainer(nn.Module):
     def __init__(self, codec: VisualCodec) -> None:
         super().__init__()
         self.codec = codec
 
-    def forward(self, images: torch.Tensor) -> dict:
-        return self.codec.loss(images)
+    def forward(self, images: torch.Tensor, cond: torch.Tensor | None = None) -> dict:
+        return self.codec.loss(images, cond=cond)
+
+
+class DrawnPictures(Dataset):
+    """Pictures a transformer draws in the shapes world: item i is a picture of document i of
+    the ``mix`` (its kinds that end in a picture; in a story, one scene at random) as
+    {"image" (3, S, S), "prefix": the segments before it, scenes as PIL images, "regress":
+    whether the decoder learns it from the transformer's regression (with probability
+    ``fraction``) or from the encoder's embeddings, "seed"}."""
+
+    def __init__(self, length: int, seed: int, mix: dict, fraction: float, size: int) -> None:
+        drawn = {k: w for k, w in check_mix(mix).items() if k in DRAWN_KINDS}
+        if not drawn:
+            raise ValueError(f"the mix {mix} has no kind that ends in a picture ({DRAWN_KINDS})")
+        self.length, self.seed, self.mix = length, seed, drawn
+        self.fraction, self.size = fraction, size
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict:
+        segments = mixed_document(self.seed, i, self.mix).segments
+        rng = random.Random(f"anygen-drawn-pictures:{self.seed}:{i}")
+        k = rng.choice([j for j, s in enumerate(segments) if isinstance(s, Scene) and j > 0])
+        prefix = [s if isinstance(s, str) else render_image(s, self.size) for s in segments[:k]]
+        return {
+            "image": image_tensor(segments[k], self.size),
+            "prefix": prefix,
+            "regress": rng.random() < self.fraction,
+            "seed": rng.randrange(2**31),
+        }
+
+
+class Regressions:
+    """The embeddings a fusion model regresses for the picture after each prefix, at its
+    default sampling settings (those of ``anygen generate``)."""
+
+    def __init__(self, pipe) -> None:
+        from anygen.pipelines.base import Options
+
+        if not pipe.config.continuous:
+            raise ValueError(f"{pipe.name} writes VQ codes, not embeddings: nothing to regress")
+        self.pipe = pipe
+        self.pipe.transformer.eval()
+        self.sampling = pipe.sampling(Options(), "temperature")
+
+    @classmethod
+    def of(cls, model: str) -> Regressions:
+        from anygen.pipelines.fusion import Fusion
+
+        return cls(Fusion.from_pretrained(resolve(model), name=model, dtype=torch.float32))
+
+    def __call__(self, prefixes: list[list], seeds: list[int]) -> torch.Tensor:
+        from anygen.pipelines.base import make_generator
+
+        boi = self.pipe.config.boi_id
+        rows = [self.pipe.prompt(prefix, end=[boi]) for prefix in prefixes]
+        gens = [make_generator(s) for s in seeds]
+        return torch.stack(self.pipe.next_pieces(rows, self.sampling, gens)).float()
 
 
 @torch.no_grad()
@@ -102,6 +181,19 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         "render through the better decoder without retraining it",
     )
     p.add_argument(
+        "--regressions-of",
+        metavar="MODEL",
+        help="stage 1 teaches the decoder (with --freeze-encoder) to render MODEL's regressed "
+        "embeddings of the pictures that end shapes-world documents, given what precedes them",
+    )
+    p.add_argument(
+        "--regressed-fraction",
+        type=float,
+        default=0.8,
+        help="with --regressions-of: the share of pictures rendered from MODEL's regressions "
+        "(the rest from the encoder's embeddings)",
+    )
+    p.add_argument(
         "--transformer-preset",
         default="shapes-continuous",
         help="stage 2: the fusion transformer's preset (FUSION_PRESETS)",
@@ -112,6 +204,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     args, rest = p.parse_known_args(argv)
     if args.freeze_encoder and not args.codec_init_from:
         p.error("--freeze-encoder needs --codec-init-from DIR (a trained encoder to keep)")
+    if args.regressions_of and not args.freeze_encoder:
+        p.error(
+            "--regressions-of needs --freeze-encoder and --codec-init-from MODEL/visual: "
+            "the transformer regresses the embeddings of the encoder it was trained on"
+        )
+    if not 0 <= args.regressed_fraction <= 1:
+        p.error(f"--regressed-fraction must be between 0 and 1, got {args.regressed_fraction}")
     return args, rest
 
 
@@ -124,12 +223,17 @@ def main(argv: list[str]) -> None:
     if not (codec_dir / "config.json").is_file():
         codec = start_codec(args, cfg)
         cfg = codec.config
-        images = ShapesT2IDataset(
-            args.codec_steps * args.codec_batch_size, seed=args.seed, size=cfg.image_size
-        )
+        n = args.codec_steps * args.codec_batch_size
+        if args.regressions_of:
+            mix = {k: float(w) for k, w in (x.split("=") for x in EMU_MIX.split(","))}
+            images = DrawnPictures(n, args.seed, mix, args.regressed_fraction, cfg.image_size)
+            step = regression_step(codec, Regressions.of(args.regressions_of))
+        else:
+            images = ShapesT2IDataset(n, seed=args.seed, size=cfg.image_size)
+            step = lambda model, batch: model(batch["image"])  # noqa: E731
         result = train(
             CodecTrainer(codec),
-            lambda model, batch: model(batch["image"]),
+            step,
             images,
             TrainConfig(
                 output_dir=out / "train-visual",
@@ -160,6 +264,8 @@ def main(argv: list[str]) -> None:
             "vae": None if args.codec_init_from else args.vae,  # else the codec's own
             "codec_init_from": args.codec_init_from,
             "freeze_encoder": args.freeze_encoder,
+            "regressions_of": args.regressions_of,
+            "regressed_fraction": args.regressed_fraction if args.regressions_of else None,
             "embeddings": f"{cfg.num_embeddings} x {cfg.visual_dim}",
             "train_time_s": round(training_seconds(out / "train-visual" / "metrics.jsonl"), 1),
             "device": training_device(out / "train-visual" / "metrics.jsonl"),
@@ -199,6 +305,24 @@ def main(argv: list[str]) -> None:
     fusion.main(stage2)
 
 
+def regression_step(codec: VisualCodec, regressions: Regressions):
+    """The training step of ``--regressions-of``: rows marked "regress" render the
+    transformer's regression of their picture, the others the encoder's embeddings of it."""
+
+    def step(model, batch):
+        images = batch["image"]
+        with torch.no_grad():
+            cond = codec.encoder(images)
+            rows = [i for i, r in enumerate(batch["regress"]) if r]
+            if rows:
+                prefixes = [batch["prefix"][i] for i in rows]
+                seeds = [batch["seed"][i] for i in rows]
+                cond[rows] = regressions(prefixes, seeds).to(cond.device, cond.dtype)
+        return model(images, cond)
+
+    return step
+
+
 def start_codec(args: argparse.Namespace, cfg) -> VisualCodec:
     """Stage 1's codec: a fresh one over ``--vae``'s frozen VAE, or ``--codec-init-from``'s
     weights in fp32 (its VAE with it), the encoder frozen with ``--freeze-encoder``."""
@@ -228,6 +352,11 @@ def codec_card(facts: dict, report: Report | None) -> str:
     if facts.get("codec_init_from"):
         trained = "the decoder alone, the encoder frozen" if facts.get("freeze_encoder") else "both"
         how = f"continued from {facts['codec_init_from']} ({trained}) by the denoising loss"
+    if facts.get("regressions_of"):
+        how += (
+            f", rendering {facts['regressions_of']}'s regressed embeddings for "
+            f"{facts['regressed_fraction']:.0%} of its pictures (the rest from the encoder's)"
+        )
     return f"""---
 {front}
 ---

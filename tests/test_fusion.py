@@ -671,6 +671,17 @@ def test_recipes_train_fusion_models_end_to_end(tmp_path):
         a, b = getattr(before, name).state_dict(), getattr(after, name).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a) is equal, name
     assert "(the decoder alone, the encoder frozen)" in (more / "visual" / "README.md").read_text()
+    # ... or taught to render what the model itself regresses for the pictures it draws
+    taught = tmp_path / "emu-regressions"
+    train("emu_shapes.py", "--output-dir", str(taught), "--codec-init-from",
+          str(emu / "model" / "visual"), "--freeze-encoder", "--regressions-of", str(emu / "model"),
+          "--regressed-fraction", "0.5", "--codec-steps", "2", "--codec-batch-size", "2",
+          "--codec-eval-n", "0", "--codec-only")  # fmt: skip
+    after = load_visual_codec(taught / "visual")
+    a, b = before.encoder.state_dict(), after.encoder.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    card = (taught / "visual" / "README.md").read_text()
+    assert f"rendering {emu / 'model'}'s regressed embeddings for 50% of its pictures" in card
     assert gen.generate("a red circle", Options(seed=0)).images[0].size == (32, 32)
 
 
@@ -687,6 +698,79 @@ def test_emu_recipe_freezes_the_encoder_of_a_codec_it_continues_only(capsys):
     with pytest.raises(SystemExit):
         module.parse_args(["--output-dir", "o", "--freeze-encoder"])
     assert "--freeze-encoder needs --codec-init-from DIR" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        module.parse_args(["--output-dir", "o", "--regressions-of", "shapes-emu"])
+    assert "--regressions-of needs --freeze-encoder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        module.parse_args(["--output-dir", "o", "--regressed-fraction", "1.5"])
+    assert "--regressed-fraction must be between 0 and 1, got 1.5" in capsys.readouterr().err
+
+
+def test_emu_recipe_draws_pictures_documents_end_with_from_what_precedes_them():
+    from pathlib import Path
+
+    from anygen.data.datasets import image_tensor
+    from anygen.data.world import Scene
+    from anygen.training import load_recipe
+
+    module = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "emu_shapes.py")
+    mix = {"t2i": 1.0, "caption": 1.0, "story": 1.0, "edit": 1.0, "subject": 1.0}
+    data = module.DrawnPictures(40, seed=3, mix=mix, fraction=0.5, size=32)
+    drawn = {k: mix[k] for k in module.DRAWN_KINDS}
+    kinds = set()
+    for i in range(len(data)):
+        item, doc = data[i], mixed_document(3, i, drawn)
+        kinds.add(doc.kind)
+        k = len(item["prefix"])
+        assert k > 0 and isinstance(doc.segments[k], Scene)  # the picture after the prefix
+        torch.testing.assert_close(item["image"], image_tensor(doc.segments[k], 32))
+        assert [isinstance(s, str) for s in item["prefix"]] == [
+            isinstance(s, str) for s in doc.segments[:k]
+        ]
+        assert all(im.size == (32, 32) for im in item["prefix"] if not isinstance(im, str))
+    assert kinds == set(module.DRAWN_KINDS)  # never a caption: it ends in text
+    assert 5 < sum(data[i]["regress"] for i in range(40)) < 35
+    assert not any(module.DrawnPictures(10, 3, mix, 0.0, 32)[i]["regress"] for i in range(10))
+    assert data[7]["seed"] == data[7]["seed"] and data[7]["seed"] != data[8]["seed"]
+    with pytest.raises(ValueError, match="has no kind that ends in a picture"):
+        module.DrawnPictures(4, 0, {"caption": 1.0, "vqa": 1.0}, 0.5, 32)
+
+
+def test_emu_recipe_renders_the_transformers_regressions_where_asked(tokenizer):
+    from pathlib import Path
+
+    from anygen.data.datasets import images_to_tensor
+    from anygen.training import load_recipe
+
+    module = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "emu_shapes.py")
+    torch.manual_seed(0)
+    pipe = Fusion(
+        FusionTransformer(config("continuous", tokenizer)).eval(),
+        tokenizer,
+        VisualCodec(VISUAL_PRESETS["tiny"]),
+        name="tiny-emu",
+    )
+    regressions = module.Regressions(pipe)
+    size = pipe.default_size
+    prefixes = [["a red circle"], [scene_image(size, 1), "make the circle blue"], ["a square"]]
+    images = images_to_tensor([scene_image(size, s) for s in range(3)])
+    batch = {"image": images, "prefix": prefixes, "regress": [True, False, True], "seed": [4, 5, 6]}
+    seen = {}
+    step = module.regression_step(pipe.images, regressions)
+    step(lambda images, cond: seen.setdefault("cond", cond), batch)
+    cond = seen["cond"]
+    with torch.no_grad():
+        own = pipe.images.encoder(images)
+    torch.testing.assert_close(cond[1], own[1])  # not regressed: the encoder's
+    for row in (0, 2):  # regressed: what the transformer writes after the prefix alone
+        alone = regressions([prefixes[row]], [batch["seed"][row]])[0]
+        torch.testing.assert_close(cond[row], alone, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(cond[row], own[row])
+    discrete = Fusion(
+        FusionTransformer(config("discrete", tokenizer)), tokenizer, VitVQGAN(VQ_PRESETS["tiny"])
+    )
+    with pytest.raises(ValueError, match="writes VQ codes, not embeddings"):
+        module.Regressions(discrete)
 
 
 def test_fusion_recipe_takes_a_regression_weight_for_continuous_models_only(capsys):

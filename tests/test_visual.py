@@ -61,6 +61,26 @@ def test_the_encoder_learns_through_the_decoder_loss():
     assert not codec.vae.training
 
 
+def test_the_decoder_learns_from_given_embeddings_and_the_encoder_then_does_not():
+    torch.manual_seed(0)
+    codec = VisualCodec(CFG).train()
+    x = images()
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    own = codec.loss(x, generator=gen())["loss"]
+    with torch.no_grad():
+        given = codec.encoder(x)
+    # the encoder's own embeddings, given: the same loss
+    torch.testing.assert_close(codec.loss(x, generator=gen(), cond=given)["loss"], own)
+    other = codec.loss(x, generator=gen(), cond=torch.randn_like(given))["loss"]
+    assert not torch.allclose(other, own)
+    other.backward()
+    assert next(codec.unet.parameters()).grad is not None
+    assert all(p.grad is None for p in codec.encoder.parameters())
+    n, d = CFG.grid**2, CFG.visual_dim
+    with pytest.raises(ValueError, match=rf"cond must be \(3, {n}, {d}\) embeddings, got \(3, 5,"):
+        codec.loss(x, cond=torch.zeros(3, 5, d))
+
+
 def test_save_and_load_round_trip(codec, tmp_path):
     codec.save_pretrained(tmp_path / "visual")
     again = load_visual_codec(tmp_path / "visual")

@@ -336,11 +336,7 @@ class Fusion(TextToImage):
             rows = [self.prompt([p], end=[self.config.boi_id]) for p in prompts]
         generators = [make_generator(seed, self.device) for seed in seeds]
         with timer("decode"):
-            pieces = [None] * len(prompts)
-            stream = decode_stream(self.transformer, rows, Plan(["image"]), s, generators)
-            for row, kind, value in stream:
-                if kind == "image":
-                    pieces[row] = value
+            pieces = self.next_pieces(rows, s, generators)
         with timer("render"):
             if self.config.continuous:
                 x = self.images.decode(
@@ -356,6 +352,18 @@ class Fusion(TextToImage):
             timings=timer.timings,
             settings=self._settings(s, opts, seeds),
         )
+
+    def next_pieces(
+        self, rows: Sequence[Prompt], sampling: Sampling, generators: Sequence[torch.Generator]
+    ) -> list[torch.Tensor]:
+        """The picture each prompt row (ending with <boi>) goes on with, unrendered: codes
+        (N,) or regressed embeddings (N, visual_dim). A decoder learns to render these."""
+        pieces: list[torch.Tensor] = [None] * len(rows)  # type: ignore[list-item]
+        stream = decode_stream(self.transformer, rows, Plan(["image"]), sampling, generators)
+        for row, kind, value in stream:
+            if kind == "image":
+                pieces[row] = value
+        return pieces
 
     def _one_image(self, segments: list[Segment], opts: Options) -> Output:
         """The picture that follows ``segments`` (an edit, a subject-driven prompt)."""

@@ -284,15 +284,27 @@ class VisualCodec(nn.Module):
         images: torch.Tensor,
         latents: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        *,
+        cond: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Denoising loss of the decoder given the encoder's embeddings of ``images``; both
-        learn. ``latents``: the images' scaled VAE latents, when already computed."""
+        learn. ``latents``: the images' scaled VAE latents, when already computed. ``cond``:
+        the (B, N, visual_dim) embeddings to render ``images`` from in place of the
+        encoder's (a transformer's regressions of them); the encoder then does not learn."""
         self._check_images(images)
         c = self.config
         if latents is None:
             latents = self.latents_of(images)
-        cond = self.encoder(images)  # (B, N, visual_dim)
         b = images.shape[0]
+        if cond is None:
+            cond = self.encoder(images)  # (B, N, visual_dim)
+        elif tuple(cond.shape) != (b, c.num_embeddings, c.visual_dim):
+            raise ValueError(
+                f"cond must be ({b}, {c.num_embeddings}, {c.visual_dim}) embeddings, "
+                f"got {tuple(cond.shape)}"
+            )
+        else:
+            cond = cond.detach().to(self.unet.dtype)
         keep = torch.rand(b, 1, 1, generator=generator, device=images.device)
         cond = cond * (keep >= c.condition_dropout).to(cond.dtype)
         noise = torch.randn(latents.shape, generator=generator, device=latents.device)
