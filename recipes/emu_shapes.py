@@ -44,6 +44,7 @@ from anygen.data.datasets import (
 from anygen.data.documents import check_mix, mixed_document
 from anygen.data.render import render_image
 from anygen.data.world import Scene
+from anygen.errors import UserInputError
 from anygen.eval.suites import Report, run_reconstruction
 from anygen.hub import resolve
 from anygen.tokenizers.visual import VISUAL_PRESETS, VisualCodec, load_visual_codec
@@ -114,7 +115,9 @@ class Regressions:
         from anygen.pipelines.base import Options
 
         if not pipe.config.continuous:
-            raise ValueError(f"{pipe.name} writes VQ codes, not embeddings: nothing to regress")
+            raise UserInputError(
+                f"{pipe.name} writes VQ codes, not embeddings: it has no regressions to learn"
+            )
         self.pipe = pipe
         self.pipe.transformer.eval()
         self.sampling = pipe.sampling(Options(), "temperature")

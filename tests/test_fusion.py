@@ -769,7 +769,7 @@ def test_emu_recipe_renders_the_transformers_regressions_where_asked(tokenizer):
     discrete = Fusion(
         FusionTransformer(config("discrete", tokenizer)), tokenizer, VitVQGAN(VQ_PRESETS["tiny"])
     )
-    with pytest.raises(ValueError, match="writes VQ codes, not embeddings"):
+    with pytest.raises(UserInputError, match="writes VQ codes, not embeddings"):
         module.Regressions(discrete)
 
 
