@@ -314,9 +314,13 @@ def regression_step(codec: VisualCodec, regressions: Regressions):
 
     def step(model, batch):
         images = batch["image"]
+        rows = [i for i, r in enumerate(batch["regress"]) if r]
+        own = [i for i, r in enumerate(batch["regress"]) if not r]
+        c = codec.config
+        cond = images.new_empty(len(images), c.num_embeddings, c.visual_dim)
         with torch.no_grad():
-            cond = codec.encoder(images)
-            rows = [i for i, r in enumerate(batch["regress"]) if r]
+            if own:
+                cond[own] = codec.encoder(images[own])
             if rows:
                 prefixes = [batch["prefix"][i] for i in rows]
                 seeds = [batch["seed"][i] for i in rows]
