@@ -60,6 +60,7 @@ from anygen.data.datasets import images_to_tensor
 from anygen.data.documents import DEFAULT_MIX, Document, check_mix, mixed_document
 from anygen.data.render import render_image
 from anygen.data.world import Scene
+from anygen.errors import UserInputError
 from anygen.eval.suites import (
     CODE_SAMPLING_GRID,
     SELECT_N,
@@ -74,6 +75,7 @@ from anygen.eval.suites import (
 from anygen.hub import resolve
 from anygen.models.fusion import (
     FUSION_PRESETS,
+    VISUAL_HEADS,
     FusionTransformer,
     ImageSlot,
     TextSlot,
@@ -206,6 +208,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "preset's, or the --init-from model's)",
     )
     p.add_argument(
+        "--visual-head",
+        choices=VISUAL_HEADS,
+        default=None,
+        help="continuous: regression (the regressed embedding is written) or diffusion (a "
+        "diffusion head draws the residual the regression leaves; a model with a regression "
+        "head gets a fresh one). Default: the preset's, or the --init-from model's",
+    )
+    p.add_argument(
+        "--freeze-transformer",
+        action="store_true",
+        help="train the diffusion head alone, on the hidden states of the model it is given",
+    )
+    p.add_argument(
         "--mix",
         default=",".join(f"{k}={v}" for k, v in DEFAULT_MIX.items()),
         help="document kinds and weights, e.g. t2i=0.4,caption=0.2,vqa=0.2,story=0.2",
@@ -244,6 +259,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             p.error("--regression-weight applies to --image-mode continuous only")
         if args.regression_weight <= 0:
             p.error(f"--regression-weight must be > 0, got {args.regression_weight}")
+    if args.visual_head is not None and args.image_mode != "continuous":
+        p.error("--visual-head applies to --image-mode continuous only")
+    if args.freeze_transformer and not (args.visual_head == "diffusion" and args.init_from):
+        p.error(
+            "--freeze-transformer trains a diffusion head alone: it needs --visual-head "
+            "diffusion and --init-from MODEL"
+        )
     try:
         args.mix = check_mix({k: float(v) for k, v in (x.split("=") for x in args.mix.split(","))})
     except ValueError:
@@ -299,6 +321,8 @@ def main(argv: list[str]) -> None:
         warn_if_same_seed(args.init_from, args.seed, started_from)
         start_defaults = sampling_defaults(resolve(args.init_from))
     else:
+        if args.visual_head:
+            cfg = dataclasses.replace(cfg, visual_head=args.visual_head)
         model = FusionTransformer(cfg)
     if args.regression_weight is not None:  # saved with the model: how it was trained
         model.config.regression_weight = args.regression_weight
@@ -306,6 +330,23 @@ def main(argv: list[str]) -> None:
     data = DocumentRows(
         args.steps * args.batch_size, args.seed, args.mix, args.row_len, slots.length
     )
+    if args.visual_head == "regression" and model.config.diffusion_head:
+        raise UserInputError(
+            f"{args.init_from} has a diffusion head; --visual-head regression would drop it"
+        )
+    new_head = args.visual_head == "diffusion" and not (
+        args.init_from and model.config.diffusion_head
+    )
+    if new_head:
+        scale = residual_scale(model, data, slots, args.batch_size)
+        if model.config.diffusion_head:  # from scratch: the preset asked for one
+            model.config.diffusion_scale = scale
+        else:
+            model.add_diffusion_head(scale)
+        log.info("diffusion head over the regression's residual, times %.3f", scale)
+    if args.freeze_transformer:
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.startswith("diffusion."))
     result = train(
         model,
         fusion_loss,
@@ -347,6 +388,9 @@ def main(argv: list[str]) -> None:
         "started_from": started_from,
         "image_mode": args.image_mode,
         "regression_weight": model.config.regression_weight if cfg.continuous else None,
+        "visual_head": model.config.visual_head if cfg.continuous else None,
+        "diffusion_scale": model.config.diffusion_scale if new_head else None,
+        "freeze_transformer": args.freeze_transformer,
         "steps": args.steps,
         "batch": f"{args.batch_size} rows of {args.row_len} tokens",
         "mix": args.mix,
@@ -417,6 +461,20 @@ def init_model(name: str, cfg) -> FusionTransformer:
         if k != unused and getattr(have, k) != getattr(cfg, k)
     ]
     return start_from(model, name, mismatches)
+
+
+def residual_scale(model: FusionTransformer, data, slots, batch_size: int, batches=8) -> float:
+    """1 / the root mean square of what the model's regression leaves of the embeddings over
+    the first ``batches`` training batches: the scale that brings the residual a diffusion
+    head draws to about unit size (as a VAE's scaling factor does for its latents)."""
+    with torch.no_grad():
+        mse = [
+            fusion_loss(
+                model, slots([data[i] for i in range(b * batch_size, (b + 1) * batch_size)])
+            )["mse"]
+            for b in range(batches)
+        ]
+    return float(torch.stack(mse).mean().rsqrt())
 
 
 def sampling_defaults(model_dir: Path) -> dict:
@@ -522,6 +580,12 @@ def model_card(name: str, facts: dict, defaults: dict, reports: dict[str, Report
         else "16 embeddings of a visual encoder, regressed (l2) and rendered by a diffusion "
         "decoder (`visual/`)"
     )
+    if facts.get("visual_head") == "diffusion":
+        what += "; a diffusion head (MAR) draws the residual each regression leaves" + (
+            ", trained alone on the frozen transformer's hidden states"
+            if facts.get("freeze_transformer")
+            else ""
+        )
     tables = ""
     for suite, report in reports.items():
         tables += (

@@ -45,7 +45,7 @@ from anygen.tokenizers.text import load_text_tokenizer
 from anygen.tokenizers.visual import VISUAL_PRESETS, VisualCodec
 from anygen.tokenizers.vq import VQ_PRESETS, VitVQGAN
 
-MODES = ("discrete", "continuous")
+MODES = ("discrete", "continuous", "diffusion")  # diffusion: continuous, diffusion head
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,20 @@ def tokenizer():
 
 def config(mode: str, tokenizer, **changes):
     preset = "tiny" if mode == "discrete" else "tiny-continuous"
+    if mode == "diffusion":
+        changes = {"visual_head": "diffusion", "diffusion_steps": 3, **changes}
     return dataclasses.replace(FUSION_PRESETS[preset], text_vocab_size=len(tokenizer), **changes)
+
+
+def randomize_diffusion_head(model: FusionTransformer) -> FusionTransformer:
+    """A diffusion head starts with zeroed modulations and output (DiT's init); give it
+    random ones so that its draws depend on everything they should."""
+    if model.config.diffusion_head:
+        with torch.no_grad():
+            for p in model.diffusion.parameters():
+                if not p.any():
+                    p.normal_(0, 0.2)
+    return model
 
 
 @pytest.fixture(scope="module", params=MODES)
@@ -66,7 +79,7 @@ def mode(request):
 @pytest.fixture(scope="module")
 def transformer(mode, tokenizer):
     torch.manual_seed(0)
-    return FusionTransformer(config(mode, tokenizer)).eval()
+    return randomize_diffusion_head(FusionTransformer(config(mode, tokenizer))).eval()
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +238,13 @@ def test_guidance_in_one_batch_equals_two_separate_passes(transformer):
         for _ in range(c.image_tokens):
             hc, _ = transformer.hidden(cond)
             hn, _ = transformer.hidden(null)
-            if c.continuous:
+            if c.diffusion_head:  # temperature 0: the head starts from zero noise
+                both = torch.cat([hc[:, -1], hn[:, -1]])
+                zero = torch.zeros(1, c.visual_dim)
+                v = transformer.next_embeddings(both, zero, scale)
+                nxt = transformer.visual_in(v)
+                want.append(v[0])
+            elif c.continuous:
                 v = guide(transformer.regress(hc[:, -1]), transformer.regress(hn[:, -1]), scale)
                 nxt = transformer.visual_in(v)
                 want.append(v[0])
@@ -323,6 +342,8 @@ def test_loss_falls_when_fitting_one_batch(mode, tokenizer):
         assert "mse" in out and out["mse"] < 1.0
     else:
         assert out["image_acc"] > 0.3
+    if c.diffusion_head:  # predicting no noise at all (its zero start) scores 1
+        assert out["diffusion"] < 0.9
 
 
 def test_placeholders_and_embeddings_must_agree(tokenizer):
@@ -684,6 +705,25 @@ def test_recipes_train_fusion_models_end_to_end(tmp_path):
     assert f"rendering {emu / 'model'}'s regressed embeddings for 50% of its pictures" in card
     assert gen.generate("a red circle", Options(seed=0)).images[0].size == (32, 32)
 
+    # a diffusion head learnt alone over the frozen transformer's hidden states
+    head = tmp_path / "emu-head"
+    train("fusion_shapes.py", "--output-dir", str(head), "--image-mode", "continuous",
+          "--visual", str(emu / "model" / "visual"), "--init-from", str(emu / "model"),
+          "--visual-head", "diffusion", "--freeze-transformer", "--seed", "1", "--steps", "2",
+          "--batch-size", "2", "--select-n", "0", "--eval-n", "0")  # fmt: skip
+    facts = json.loads((head / "model" / "training.json").read_text())
+    assert facts["visual_head"] == "diffusion" and facts["freeze_transformer"]
+    assert facts["diffusion_scale"] > 0
+    drawn = load_generator(str(head / "model"))
+    assert drawn.config.diffusion_head and drawn.config.diffusion_scale == facts["diffusion_scale"]
+    a, b = gen.transformer.state_dict(), drawn.transformer.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the transformer did not move
+    assert any(b[k].any() for k in b if k.startswith("diffusion.out."))  # the head did
+    assert "a diffusion head (MAR) draws the residual" in (head / "model" / "README.md").read_text()
+    first = drawn.generate("a red circle", Options(seed=0)).images[0]
+    assert first.size == (32, 32)
+    assert first.tobytes() == drawn.generate("a red circle", Options(seed=0)).images[0].tobytes()
+
 
 def test_emu_recipe_freezes_the_encoder_of_a_codec_it_continues_only(capsys):
     from pathlib import Path
@@ -771,6 +811,27 @@ def test_emu_recipe_renders_the_transformers_regressions_where_asked(tokenizer):
     )
     with pytest.raises(UserInputError, match="writes VQ codes, not embeddings"):
         module.Regressions(discrete)
+
+
+def test_fusion_recipe_takes_a_visual_head_for_continuous_models_only(capsys):
+    from pathlib import Path
+
+    from anygen.training import load_recipe
+
+    module = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "fusion_shapes.py")
+    continuous = ["--output-dir", "o", "--image-mode", "continuous", "--visual", "v"]
+    args = module.parse_args([*continuous, "--visual-head", "diffusion", "--init-from", "m",
+                              "--freeze-transformer"])  # fmt: skip
+    assert args.visual_head == "diffusion" and args.freeze_transformer
+    assert module.parse_args(continuous).visual_head is None  # the model's own
+    for argv, message in (
+        (["--output-dir", "o", "--visual-head", "diffusion"], "continuous only"),
+        ([*continuous, "--freeze-transformer"], "--freeze-transformer trains a diffusion head"),
+        ([*continuous, "--visual-head", "diffusion", "--freeze-transformer"], "--init-from"),
+    ):
+        with pytest.raises(SystemExit):
+            module.parse_args(argv)
+        assert message in capsys.readouterr().err
 
 
 def test_fusion_recipe_takes_a_regression_weight_for_continuous_models_only(capsys):

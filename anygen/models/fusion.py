@@ -17,7 +17,11 @@ with N = ``image_tokens``, in one of two representations, chosen per model:
   projected into the model by ``visual_in``; ``visual_out`` regresses the next embedding
   from the hidden state before it (the one at ``<boi>`` predicts x_1). Loss: cross-entropy
   on text + ``regression_weight`` * l2 on the embeddings. A diffusion decoder conditioned
-  on the N embeddings renders them (``anygen.tokenizers.visual``).
+  on the N embeddings renders them (``anygen.tokenizers.visual``). With ``visual_head``
+  "diffusion" a diffusion head (MAR, Li et al. 2024; ``anygen.models.diffusion_head``)
+  draws the residual the regression leaves, conditioned on the same hidden state, so that
+  what a prompt leaves open is drawn rather than averaged; its noise-prediction loss is
+  added to the model's.
 
 Decoding (``decode``) is one interleaved loop over phases: text (sampled, image tokens
 masked out), then on ``<boi>`` an image phase of exactly N codes (only image codes may be
@@ -44,11 +48,13 @@ from torch import nn
 
 from anygen.errors import CheckpointError, UserInputError
 from anygen.hub import load_config, load_state_dict, load_weights, save_pretrained
+from anygen.models.diffusion_head import DiffusionHead
 from anygen.sampling import guide, process_logits, sample_tokens
 
 log = logging.getLogger(__name__)
 
 IMAGE_MODES = ("discrete", "continuous")
+VISUAL_HEADS = ("regression", "diffusion")
 IGNORE = -100  # cross-entropy targets that do not count
 
 
@@ -68,6 +74,13 @@ class FusionConfig:
     image_tokens: int = 64  # positions per image: codes (discrete) or embeddings (continuous)
     visual_dim: int = 0  # continuous: width of the visual encoder's embeddings
     regression_weight: float = 1.0  # continuous: weight of the l2 term
+    # continuous: "regression" (Emu2: the regressed embedding is written) or "diffusion"
+    # (the regression plus a residual drawn by a diffusion head, MAR-style)
+    visual_head: str = "regression"
+    diffusion_scale: float = 1.0  # residual * scale is what the head diffuses (unit-ish)
+    diffusion_width: int = 0  # the head's MLP width (0: hidden_size)
+    diffusion_depth: int = 3
+    diffusion_steps: int = 50  # DDIM steps per embedding when sampling
     # backbone
     hidden_size: int = 256
     num_layers: int = 6
@@ -93,10 +106,27 @@ class FusionConfig:
             raise UserInputError("a continuous fusion model needs visual_dim >= 1")
         if self.image_tokens < 1:
             raise UserInputError(f"image_tokens must be >= 1, got {self.image_tokens}")
+        if self.visual_head not in VISUAL_HEADS:
+            raise UserInputError(
+                f"visual_head must be one of {', '.join(VISUAL_HEADS)}, got {self.visual_head!r}"
+            )
+        if self.diffusion_head and not self.continuous:
+            raise UserInputError(
+                "a diffusion head draws continuous embeddings: image_mode must be continuous"
+            )
+        if self.diffusion_steps < 1 or self.diffusion_scale <= 0:
+            raise UserInputError(
+                f"diffusion_steps must be >= 1 and diffusion_scale > 0, got "
+                f"{self.diffusion_steps} and {self.diffusion_scale}"
+            )
 
     @property
     def continuous(self) -> bool:
         return self.image_mode == "continuous"
+
+    @property
+    def diffusion_head(self) -> bool:
+        return self.visual_head == "diffusion"
 
     @property
     def vocab_size(self) -> int:
@@ -239,7 +269,22 @@ class FusionTransformer(nn.Module):
                 nn.GELU(),
                 nn.Linear(c.hidden_size, c.visual_dim),
             )
+        if c.diffusion_head:
+            self.diffusion = _diffusion_head(c)
         _check_backbone(self)
+
+    def add_diffusion_head(self, scale: float) -> FusionTransformer:
+        """Give a continuous model with a regression head a fresh diffusion head over the
+        residual of its regression (times ``scale``); the rest of the model is kept."""
+        c = self.config
+        if not c.continuous or c.diffusion_head:
+            raise UserInputError(
+                "only a continuous model with a regression head can take a diffusion head; "
+                f"this one is {c.image_mode} with a {c.visual_head} head"
+            )
+        self.config = dataclasses.replace(c, visual_head="diffusion", diffusion_scale=scale)
+        self.diffusion = _diffusion_head(self.config).to(self.device, self.dtype)
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -301,6 +346,22 @@ class FusionTransformer(nn.Module):
     def regress(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.visual_out(hidden)  # (..., visual_dim)
 
+    def next_embeddings(
+        self, hidden: torch.Tensor, noise: torch.Tensor | None, guidance_scale: float = 1.0
+    ) -> torch.Tensor:
+        """The next visual embedding (n, visual_dim) of each of n rows from the hidden states
+        (n, D), or with guidance (2n, D) (conditional rows, then unconditional): the guided
+        regression, plus with a diffusion head the residual it draws from ``noise``
+        (n, visual_dim), divided by ``diffusion_scale``."""
+        c = self.config
+        n = hidden.shape[0] // 2 if guidance_scale != 1.0 else hidden.shape[0]
+        pred = self.regress(hidden).float()
+        value = guide(pred[:n], pred[n:], guidance_scale) if guidance_scale != 1.0 else pred
+        if c.diffusion_head:
+            residual = self.diffusion.sample(hidden, noise, c.diffusion_steps, guidance_scale)
+            value = value + residual / c.diffusion_scale
+        return value
+
     def forward(
         self,
         ids: torch.Tensor,
@@ -336,6 +397,11 @@ class FusionTransformer(nn.Module):
         the image codes (new rows initialised as transformers does), the rest kept."""
         language_model.resize_token_embeddings(config.vocab_size)
         return cls(config, backbone=language_model)
+
+
+def _diffusion_head(c: FusionConfig) -> DiffusionHead:
+    width = c.diffusion_width or c.hidden_size
+    return DiffusionHead(c.visual_dim, c.hidden_size, width, c.diffusion_depth)
 
 
 def _check_backbone(model: FusionTransformer) -> None:
@@ -518,10 +584,18 @@ def fusion_loss(model: FusionTransformer, batch: Batch) -> dict[str, torch.Tenso
             if sel.any():
                 out[name] = (pred[sel] == flat_t[sel]).float().mean()
     if c.continuous and batch.regress is not None and batch.regress.any():
-        predicted = model.regress(h[batch.regress])  # (R, visual_dim)
+        hidden = h[batch.regress]  # (R, D)
+        predicted = model.regress(hidden)  # (R, visual_dim)
         mse = F.mse_loss(predicted.float(), batch.visual_targets.float())
         loss = loss + c.regression_weight * mse
         out["mse"] = mse.detach()
+        if c.diffusion_head:  # the residual the regression leaves, scaled to unit-ish size
+            residual = (batch.visual_targets.float() - predicted.detach().float()) * (
+                c.diffusion_scale
+            )
+            diffusion = model.diffusion.loss(hidden, residual)
+            loss = loss + diffusion
+            out["diffusion"] = diffusion.detach()
     return {"loss": loss, **out}
 
 
@@ -623,7 +697,7 @@ class Sampling:
     temperature: float = 1.0  # text (0: greedy)
     top_k: int | None = None
     top_p: float | None = None
-    image_temperature: float = 1.0  # discrete image codes (0: greedy)
+    image_temperature: float = 1.0  # discrete codes (0: greedy); a diffusion head's noise
     image_top_k: int | None = None
     image_top_p: float | None = None
     guidance_scale: float = 1.0  # classifier-free guidance of image spans (1: off)
@@ -830,6 +904,15 @@ def decode_stream(
             )
         return tokens
 
+    def row_noise(active: torch.Tensor, width: int) -> torch.Tensor:
+        """Starting noise (n, width) of a diffusion head, each active row's from its own
+        generator, scaled by the image temperature; zeros for the others."""
+        noise = torch.zeros(n, width, device=device)
+        for i in active.nonzero().squeeze(1).tolist():
+            g = gens[i]
+            noise[i] = torch.randn(width, generator=g, device=g.device if g else device)
+        return noise * s.image_temperature
+
     def text_phase(phase: str, active: torch.Tensor):
         """Sample text in the active rows, yielding each row's text and <eos>; sets
         ``at_boi`` for the rows that started an image."""
@@ -883,11 +966,11 @@ def decode_stream(
         for _ in range(c.image_tokens):
             h = rows.hidden
             if c.continuous:
-                pred = model.regress(h).float()  # (R, visual_dim)
+                noise = row_noise(active, c.visual_dim) if c.diffusion_head else None
+                value = model.next_embeddings(h, noise, s.guidance_scale)  # (n, visual_dim)
+                nxt = model.visual_in(value.to(model.dtype))  # (n, D)
                 if guided:
-                    pred = torch.cat([guide(pred[:n], pred[n:], s.guidance_scale)] * 2)
-                value = pred[:n]
-                nxt = model.visual_in(pred.to(model.dtype))  # (R, D)
+                    nxt = torch.cat([nxt, nxt])
             else:
                 logits = model.image_logits(h).float()  # (R, K): only image codes
                 if guided:
