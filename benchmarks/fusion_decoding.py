@@ -1,5 +1,7 @@
 """Fusion decoding: the KV cache against recomputing the whole sequence every step, for
-discrete codes and regressed embeddings, in one process over the same weights and seeds;
+discrete codes and regressed embeddings (then the same weights with a diffusion head drawing
+each embedding's residual by ``diffusion_steps`` DDIM steps), in one process over the same
+weights and seeds;
 the decoding rate as a fraction of the memory-bandwidth bound; and (``--story``) the time
 per story scene with and without prefix reuse.
 
@@ -41,13 +43,16 @@ from benchmarks.common import bandwidth_bound_s, memory_bandwidth, sync  # noqa:
 
 def bytes_per_step(model: FusionTransformer, rows: int, context: float) -> float:
     """Bytes one cached decoding step reads at least: every weight once (the input
-    embedding table only if tied to the output head: otherwise one row per token), plus
+    embedding table only if tied to the output head: otherwise one row per token; a
+    diffusion head's once per DDIM step), plus
     the K and V cache of ``context`` positions for each of ``rows`` rows."""
     c = model.config
     elem = next(model.parameters()).element_size()
     weights = sum(p.numel() for p in model.parameters())
     if not c.tie_word_embeddings:
         weights -= model.backbone.get_input_embeddings().weight.numel()
+    if c.diffusion_head:  # its weights are read once per DDIM step
+        weights += (c.diffusion_steps - 1) * sum(p.numel() for p in model.diffusion.parameters())
     head_dim = c.hidden_size // c.num_heads
     kv = 2 * c.num_layers * c.num_kv_heads * head_dim * context * rows * elem
     return weights * elem + kv
@@ -182,14 +187,19 @@ def main() -> None:
         torch.manual_seed(0)
         cfg = dataclasses.replace(FUSION_PRESETS[preset])
         model = FusionTransformer(cfg).to(device=device, dtype=dtype).eval()
-        for batch in args.batch:
-            row = {
-                "preset": preset,
-                **measure(model, batch, args.guidance, args.repeats, device, bw),
-            }
-            print(json.dumps(row), flush=True)
-            if not row["kv_identical"]:
-                failed.append(row)
+        heads = ["regression", "diffusion"] if cfg.continuous else [None]
+        for head in heads:
+            if head == "diffusion":  # the same weights, plus a diffusion head drawing residuals
+                model.add_diffusion_head(scale=1.0).eval()
+            for batch in args.batch:
+                row = {
+                    "preset": preset,
+                    "visual_head": head,
+                    **measure(model, batch, args.guidance, args.repeats, device, bw),
+                }
+                print(json.dumps(row), flush=True)
+                if not row["kv_identical"]:
+                    failed.append(row)
         del model
     if failed:
         raise SystemExit(f"cached and recomputed outputs differ: {failed}")

@@ -267,6 +267,13 @@ def test_fusion_counts_match_a_hand_count():
     # fp32, 2 rows, 10 positions: weights but the input table, and K, V of 2 layers x
     # 2 KV heads x 8 wide per position and row
     assert fusion_decoding.bytes_per_step(model, 2, 10) == 29504 * 4 + 2 * 2 * 2 * 8 * 10 * 2 * 4
+    # a diffusion head's weights are read once per DDIM step
+    continuous = FusionTransformer(FUSION_PRESETS["tiny-continuous"])
+    plain = fusion_decoding.bytes_per_step(continuous, 2, 10)
+    continuous.add_diffusion_head(scale=1.0)
+    head = sum(p.numel() for p in continuous.diffusion.parameters())
+    steps = continuous.config.diffusion_steps
+    assert fusion_decoding.bytes_per_step(continuous, 2, 10) == plain + steps * head * 4
     # the tiny training batch: 4 rows of 4 documents of 1 + 8 + (16 + 2) + 1 tokens
     batch = train_step.make_batch(model.config, *train_step.TINY[1:])
     assert tuple(batch.ids.shape) == (4, 112) and bool(batch.mask.all())
