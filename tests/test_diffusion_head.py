@@ -77,7 +77,7 @@ def test_a_regression_model_takes_a_diffusion_head_and_keeps_the_rest():
         FusionTransformer(FUSION_PRESETS["tiny"]).add_diffusion_head(scale=1.0)
 
 
-def test_a_zero_residual_writes_the_regression_and_the_scale_divides_the_draw():
+def test_the_written_embedding_is_the_regression_plus_the_draw_over_the_scale():
     c = dataclasses.replace(
         FUSION_PRESETS["tiny-continuous"], visual_head="diffusion", diffusion_steps=2
     )
@@ -85,10 +85,11 @@ def test_a_zero_residual_writes_the_regression_and_the_scale_divides_the_draw():
     model = FusionTransformer(c).eval()
     h = torch.randn(3, c.hidden_size)
     noise = torch.randn(3, c.visual_dim)
-    # a fresh head predicts no noise: DDIM then returns the noise scaled to the last step
     with torch.no_grad():
         drawn = model.next_embeddings(h, noise)
         residual = model.diffusion.sample(h, noise, c.diffusion_steps)
+        assert residual.abs().min() > 0  # a draw to add, not zeros
+        assert torch.equal(model.diffusion.sample(h, noise, c.diffusion_steps), residual)
         assert torch.allclose(drawn, model.regress(h) + residual, atol=1e-6)
         model.config.diffusion_scale = 4.0
         assert torch.allclose(model.next_embeddings(h, noise), model.regress(h) + residual / 4)

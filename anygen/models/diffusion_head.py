@@ -68,7 +68,8 @@ class DiffusionHead(nn.Module):
         for layer in (self.out_ada[1], self.out):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
-        self.scheduler = _scheduler()
+        self.scheduler = _scheduler()  # adds training noise
+        self._samplers: dict[tuple[int, str], DDIMScheduler] = {}  # (steps, device): timesteps set
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The noise in ``x`` (R, dim) at timesteps ``t`` (R,) given ``cond`` (R, cond_dim)."""
@@ -112,8 +113,11 @@ class DiffusionHead(nn.Module):
             raise ValueError(f"{cond.shape[0]} conditions for {n} rows (guided: {guided})")
         if steps < 1:
             raise ValueError(f"the diffusion head needs steps >= 1, got {steps}")
-        scheduler = _scheduler()
-        scheduler.set_timesteps(steps, device=noise.device)
+        key = (steps, str(noise.device))
+        if key not in self._samplers:  # DDIM's step (eta 0) keeps no state between calls
+            self._samplers[key] = _scheduler()
+            self._samplers[key].set_timesteps(steps, device=noise.device)
+        scheduler = self._samplers[key]
         x = noise.float()
         for t in scheduler.timesteps:
             inp = torch.cat([x, x]) if guided else x
