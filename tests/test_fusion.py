@@ -166,6 +166,21 @@ def test_a_batch_equals_its_items_one_by_one(transformer, plan):
     assert same(batch, alone)
 
 
+@pytest.mark.parametrize("phases", [["image"], ["text_to_image", "image"]])
+def test_a_row_that_waits_keeps_its_own_last_state(transformer, phases):
+    """A prompt that already ends with <boi> waits while the others write theirs (or their
+    text): what it draws next must come from its own <boi>, as it does alone."""
+    c = transformer.config
+    batch_prompts = [Prompt([c.bos_id, 20, c.boi_id]), Prompt([c.bos_id, 30, 31])]
+    plan = Plan(phases, max_new_tokens=4)
+    s = Sampling(guidance_scale=2.0)
+    batch = decode(transformer, batch_prompts, plan, s, gens(2))
+    alone = [
+        decode(transformer, [p], plan, s, gens(1, base=i))[0] for i, p in enumerate(batch_prompts)
+    ]
+    assert same(batch, alone)
+
+
 def test_every_image_span_has_exactly_the_images_length(transformer):
     c = transformer.config
     out = decode(transformer, prompts(c), PLANS["story"], Sampling(guidance_scale=3.0), gens(3))
@@ -419,6 +434,20 @@ def test_caption_answer_and_interleaved_generation(pipe):
     ]
     again = pipe.generate(["a red circle", image], Options(seed=3, max_images=1)).segments
     assert [type(s) for s in streamed] == [type(s) for s in again]
+
+
+def test_max_images_bounds_interleaved_generation(pipe, tokenizer):
+    """A model that starts an image whenever it may writes exactly max_images of them;
+    max_images=0 asks for text only."""
+    c = pipe.transformer.config
+    eager = FusionTransformer(c).eval()
+    eager.load_state_dict(pipe.transformer.state_dict())
+    with torch.no_grad():
+        eager.backbone.lm_head.weight[c.boi_id] += 100 * eager.backbone.model.norm.weight
+    keen = Fusion(eager, tokenizer, pipe.images, name="keen")
+    for limit, expected in ((None, 1), (0, 0), (2, 2)):
+        out = keen.generate(["a red circle"], Options(seed=3, max_images=limit, max_new_tokens=6))
+        assert len(out.images) == expected, limit
 
 
 def test_image_prompts_encode_in_one_batch_and_equal_prompts_one_by_one(pipe, monkeypatch):

@@ -722,7 +722,8 @@ class Written:
 class _Rows:
     """Decoding state of R rows: the padding mask and positions of every input so far, the
     KV cache, and (for the no-cache reference only) every input embedding. Rows advance in
-    lock step; a row that waits gets a masked pad at that step and keeps its position."""
+    lock step; a row that waits gets a masked pad at that step and keeps its position and
+    its last hidden state."""
 
     def __init__(self, model: FusionTransformer, embeds, mask, use_cache: bool) -> None:
         self.model, self.use_cache = model, use_cache
@@ -749,7 +750,8 @@ class _Rows:
         else:  # the reference: the whole sequence, every step
             self.embeds = torch.cat([self.embeds, new[:, None]], dim=1)
             h, _ = self.model.hidden(self.embeds, self.mask, self.positions)
-        self.hidden = h[:, -1]
+        # a waiting row's masked input is not in its sequence: it keeps its last real state
+        self.hidden = torch.where(active.bool()[:, None], h[:, -1], self.hidden)
         return self.hidden
 
     def select(self, rows: torch.Tensor) -> None:

@@ -451,7 +451,11 @@ class Fusion(TextToImage):
         s = self.sampling(opts, "story_temperature")
         max_new = opts.max_new_tokens or self.defaults["max_new_tokens"]
         if plan is None:
-            plan = Plan(["free"], max_new_tokens=max_new, max_images=opts.max_images or 1)
+            plan = Plan(
+                ["free"],
+                max_new_tokens=max_new,
+                max_images=1 if opts.max_images is None else opts.max_images,
+            )
         row = self.prompt(list(segments))
         yield from self.run([row], plan, s, [seed], steps=opts.steps, on_phase=on_phase)
 
