@@ -19,3 +19,11 @@ class ModelNotFoundError(AnygenError, LookupError):
 
 class CheckpointError(AnygenError):
     """A checkpoint that is missing files, truncated, corrupt or does not match its config."""
+
+
+def load_errors() -> tuple[type[BaseException], ...]:
+    """What loading a checkpoint raises when its files are missing, truncated or corrupt
+    (diffusers and transformers pass safetensors' own error through unwrapped)."""
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, RuntimeError, KeyError, SafetensorError)

@@ -301,16 +301,35 @@ def _copy(saved, tmp_path):
     return shutil.copytree(saved, tmp_path / "copy")
 
 
-def test_truncated_weights_are_a_clear_error(saved, tmp_path, capsys):
+@pytest.mark.parametrize("part", ["unet", "text_encoder", "vae"])
+def test_truncated_weights_are_a_clear_error(saved, tmp_path, capsys, part):
     broken = _copy(saved, tmp_path)
-    weights = next((broken / "unet").glob("*.safetensors"))
+    weights = next((broken / part).glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:1000])
     assert (
         cli(["generate", "a red circle", "--model", str(broken), "-o", str(tmp_path / "z.png")])
         == 2
     )
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "cannot load unet" in err[0] and not (tmp_path / "z.png").exists()
+    assert len(err) == 1 and f"cannot load {part}" in err[0] and not (tmp_path / "z.png").exists()
+
+
+@pytest.mark.parametrize("part", ["unet", "text_encoder"])
+def test_pickle_weights_in_a_pipeline_folder_are_refused(saved, tmp_path, part):
+    """A component whose weights are only a pickle is not loaded (torch.load can run code)."""
+    from safetensors.torch import load_file
+
+    from anygen.errors import CheckpointError
+
+    broken = _copy(saved, tmp_path)
+    weights = next((broken / part).glob("*.safetensors"))
+    name = "diffusion_pytorch_model.bin" if part == "unet" else "pytorch_model.bin"
+    torch.save(load_file(weights), broken / part / name)
+    weights.unlink()
+    with pytest.raises(
+        CheckpointError, match=f"cannot load {part} .*{name}: convert to safetensors"
+    ):
+        LatentDiffusion.from_pretrained(broken)
 
 
 def test_foreign_component_library_is_refused(saved, tmp_path):

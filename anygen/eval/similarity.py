@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from anygen.errors import CheckpointError, UserInputError
+from anygen.errors import CheckpointError, UserInputError, load_errors
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def _load(path: str | os.PathLike, what: str):
         else:
             model = AutoModel.from_pretrained(folder, use_safetensors=True)
             processor = AutoImageProcessor.from_pretrained(folder)
-    except (OSError, ValueError, KeyError) as e:
+    except load_errors() as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot load the {what} model in {folder}: {first}") from None
     return model.eval(), processor

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from anygen.errors import CheckpointError, UserInputError
+from anygen.errors import CheckpointError, UserInputError, load_errors
 from anygen.hub import CONFIG_NAME, load_config
 from anygen.sampling import guide, process_logits, sample_tokens
 
@@ -209,8 +209,10 @@ class PartiTransformer(nn.Module):
             if not (folder / CONFIG_NAME).is_file():
                 raise CheckpointError(f"{directory} has no {name}/{CONFIG_NAME}")
             try:
-                parts[name] = klass.from_pretrained(folder, dtype=dtype or torch.float32)
-            except (OSError, ValueError) as e:
+                parts[name] = klass.from_pretrained(
+                    folder, dtype=dtype or torch.float32, use_safetensors=True
+                )
+            except load_errors() as e:
                 raise CheckpointError(f"cannot load {folder}: {str(e).splitlines()[0]}") from e
         model = cls(config, **parts)
         _check_sizes(model)

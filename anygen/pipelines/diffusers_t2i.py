@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from anygen.errors import CheckpointError, ModelNotFoundError, UserInputError
+from anygen.errors import CheckpointError, ModelNotFoundError, UserInputError, load_errors
 from anygen.pipelines.base import (
     TOKEN_SETTINGS,
     Options,
@@ -134,7 +134,7 @@ def load_diffusers_pipeline(path: Path, dtype: torch.dtype):
         overrides["requires_safety_checker"] = False
     try:
         pipe = klass.from_pretrained(path, dtype=dtype, use_safetensors=True, **overrides)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except load_errors() as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot load the {class_name} in {path}: {first}") from None
     return pipe

@@ -22,8 +22,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from anygen.data.datasets import tensor_to_images
-from anygen.errors import CheckpointError, ModelNotFoundError, UserInputError
-from anygen.hub import atomic_directory, forget_source_paths
+from anygen.errors import CheckpointError, ModelNotFoundError, UserInputError, load_errors
+from anygen.hub import PICKLE_SUFFIXES, atomic_directory, forget_source_paths
 from anygen.models.ldm import (
     DEFAULT_SCHEDULER,
     SCHEDULERS,
@@ -374,9 +374,12 @@ def _load_component(path: Path, key: str, spec: list, dtype: torch.dtype):
     try:
         if key == "tokenizer" or key == "scheduler":
             return klass.from_pretrained(folder)
-        return klass.from_pretrained(folder, dtype=dtype)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise CheckpointError(f"cannot load {key} from {folder}: {e}") from None
+        # weights from safetensors only: a pickle can run code when loaded
+        return klass.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+    except load_errors() as e:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        hint = f" (it holds {', '.join(pickles)}: convert to safetensors)" if pickles else ""
+        raise CheckpointError(f"cannot load {key} from {folder}: {e}{hint}") from None
 
 
 def _scheduler_name(scheduler) -> str:

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from anygen.data.datasets import tensor_to_images
-from anygen.errors import CheckpointError, UserInputError
+from anygen.errors import CheckpointError, UserInputError, load_errors
 from anygen.pipelines.base import (
     DIFFUSION_SETTINGS,
     EDIT_SETTINGS,
@@ -132,7 +132,7 @@ class TransformersGenerator(TextToImage):
         try:
             model = klass.from_pretrained(path, **kwargs)
             processor = transformers.AutoProcessor.from_pretrained(path)
-        except (OSError, ValueError, KeyError, RuntimeError) as e:
+        except load_errors() as e:
             raise CheckpointError(f"cannot load {name} from {path}: {_first_line(e)}") from None
         if not hasattr(processor, "tokenizer"):
             raise CheckpointError(

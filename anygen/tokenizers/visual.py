@@ -42,7 +42,7 @@ from einops import rearrange
 from torch import nn
 from tqdm.auto import tqdm
 
-from anygen.errors import CheckpointError, UserInputError
+from anygen.errors import CheckpointError, UserInputError, load_errors
 from anygen.hub import (
     CONFIG_NAME,
     atomic_directory,
@@ -425,11 +425,15 @@ class VisualCodec(nn.Module):
                 raise CheckpointError(f"{path} has no {sub}/ folder: not a saved VisualCodec")
         dtype = dtype or torch.float32
         try:
-            vit = ViTModel.from_pretrained(path / "encoder", dtype=dtype, add_pooling_layer=False)
-            unet = UNet2DConditionModel.from_pretrained(path / "unet", dtype=dtype)
-            vae = AutoencoderKL.from_pretrained(path / "vae", dtype=dtype)
+            vit = ViTModel.from_pretrained(
+                path / "encoder", dtype=dtype, add_pooling_layer=False, use_safetensors=True
+            )
+            unet = UNet2DConditionModel.from_pretrained(
+                path / "unet", dtype=dtype, use_safetensors=True
+            )
+            vae = AutoencoderKL.from_pretrained(path / "vae", dtype=dtype, use_safetensors=True)
             scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
-        except (OSError, ValueError, RuntimeError) as e:
+        except load_errors() as e:
             raise CheckpointError(f"cannot load the visual codec in {path}: {e}") from None
         encoder = VisualEncoder(config, vit=vit)
         codec = cls(config, encoder=encoder, unet=unet, vae=vae, scheduler=scheduler)
