@@ -47,6 +47,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from anygen.eval.suites import score_folder
+    from anygen.output import check_writable, write_text_atomic
 
     given = [f"--{f.replace('_', '-')}" for f in SAMPLING_FLAGS if getattr(args, f) is not None]
     # the story and caption suites rank by the model itself (no --reranker, no --rerank-by)
@@ -62,6 +63,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if given and (args.images is not None or args.suite == "reconstruction"):
         what = "--images" if args.images is not None else "the reconstruction suite"
         raise UserInputError(f"{', '.join(given)} cannot apply to {what}: nothing is sampled")
+    if args.output is not None:  # fail now, not after the whole evaluation
+        check_writable(args.output, overwrite=args.overwrite)
     if args.images is not None:
         report = score_folder(args.images)
     else:
@@ -82,7 +85,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     print(report.table())
     if args.output is not None:
-        _write_text_atomic(Path(args.output), report.to_json() + "\n")
+        write_text_atomic(args.output, report.to_json() + "\n")
         print(f"wrote {args.output}")
     return 0
 
@@ -148,7 +151,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from anygen.output import check_writable, save_png
+    from anygen.output import check_writable, save_png, write_text_atomic
     from anygen.pipelines import Options
 
     if args.prompts is None and args.prompt is None:
@@ -250,7 +253,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             + "\n"
             for r in records
         )
-        _write_text_atomic(args.output_dir / "index.jsonl", index)
+        write_text_atomic(args.output_dir / "index.jsonl", index)
     return 0
 
 
@@ -276,8 +279,8 @@ def _read_prompts(path: Path) -> list[tuple[int, str]]:
 
 def _single_output(output: Path | None, prompt: str, seed: int, index: int, n: int) -> Path:
     if output is None:
-        slug = "-".join(prompt.lower().split())[:48].strip("-") or "image"
-        slug = "".join(c for c in slug if c.isalnum() or c == "-")
+        slug = "".join(c for c in "-".join(prompt.lower().split())[:48] if c.isalnum() or c == "-")
+        slug = "-".join(part for part in slug.split("-") if part) or "image"
         return Path(f"{slug}-{seed}.png")
     if output.suffix.lower() != ".png":
         raise UserInputError(f"output {output} must be a .png file")
@@ -468,15 +471,6 @@ def cmd_story(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- parser
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    try:
-        tmp.write_text(text)
-    except OSError as e:
-        raise UserInputError(f"cannot write {path}: {e.strerror}") from None
-    tmp.replace(path)
 
 
 def _positive_int(text: str) -> int:
@@ -779,6 +773,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(p)
     _add_rerank_flags(p)
     p.add_argument("-o", "--output", type=Path, help="write the report as JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("data", help="write shapes-world samples to a folder")

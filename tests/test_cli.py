@@ -67,6 +67,17 @@ def test_data_shapes_then_eval_images_scores_ground_truth_perfectly(tmp_path, ca
     assert "overall" in table and "1.000" in table
     data = json.loads(report.read_text())
     assert data["overall"] == 1.0 and data["n"] == 20
+    # an existing report is kept unless asked, and a bad path fails before scoring
+    report.write_text("keep")
+    assert cli(["eval", "--images", str(out), "-o", str(report)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err and report.read_text() == "keep"
+    assert cli(["eval", "--images", str(out), "-o", str(report), "--overwrite"]) == 0
+    assert json.loads(report.read_text())["n"] == 20
+    capsys.readouterr()
+    missing = tmp_path / "no" / "report.json"
+    assert cli(["eval", "--images", str(out), "-o", str(missing)]) == 2
+    err = capsys.readouterr()
+    assert "folder" in err.err and "does not exist" in err.err and "overall" not in err.out
 
 
 def test_data_refuses_a_non_empty_folder(tmp_path, capsys):
@@ -257,3 +268,17 @@ def test_recipe_help_shows_its_docstring_with_the_example_commands_intact(recipe
     assert f"anygen train recipes/{recipe}" in out.splitlines()[0]
     shown = {line.rstrip() for line in out.splitlines()}
     assert [e for e in examples if e not in shown] == []
+
+
+@pytest.mark.parametrize(
+    "prompt, name",
+    [
+        ("a Red circle!", "a-red-circle-5.png"),
+        ("🐱!", "image-5.png"),
+        ("  -- a  -- b --", "a-b-5.png"),
+    ],
+)
+def test_default_output_name_is_a_plain_slug(prompt, name):
+    from anygen.cli import _single_output
+
+    assert _single_output(None, prompt, 5, 0, 1) == Path(name)
