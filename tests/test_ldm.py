@@ -251,6 +251,7 @@ def test_cli_generate_prompts_file_and_json(saved, tmp_path, capsys):
         (["-o", "/nonexistent-dir/x.png"], "folder /nonexistent-dir does not exist"),
         (["--model", "no-such-model"], "unknown model 'no-such-model'"),
         (["--dtype", "fp16", "--device", "cpu"], "fp16 is not supported on CPU"),
+        (["--device", "meta"], "anygen runs on cpu, cuda or mps"),
     ],
 )
 def test_cli_generate_bad_input_is_one_line(saved, tmp_path, capsys, extra, message):
@@ -266,6 +267,23 @@ def test_cli_generate_bad_input_is_one_line(saved, tmp_path, capsys, extra, mess
     assert cli(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_a_device_this_machine_lacks_is_named(monkeypatch):
+    from anygen.errors import UserInputError
+    from anygen.pipelines import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(UserInputError, match=r"has 1 CUDA device \(cuda:0\)"):
+        pick_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(UserInputError, match=r"has 2 CUDA devices \(cuda:0 to cuda:1\)"):
+        pick_device("cuda:2")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(UserInputError, match="MPS is not available here"):
+        pick_device("mps")
 
 
 def test_cli_generate_empty_prompt_and_unreadable_prompts(tmp_path, capsys):

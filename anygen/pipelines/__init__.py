@@ -56,8 +56,18 @@ def pick_device(device: str | None) -> torch.device:
         dev = torch.device(device)
     except RuntimeError:
         raise UserInputError(f"unknown device {device!r}; try cpu, cuda or cuda:1") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UserInputError(f"device {device!r}: anygen runs on cpu, cuda or mps")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserInputError(f"device {device!r} asked for, but CUDA is not available here")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise UserInputError(
+            f"device {device!r} asked for, but this machine has {count} CUDA device"
+            f"{'' if count == 1 else 's'} (cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})"
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserInputError(f"device {device!r} asked for, but MPS is not available here")
     return dev
 
 
