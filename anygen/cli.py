@@ -591,8 +591,8 @@ def _add_runtime_flags(p: argparse.ArgumentParser) -> None:
         "--lora",
         action="append",
         metavar="PATH[:SCALE]",
-        help="a diffusers LoRA (.safetensors file, folder or hub id) with its scale "
-        "(default 1); repeat to combine",
+        help="a diffusers LoRA (.safetensors file, folder, hub id, or org/name/FILE.safetensors) "
+        "with its scale (default 1); repeat to combine",
     )
     p.add_argument(
         "--embedding",

@@ -183,22 +183,12 @@ def _download(repo_id: str, kind: str | None, friendly: str | None = None) -> Pa
     fetched unless ``HF_HUB_OFFLINE`` is set; every failure is one line naming the model
     and what to do."""
     from huggingface_hub import constants, hf_hub_download, snapshot_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub.errors import EntryNotFoundError
 
-    name = f"{friendly} ({repo_id})" if friendly else repo_id
     # read at call time, so that a changed environment (tests, notebooks) is honoured
     cache_dir = os.environ.get("HF_HUB_CACHE") or None
-    offline = constants.is_offline_mode()
-    try:
-        if offline:  # the cached snapshot, whatever files it holds
+    with _hub_errors(repo_id, friendly):
+        if constants.is_offline_mode():  # the cached snapshot, whatever files it holds
             return Path(snapshot_download(repo_id, cache_dir=cache_dir))
         if kind == "tokenizer":
             allow, ignore = TOKENIZER_PATTERNS, None
@@ -217,8 +207,46 @@ def _download(repo_id: str, kind: str | None, friendly: str | None = None) -> Pa
                 repo_id, allow_patterns=allow, ignore_patterns=ignore, cache_dir=cache_dir
             )
         )
+
+
+def download_file(repo_id: str, filename: str) -> Path:
+    """One file of a hub repo (``org/name`` and a path in it) in the Hugging Face cache,
+    fetched unless ``HF_HUB_OFFLINE`` is set; failures as ``resolve``'s."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    cache_dir = os.environ.get("HF_HUB_CACHE") or None
+    with _hub_errors(repo_id):
+        try:
+            logger.info("fetching %s from %s on the Hugging Face hub", filename, repo_id)
+            return Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir))
+        except EntryNotFoundError as e:
+            if isinstance(e, LocalEntryNotFoundError):  # not cached, hub unreachable
+                raise
+            raise ModelNotFoundError(
+                f"{repo_id} on the Hugging Face hub has no {filename}"
+            ) from None
+
+
+@contextmanager
+def _hub_errors(repo_id: str, friendly: str | None = None) -> Iterator[None]:
+    """Turn huggingface_hub's failures into one-line ``ModelNotFoundError``s that name the
+    model and what to do."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    name = f"{friendly} ({repo_id})" if friendly else repo_id
+    try:
+        yield
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):
-        if offline:
+        if constants.is_offline_mode():
             raise ModelNotFoundError(
                 f"{name} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: "
                 f"download it with `hf download {repo_id}` on a connected machine, "

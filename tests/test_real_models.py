@@ -502,6 +502,28 @@ def test_lora_refusals(saved, tmp_path, lora_file):
         load_generator(str(saved("sdxl")), device="cpu", loras=[str(lora_file)])
 
 
+def test_lora_file_in_a_folder_or_a_hub_repo(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from anygen.pipelines.lora import LoraSpec, _hub_file, _lora_file
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    for name in ("v1.safetensors", "v2.safetensors"):
+        (folder / name).write_bytes(b"")
+    with pytest.raises(CheckpointError, match=f"several LoRA files .*as {folder}/v1.safetensors"):
+        _lora_file(LoraSpec(str(folder)))
+    assert _lora_file(LoraSpec(f"{folder}/v2.safetensors")) == folder / "v2.safetensors"
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(b"")  # diffusers' default name
+    assert _lora_file(LoraSpec(str(folder))) == folder / "pytorch_lora_weights.safetensors"
+    assert _hub_file("org/repo/sub/v1.safetensors") == ("org/repo", "sub/v1.safetensors")
+    assert _hub_file("org/repo") is None and _hub_file("./org/repo/v1.safetensors") is None
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ModelNotFoundError, match="anygen-test/loras is not in the Hugging Face"):
+        _lora_file(LoraSpec("anygen-test/loras/v1.safetensors"))
+
+
 # --------------------------------------------------------------------------- editing
 
 

@@ -58,20 +58,31 @@ class LoraSpec:
         return cls(source=source, scale=scale)
 
 
-def _lora_file(spec: LoraSpec) -> Path:
-    """The one safetensors file a spec names; pickle files are refused."""
-    from anygen.hub import PICKLE_SUFFIXES, resolve
+# the file name diffusers' ``save_lora_weights`` writes: a folder's default LoRA file
+DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 
-    path = resolve(spec.source)
+
+def _lora_file(spec: LoraSpec) -> Path:
+    """The one safetensors file a spec names (a file, a folder, a hub id, or a file in a
+    hub repo as ``org/name/FILE.safetensors``); pickle files are refused."""
+    from anygen.hub import PICKLE_SUFFIXES, download_file, resolve
+
+    repo_file = _hub_file(spec.source)
+    path = download_file(*repo_file) if repo_file else resolve(spec.source)
     if path.is_dir():
         files = sorted(path.glob("*.safetensors"))
         if not files:
             pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
             extra = f" (it holds {', '.join(pickles)}: convert to safetensors)" if pickles else ""
             raise CheckpointError(f"no .safetensors LoRA file in {path}{extra}")
+        if len(files) > 1 and (path / DIFFUSERS_LORA_FILE).is_file():
+            return path / DIFFUSERS_LORA_FILE
         if len(files) > 1:
             names = ", ".join(f.name for f in files)
-            raise CheckpointError(f"{path} holds several LoRA files ({names}): name one of them")
+            raise CheckpointError(
+                f"{path} holds several LoRA files ({names}): name one of them, as "
+                f"{spec.source}/{files[0].name}"
+            )
         return files[0]
     if path.suffix != ".safetensors":
         raise CheckpointError(
@@ -190,3 +201,15 @@ def save_lora(directory: str | os.PathLike, unet, text_encoder=None) -> Path:
     finally:
         (directory / tmp_name).unlink(missing_ok=True)
     return target
+
+
+def _hub_file(source: str) -> tuple[str, str] | None:
+    """``(repo_id, filename)`` for ``org/name/FILE.safetensors`` that is not a local path."""
+    from anygen.hub import _is_hub_id
+
+    parts = source.split("/")
+    if len(parts) < 3 or not source.endswith(".safetensors") or Path(source).expanduser().exists():
+        return None
+    if source.startswith((".", "/", "~")) or not _is_hub_id("/".join(parts[:2])):
+        return None
+    return "/".join(parts[:2]), "/".join(parts[2:])
