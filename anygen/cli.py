@@ -799,10 +799,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _quiet_libraries() -> None:
     """diffusers and transformers log loading details and draw loading bars; the CLI
-    shows its own progress, so it keeps only their errors (unless --verbose)."""
+    shows its own progress, so it keeps only their errors (unless --verbose). Downloads
+    still show a bar (``ANYGEN_DOWNLOAD_BARS``)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ:  # loading bars off, downloads on
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["ANYGEN_DOWNLOAD_BARS"] = "1"
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     # libraries imported before main() ran (by a host program, or tests) read those
     # variables already: tell them directly

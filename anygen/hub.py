@@ -178,6 +178,18 @@ MODEL_IGNORE_PATTERNS = [
 ]
 
 
+def _download_tqdm():
+    """The tqdm class that downloads report through: tqdm's own where
+    ``ANYGEN_DOWNLOAD_BARS`` is set (the CLI sets it when it switches the hub's bars off to
+    hide the libraries' loading bars, which transformers ties to that switch), else None
+    (huggingface_hub's bars, on or off as the user set them)."""
+    if not os.environ.get("ANYGEN_DOWNLOAD_BARS"):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm
+
+
 def _download(repo_id: str, kind: str | None, friendly: str | None = None) -> Path:
     """The local snapshot of ``repo_id`` in the Hugging Face cache (``HF_HUB_CACHE``),
     fetched unless ``HF_HUB_OFFLINE`` is set; every failure is one line naming the model
@@ -204,7 +216,11 @@ def _download(repo_id: str, kind: str | None, friendly: str | None = None) -> Pa
         logger.info("fetching %s from the Hugging Face hub into its cache", repo_id)
         return Path(
             snapshot_download(
-                repo_id, allow_patterns=allow, ignore_patterns=ignore, cache_dir=cache_dir
+                repo_id,
+                allow_patterns=allow,
+                ignore_patterns=ignore,
+                cache_dir=cache_dir,
+                tqdm_class=_download_tqdm(),
             )
         )
 
@@ -219,7 +235,9 @@ def download_file(repo_id: str, filename: str) -> Path:
     with _hub_errors(repo_id):
         try:
             logger.info("fetching %s from %s on the Hugging Face hub", filename, repo_id)
-            return Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir))
+            return Path(
+                hf_hub_download(repo_id, filename, cache_dir=cache_dir, tqdm_class=_download_tqdm())
+            )
         except EntryNotFoundError as e:
             if isinstance(e, LocalEntryNotFoundError):  # not cached, hub unreachable
                 raise

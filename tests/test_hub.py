@@ -361,3 +361,33 @@ def test_checkout_fallback_is_never_huggingface_tokenizers(monkeypatch, tmp_path
     assert hub._tokenizers_root() == tmp_path / "tokenizers"  # a source checkout
     (tmp_path / "tokenizers" / "__init__.py").write_text("")
     assert hub._tokenizers_root() is None
+
+
+def test_downloads_show_a_bar_unless_the_user_switched_the_hubs_off(tmp_path, monkeypatch):
+    """The CLI hides the libraries' loading bars through the hub's switch; a download still
+    draws its bar, except where the user set that switch."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from tqdm.auto import tqdm
+
+    from anygen.cli import _quiet_libraries
+    from anygen.hub import _download
+
+    seen = {}
+
+    def snapshot_download(repo_id, **kwargs):
+        seen.update(kwargs)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for user_switch, bar in ((None, tqdm), ("1", None)):
+        monkeypatch.delenv("ANYGEN_DOWNLOAD_BARS", raising=False)
+        if user_switch is None:
+            monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+        else:
+            monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", user_switch)
+        _quiet_libraries()
+        assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+        assert _download("anygen-test/tok", "tokenizer") == tmp_path
+        assert seen["tqdm_class"] is bar
