@@ -814,6 +814,29 @@ def test_emu3_draws_exact_token_grid(emu3_dir):
         gen.generate("a red circle", Options(seed=0, width=36, height=H, progress=False))
 
 
+@pytest.mark.parametrize("family", ["janus", "emu3"])
+def test_image_token_generation_shows_a_bar_over_every_token(request, family, monkeypatch):
+    """Janus and Emu3 draw hundreds of tokens per image: a bar counts them, and only when
+    progress is asked for."""
+    import anygen.pipelines.transformers_models as tm
+
+    bars = []
+
+    class Recording(tm.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append((self, kwargs.get("disable")))  # tqdm sets disable when closed
+
+    monkeypatch.setattr(tm, "tqdm", Recording)
+    gen = load_generator(str(request.getfixturevalue(f"{family}_dir")), device="cpu")
+    size = {} if family == "janus" else dict(width=W, height=H)
+    out = gen.generate("a red circle", Options(seed=0, progress=True, **size))
+    ((bar, disabled),) = bars
+    assert bar.total == out.settings["image_tokens"] and bar.n == bar.total and not disabled
+    gen.generate("a red circle", Options(seed=0, progress=False, **size))
+    assert bars[1][1] is True
+
+
 def test_emu3_tokens_follow_the_grid_layout(emu3_dir):
     """Inside the grid only visual tokens, end-of-line closing each row, then EOF EOI EOS."""
     gen = load_generator(str(emu3_dir), device="cpu")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from anygen.data.datasets import tensor_to_images
 from anygen.errors import CheckpointError, UserInputError, load_errors
@@ -58,12 +59,14 @@ def seeded_sampling(
     top_k: int | None,
     top_p: float | None,
     guidance: float | None = None,
+    progress=None,
 ):
     """A transformers ``LogitsProcessor`` (built lazily: transformers is imported here only)
     that draws the next token of each row with its own generator.
 
     ``guidance`` set: the scores arrive as (2B, V), conditional rows first (Janus batches
-    guidance that way) and leave as guided (B, V)."""
+    guidance that way) and leave as guided (B, V). ``progress`` (a tqdm bar) advances by
+    one at each token."""
     from transformers import LogitsProcessor
 
     class SeededSampling(LogitsProcessor):
@@ -74,6 +77,8 @@ def seeded_sampling(
             logits = process_logits(scores, temperature, top_k, top_p)  # (B, V)
             tokens = sample_tokens(logits, list(generators), greedy=temperature == 0)  # (B,)
             out = torch.full_like(logits, float("-inf"))
+            if progress is not None:
+                progress.update(1)
             return out.scatter_(1, tokens[:, None], 0.0)
 
     return SeededSampling()
@@ -349,7 +354,9 @@ class Janus(TransformersGenerator):
         generators = [make_generator(s, self.device) for s in seeds]
         timer = Timer()
         with timer("tokens"):
-            tokens = self.image_tokens(prompts, generators, temperature, top_k, top_p, guidance)
+            tokens = self.image_tokens(
+                prompts, generators, temperature, top_k, top_p, guidance, progress=opts.progress
+            )
         with timer("decode"), torch.no_grad():
             pixels = self.model.decode_image_tokens(tokens)  # (B, H, W, 3) in [-1, 1]
             images = tensor_to_images(pixels.permute(0, 3, 1, 2).float())
@@ -379,8 +386,10 @@ class Janus(TransformersGenerator):
         top_k: int | None,
         top_p: float | None,
         guidance: float,
+        *,
+        progress: bool = False,
     ) -> torch.Tensor:
-        """(B, num_image_tokens) VQ codes for ``prompts``."""
+        """(B, num_image_tokens) VQ codes for ``prompts``; ``progress``: a bar over them."""
         texts = [self.image_prompt(p) for p in prompts]
         inputs = self.processor(
             text=texts, generation_mode="image", padding=True, return_tensors="pt"
@@ -392,8 +401,16 @@ class Janus(TransformersGenerator):
             guidance_scale=1.0,
             generation_kwargs={"boi_token_id": boi},
         )
-        sampler = seeded_sampling(generators, temperature, top_k, top_p, guidance=guidance)
-        with torch.no_grad():
+        bar = tqdm(
+            total=self.num_image_tokens,
+            desc=f"{self.name} image tokens",
+            disable=not progress,
+            leave=False,
+        )
+        sampler = seeded_sampling(
+            generators, temperature, top_k, top_p, guidance=guidance, progress=bar
+        )
+        with bar, torch.no_grad():
             tokens = self.model.generate(
                 **inputs,
                 generation_mode="image",
@@ -528,9 +545,12 @@ class Emu3(TransformersGenerator):
         # exactly `count` tokens: the constraint ends the grid with EOS at the last one
         config = self._generation_config(max_new_tokens=count, guidance_scale=guidance)
         generators = [make_generator(s, self.device) for s in seeds]
-        sampler = seeded_sampling(generators, temperature, top_k, top_p)
+        bar = tqdm(
+            total=count, desc=f"{self.name} image tokens", disable=not opts.progress, leave=False
+        )
+        sampler = seeded_sampling(generators, temperature, top_k, top_p, progress=bar)
         timer = Timer()
-        with timer("tokens"), torch.no_grad():
+        with timer("tokens"), bar, torch.no_grad():
             out = self.model.generate(
                 **inputs,
                 **extra,
