@@ -235,6 +235,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         " a fresh optimizer and schedule; --preset does not apply",
     )
     p.add_argument(
+        "--grow-layers",
+        type=int,
+        metavar="N",
+        help="deepen the --init-from model to N decoder layers before training, each new "
+        "layer starting as an identity, so that the grown model first computes exactly what "
+        "the saved one does (FusionTransformer.deepened)",
+    )
+    p.add_argument(
         "--select-n",
         type=int,
         default=SELECT_N,
@@ -252,6 +260,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--bundle", action="store_true", help=f"also write fp16 weights to {ASSETS}/NAME"
     )
     args = p.parse_args(argv)
+    if args.grow_layers is not None and not args.init_from:
+        p.error("--grow-layers deepens a saved model: give --init-from MODEL")
     if args.image_mode == "continuous" and args.visual is None:
         p.error("--image-mode continuous needs --visual DIR (a trained visual codec)")
     if args.regression_weight is not None:
@@ -312,9 +322,14 @@ def main(argv: list[str]) -> None:
         **shape,
     )
     start_defaults = {}  # a continuation keeps its model's sampling defaults
+    grown_from_layers = None
     started_from = None  # and records how that model was trained, read before --bundle
     if args.init_from:
         model = init_model(args.init_from, cfg)
+        if args.grow_layers is not None:
+            log.info("deepening %d layers to %d", model.config.num_layers, args.grow_layers)
+            grown_from_layers = model.config.num_layers
+            model = model.deepened(args.grow_layers)
         started_from = starting_lineage(
             resolve(args.init_from), args.output_dir / "model", args.resume
         )
@@ -391,6 +406,8 @@ def main(argv: list[str]) -> None:
         "visual_head": model.config.visual_head if cfg.continuous else None,
         "diffusion_scale": model.config.diffusion_scale if new_head else None,
         "freeze_transformer": args.freeze_transformer,
+        "grown_from_layers": grown_from_layers,
+        "num_layers": result.model.config.num_layers,
         "steps": args.steps,
         "batch": f"{args.batch_size} rows of {args.row_len} tokens",
         "mix": args.mix,
@@ -605,9 +622,15 @@ def model_card(name: str, facts: dict, defaults: dict, reports: dict[str, Report
             f"{sel['seed']}; the scores below use seed 0):\n\n"
             f"| guidance | temperature | validation overall |\n|---|---|---|\n{rows}\n"
         )
+    grown = (
+        f", deepened from {facts['grown_from_layers']} to {facts['num_layers']} layers (each "
+        "new layer a copy of the one before it that starts as an identity)"
+        if facts.get("grown_from_layers")
+        else ""
+    )
     origin = (
         f"Continued from {facts['init_from']} ({lineage_text(facts.get('started_from'))}; "
-        "its weights, a fresh optimizer and schedule)"
+        f"its weights{grown}, a fresh optimizer and schedule)"
         if facts.get("init_from")
         else "Trained from scratch"
     )

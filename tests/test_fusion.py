@@ -181,6 +181,36 @@ def test_a_row_that_waits_keeps_its_own_last_state(transformer, phases):
     assert same(batch, alone)
 
 
+def test_a_deepened_model_computes_what_it_was_grown_from(transformer):
+    c = transformer.config
+    grown = transformer.deepened(c.num_layers + 3)
+    assert grown.config.num_layers == c.num_layers + 3 == len(grown.backbone.model.layers)
+    extra = sum(p.numel() for p in grown.parameters()) - sum(
+        p.numel() for p in transformer.parameters()
+    )
+    per_layer = sum(p.numel() for p in transformer.backbone.model.layers[0].parameters())
+    assert extra == 3 * per_layer
+    silent = [
+        i
+        for i, layer in enumerate(grown.backbone.model.layers)
+        if not layer.mlp.down_proj.weight.any()
+    ]
+    assert len(silent) == 3
+    for s in (Sampling(), Sampling(guidance_scale=2.0)):
+        for plan in PLANS.values():
+            a = decode(transformer, prompts(c), plan, s, gens(3))
+            b = decode(grown, prompts(c), plan, s, gens(3))
+            assert same(a, b)
+    x = torch.randint(0, c.text_vocab_size, (2, 7))
+    mask = torch.ones_like(x)
+    pos = torch.arange(7).expand(2, 7)
+    h0, _ = transformer.hidden(transformer.embed(x), mask, pos)
+    h1, _ = grown.hidden(grown.embed(x), mask, pos)
+    assert torch.allclose(h0, h1, atol=1e-6)
+    with pytest.raises(UserInputError, match=f"more than its {c.num_layers} layers"):
+        transformer.deepened(c.num_layers)
+
+
 def test_every_image_span_has_exactly_the_images_length(transformer):
     c = transformer.config
     out = decode(transformer, prompts(c), PLANS["story"], Sampling(guidance_scale=3.0), gens(3))
@@ -680,6 +710,18 @@ def test_recipes_train_fusion_models_end_to_end(tmp_path):
     ]
     assert changed  # it trained from those weights rather than copying them
 
+    # --grow-layers deepens the saved model first, and the card says so
+    layers = gen.transformer.config.num_layers
+    grown = tmp_path / "grown"
+    train("fusion_shapes.py", "--output-dir", str(grown), "--init-from", str(out / "model"),
+          "--image-tokenizer", str(vq), "--seed", "1", "--steps", "2", "--batch-size", "2",
+          "--select-n", "0", "--eval-n", "0", "--grow-layers", str(layers + 1))  # fmt: skip
+    facts = json.loads((grown / "model" / "training.json").read_text())
+    assert facts["grown_from_layers"] == layers and facts["num_layers"] == layers + 1
+    assert load_generator(str(grown / "model")).transformer.config.num_layers == layers + 1
+    card = (grown / "model" / "README.md").read_text()
+    assert f"deepened from {layers} to {layers + 1} layers" in card
+
     # a model over other image codes cannot continue on these: one line, before training
     run = subprocess.run(
         [sys.executable, "-m", "anygen", "train", str(recipes / "fusion_shapes.py"),
@@ -857,6 +899,7 @@ def test_fusion_recipe_takes_a_visual_head_for_continuous_models_only(capsys):
         (["--output-dir", "o", "--visual-head", "diffusion"], "continuous only"),
         ([*continuous, "--freeze-transformer"], "--freeze-transformer trains a diffusion head"),
         ([*continuous, "--visual-head", "diffusion", "--freeze-transformer"], "--init-from"),
+        (["--output-dir", "o", "--grow-layers", "9"], "--grow-layers deepens a saved model"),
     ):
         with pytest.raises(SystemExit):
             module.parse_args(argv)

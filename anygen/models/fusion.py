@@ -286,6 +286,37 @@ class FusionTransformer(nn.Module):
         self.diffusion = _diffusion_head(self.config).to(self.device, self.dtype)
         return self
 
+    def deepened(self, num_layers: int) -> FusionTransformer:
+        """A copy with ``num_layers`` decoder layers that computes exactly what this model
+        computes. The new layers are spread evenly, each a copy of the layer before it with
+        its attention output and MLP down projections zeroed, so that it adds nothing to the
+        residual stream until training opens it (function-preserving growth, as in Net2Net
+        and stacking)."""
+        c = self.config
+        if num_layers <= c.num_layers:
+            raise UserInputError(
+                f"a deepened model needs more than its {c.num_layers} layers, got {num_layers}"
+            )
+        extra = num_layers - c.num_layers
+        after = sorted(round((k + 1) * c.num_layers / extra) - 1 for k in range(extra))
+        order = []  # (old layer, whether the copy starts as an identity) for each new layer
+        for i in range(c.num_layers):
+            order.append((i, False))
+            order.extend((i, True) for _ in range(after.count(i)))
+        state = self.state_dict()
+        prefix = "backbone.model.layers."
+        grown_state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+        for new, (old, identity) in enumerate(order):
+            for key, value in state.items():
+                if not key.startswith(f"{prefix}{old}."):
+                    continue
+                rest = key[len(f"{prefix}{old}.") :]
+                silent = identity and rest.startswith(("self_attn.o_proj.", "mlp.down_proj."))
+                grown_state[f"{prefix}{new}.{rest}"] = torch.zeros_like(value) if silent else value
+        grown = FusionTransformer(dataclasses.replace(c, num_layers=num_layers))
+        grown.load_state_dict(grown_state, strict=True)
+        return grown.to(device=self.device, dtype=self.dtype)
+
     @property
     def device(self) -> torch.device:
         return self.backbone.get_input_embeddings().weight.device
