@@ -831,6 +831,8 @@ def test_v_prediction_with_zero_terminal_snr_matches_diffusers_and_round_trips(t
     # samplers without the rescaled schedule are refused, by name
     with pytest.raises(UserInputError, match="'heun' cannot sample a model trained with zero"):
         loaded.generate("a red circle", Options(seed=3, scheduler="heun", **OPTS))
+    with pytest.raises(UserInputError, match="'pndm' cannot sample a model trained with zero"):
+        loaded.edit(Image.new("RGB", (32, 32)), "a blue circle", Options(scheduler="pndm", **OPTS))
     with pytest.raises(UserInputError, match="zero terminal SNR needs v_prediction"):
         build_scheduler(dataclasses.replace(cfg, prediction_type="epsilon"))
     with pytest.raises(UserInputError, match="unknown prediction type 'sample'"):

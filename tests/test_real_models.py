@@ -538,6 +538,11 @@ def test_img2img_edit_with_a_text_to_image_checkpoint(saved, capsys):
     assert a.settings["pipeline"] == "StableDiffusionImg2ImgPipeline"
     assert np.array_equal(pixels(a.images), pixels(b.images))
     assert not np.array_equal(pixels(a.images), pixels(c.images))
+    negative = gen.edit(
+        source, "a blue square", Options(strength=0.6, negative_prompt="red", **opts)
+    )
+    assert negative.settings["negative_prompt"] == "red"
+    assert not np.array_equal(pixels(a.images), pixels(negative.images))
     with pytest.raises(UserInputError, match="takes no image guidance"):
         gen.edit(source, "a blue square", Options(image_guidance_scale=1.5, **opts))
     with pytest.raises(UserInputError, match="not a multiple of 8"):
@@ -558,6 +563,10 @@ def test_instruct_pix2pix_edits_and_does_not_generate(saved):
     assert a.settings["pipeline"] == "StableDiffusionInstructPix2PixPipeline"
     assert a.images[0].size == (W, H)
     assert not np.array_equal(pixels(a.images), pixels(b.images))
+    negative = gen.edit(
+        source, "make it snowy", Options(image_guidance_scale=1.5, negative_prompt="rain", **opts)
+    )
+    assert not np.array_equal(pixels(a.images), pixels(negative.images))
     with pytest.raises(UserInputError, match="takes no strength"):
         gen.edit(source, "make it snowy", Options(strength=0.5, **opts))
     with pytest.raises(UserInputError, match="image-editing pipeline"):

@@ -336,7 +336,7 @@ class DiffusersTextToImage(TextToImage):
     def _sampler(self, pipe, name: str):
         """A scheduler by anygen's sampler name, if this pipeline's scheduler lists it as
         compatible (flow-matching pipelines take none of them)."""
-        from anygen.models.ldm import SAMPLER_SETTINGS, SCHEDULERS
+        from anygen.models.ldm import SCHEDULERS, make_sampler
 
         if name not in SCHEDULERS:
             raise UserInputError(
@@ -351,10 +351,8 @@ class DiffusersTextToImage(TextToImage):
                 "is not interchangeable with it (flow-matching models keep their own)"
             )
         key = f"{type(pipe).__name__}:{name}"
-        if key not in self._samplers:
-            self._samplers[key] = klass.from_config(
-                current.config, **SAMPLER_SETTINGS.get(name, {})
-            )
+        if key not in self._samplers:  # refuses a sampler that drops zero terminal SNR
+            self._samplers[key] = make_sampler(name, current)
         return self._samplers[key]
 
     def _run(self, pipe, kwargs: dict, progress: bool, what: str) -> list[Image.Image]:
@@ -391,6 +389,7 @@ class DiffusersTextToImage(TextToImage):
             num_images_per_prompt=1,
             generator=[make_generator(s, self.device) for s in seeds],
         )
+        _negative_per_prompt(kwargs, len(prompts))
         timer = Timer()
         with timer("generate"):
             images = self._run(self.pipe, kwargs, opts.progress, "denoising")
@@ -474,6 +473,7 @@ def run_edit(owner, edit_pipe, image: Image.Image, instruction: str, opts: Optio
         num_images_per_prompt=1,
         generator=[make_generator(s, owner.device) for s in seeds],
     )
+    _negative_per_prompt(kwargs, len(seeds))
     timer = Timer()
     with timer("edit"):
         images = helper._run(edit_pipe, kwargs, opts.progress, "editing")
@@ -481,3 +481,10 @@ def run_edit(owner, edit_pipe, image: Image.Image, instruction: str, opts: Optio
     return Output(
         segments=images, seed=seed, model=owner.name, timings=timer.timings, settings=settings
     )
+
+
+def _negative_per_prompt(kwargs: dict, n: int) -> None:
+    """A negative prompt as a list as long as the prompts: several diffusers pipelines
+    (img2img, InstructPix2Pix, HunyuanDiT, ...) refuse a string beside a list of prompts."""
+    if isinstance(kwargs.get("negative_prompt"), str):
+        kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * n
