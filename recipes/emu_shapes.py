@@ -300,6 +300,8 @@ def main(argv: list[str]) -> None:
         args.transformer_preset,
         "--seed",
         str(args.seed),
+        "--checkpoint-every",  # the flag is emu's too: pass it on to the transformer stage
+        str(args.checkpoint_every),
         *(["--resume"] if args.resume else []),
         *(["--bundle"] if args.bundle else []),
         *([] if any(a == "--mix" or a.startswith("--mix=") for a in rest) else ["--mix", EMU_MIX]),

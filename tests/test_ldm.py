@@ -181,6 +181,11 @@ def test_dit_denoiser_generates_and_saves(tmp_path):
         "a red circle", Options(seed=0, num_images=2, **OPTS)
     )
     assert np.array_equal(pixels(out.images), pixels(again.images))
+    patch, f = dit.components.denoiser.config.patch_size, dit.vae_factor
+    if patch > 1:  # a side the VAE divides but the patches do not: named, not a shape error
+        side = f * patch * 2 + f
+        with pytest.raises(UserInputError, match=f"not a multiple of {f * patch}, .*patch size"):
+            dit.generate("a red circle", Options(seed=0, width=side, height=side, **OPTS))
 
 
 def test_load_generator_resolves_a_directory(saved):
@@ -252,6 +257,7 @@ def test_cli_generate_prompts_file_and_json(saved, tmp_path, capsys):
         (["--model", "no-such-model"], "unknown model 'no-such-model'"),
         (["--dtype", "fp16", "--device", "cpu"], "fp16 is not supported on CPU"),
         (["--device", "meta"], "anygen runs on cpu, cuda or mps"),
+        (["--negative", "blue", "--guidance", "1"], "a negative prompt needs guidance above 1"),
     ],
 )
 def test_cli_generate_bad_input_is_one_line(saved, tmp_path, capsys, extra, message):

@@ -288,3 +288,13 @@ def part_location(path: Path, meta: dict, key: str) -> str:
     id that ``anygen.json`` records instead of a copy."""
     ref = meta.get(key, key)
     return str(Path(path) / ref) if (Path(path) / ref).is_dir() else ref
+
+
+def check_negative_guidance(negative_prompt: str | None, guidance: float | None) -> None:
+    """A negative prompt acts only through classifier-free guidance, which diffusion
+    pipelines run only above guidance 1: refuse it there rather than drop it."""
+    if negative_prompt is not None and guidance is not None and guidance <= 1.0:
+        raise UserInputError(
+            f"a negative prompt needs guidance above 1 (it steers classifier-free guidance); "
+            f"got guidance {guidance}"
+        )

@@ -37,6 +37,7 @@ from anygen.pipelines.base import (
     TextToImage,
     Timer,
     check_batch,
+    check_negative_guidance,
     check_prompt,
     make_generator,
     resolve_seed,
@@ -283,6 +284,7 @@ class DiffusersTextToImage(TextToImage):
                         else ""
                     )
                 )
+            check_negative_guidance(opts.negative_prompt, guidance)
             kwargs["negative_prompt"] = opts.negative_prompt
         settings["negative_prompt"] = opts.negative_prompt
 

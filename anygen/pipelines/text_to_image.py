@@ -41,6 +41,7 @@ from anygen.pipelines.base import (  # ANYGEN_FILE: beside model_index.json, any
     TextToImage,
     Timer,
     check_batch,
+    check_negative_guidance,
     make_generator,
 )
 from anygen.pipelines.runtime import Runtime, auto_attention, configure_pipeline
@@ -97,12 +98,14 @@ class LatentDiffusion(TextToImage):
         return int(self.components.denoiser.config.sample_size) * self.vae_factor
 
     def check_size(self, width: int, height: int) -> None:
-        f = self.vae_factor
+        patch = int(getattr(self.components.denoiser.config, "patch_size", None) or 1)
+        f = self.vae_factor * patch  # a DiT patchifies the latents
+        why = "the VAE's downsampling factor" + (
+            f" times the denoiser's patch size {patch}" if patch > 1 else ""
+        )
         for label, value in (("width", width), ("height", height)):
             if value % f:
-                raise UserInputError(
-                    f"{label} {value} is not a multiple of {f}, the VAE's downsampling factor"
-                )
+                raise UserInputError(f"{label} {value} is not a multiple of {f}, {why}")
             if not (f <= value <= MAX_SIDE):
                 raise UserInputError(f"{label} {value} is out of range [{f}, {MAX_SIDE}]")
 
@@ -151,6 +154,7 @@ class LatentDiffusion(TextToImage):
             if opts.guidance_scale is not None
             else self.defaults["guidance_scale"]
         )
+        check_negative_guidance(opts.negative_prompt, guidance)
         scheduler_name = opts.scheduler or self.defaults["scheduler"]
         width = opts.width or self.default_size
         height = opts.height or self.default_size

@@ -57,8 +57,11 @@ CONFIG_FILENAME = "train_config.json"
 _METRIC_COLUMNS = (
     "step", "loss", "lr", "grad_norm", "samples_per_s", "epoch", "elapsed_s", "time", "device"
 )  # fmt: skip
-# Settings that fix the data position of a step; a resume under other values warns.
-_DATA_ORDER_SETTINGS = ("seed", "batch_size", "gradient_accumulation_steps", "num_processes")
+# Settings that fix the data position of a step; a resume under other values warns (a
+# dataset of another size, as recipes that size it by --steps make, is shuffled anew).
+_DATA_ORDER_SETTINGS = (
+    "seed", "batch_size", "gradient_accumulation_steps", "num_processes", "dataset_size"
+)  # fmt: skip
 
 LossOutput = torch.Tensor | Mapping[str, torch.Tensor | float]
 LossFn = Callable[[nn.Module, Any], LossOutput]
