@@ -608,6 +608,21 @@ def test_math_attention_matches_sdpa(saved):
         assert np.abs(pixels(sdpa.images) - pixels(math.images)).max() <= 2
 
 
+def test_an_explicit_sdpa_switches_diffusers_models_back(saved):
+    """--attention sdpa after another backend (auto may pick xformers on CUDA) puts every
+    diffusers model back on SDPA processors."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    from anygen.pipelines.runtime import set_attention
+
+    gen = load_generator(str(saved("sd")), device="cpu", attention="math")
+    unet = gen.components.denoiser
+    assert {type(p) for p in unet.attn_processors.values()} == {AttnProcessor}
+    set_attention({"unet": unet, "vae": gen.components.vae}, "sdpa")
+    assert {type(p) for p in unet.attn_processors.values()} == {AttnProcessor2_0}
+    assert {type(p) for p in gen.components.vae.attn_processors.values()} <= {AttnProcessor2_0}
+
+
 def test_xformers_on_this_machine_fails_in_one_line(saved):
     if torch.cuda.is_available():
         pytest.skip("a CUDA machine may run xformers")

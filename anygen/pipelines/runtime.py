@@ -71,21 +71,19 @@ def check_offload_device(device: torch.device) -> None:
 
 def set_attention(modules: dict, backend: str) -> None:
     """Switch every diffusers model and transformers model among ``modules`` (name ->
-    component) to ``backend``. Both libraries load with PyTorch SDPA already, so "sdpa"
-    only checks the name."""
-    from anygen.attention import set_diffusers_attention, transformers_attn_implementation
-
-    if backend == "sdpa":
-        transformers_attn_implementation(backend)  # validates the name
-        return
+    component) to ``backend``. transformers models load with PyTorch SDPA already, so
+    "sdpa" leaves them as they are; diffusers models are switched back to it, since
+    ``auto_attention`` may have put them on xformers."""
     from diffusers import ModelMixin
     from transformers import PreTrainedModel
+
+    from anygen.attention import set_diffusers_attention, transformers_attn_implementation
 
     implementation = transformers_attn_implementation(backend)  # fails first for xformers
     for name, module in modules.items():
         if isinstance(module, ModelMixin):
             set_diffusers_attention(module, backend)
-        elif isinstance(module, PreTrainedModel):
+        elif isinstance(module, PreTrainedModel) and backend != "sdpa":
             module.set_attn_implementation(implementation)
         log.debug("attention of %s set to %s", name, backend)
 
