@@ -522,6 +522,11 @@ def test_save_and_load_round_trip(pipe, tmp_path):
     assert again.caption([scene_image(pipe.default_size)]) == pipe.caption(
         [scene_image(pipe.default_size)]
     )
+    math = load_generator(str(tmp_path / "m"), attention="math")  # --attention reaches it
+    assert math.transformer.backbone.config._attn_implementation == "eager"
+    assert math.caption([scene_image(pipe.default_size)]) == pipe.caption(
+        [scene_image(pipe.default_size)]
+    )
 
 
 def test_bad_input_is_named(pipe, tmp_path):

@@ -178,6 +178,12 @@ def test_save_and_load_round_trip(model, saved):
     a = model.generate("a red circle", Options(seed=3, **OPTS)).images[0]
     b = again.generate("a red circle", Options(seed=3, **OPTS)).images[0]
     assert np.array_equal(np.asarray(a), np.asarray(b))
+    # --attention reaches the T5 encoder and GPT-2 decoder: math (eager) draws the same codes
+    math = load_generator(str(saved), attention="math")
+    parts = (math.transformer.text_encoder, math.transformer.decoder)
+    assert [m.config._attn_implementation for m in parts] == ["eager", "eager"]
+    c = math.generate("a red circle", Options(seed=3, **OPTS)).images[0]
+    assert np.array_equal(np.asarray(a), np.asarray(c))
 
 
 def test_tokenizers_can_be_referenced_by_name(model, tmp_path):

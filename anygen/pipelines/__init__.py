@@ -162,12 +162,14 @@ def load_generator(
         from anygen.pipelines.parti import Parti
 
         runtime.refuse_for(name, "parti")
-        return Parti.from_pretrained(path, name=name, device=dev, dtype=torch_dtype)
+        parti = Parti.from_pretrained(path, name=name, device=dev, dtype=torch_dtype)
+        return _with_attention(parti, runtime, parti.transformer)
     if family == "FusionTransformer":
         from anygen.pipelines.fusion import Fusion
 
         runtime.refuse_for(name, "fusion")
-        return Fusion.from_pretrained(path, name=name, device=dev, dtype=torch_dtype)
+        fusion = Fusion.from_pretrained(path, name=name, device=dev, dtype=torch_dtype)
+        return _with_attention(fusion, runtime, fusion.transformer, fusion.images)
     if config.is_file():
         from anygen.pipelines.transformers_models import transformers_family
 
@@ -180,6 +182,16 @@ def load_generator(
         f"{name} ({path}) is not a model anygen can generate with"
         + (f": model class {family!r} cannot generate in by this version" if family else "")
     )
+
+
+def _with_attention(generator, runtime, *parts):
+    """``generator`` with ``--attention`` applied to the library models among its ``parts``
+    (its transformers decoders, a diffusion decoder); ``auto`` leaves them as loaded."""
+    if runtime.attention not in (None, "auto"):
+        from anygen.pipelines.runtime import library_models, set_attention
+
+        set_attention(library_models(*parts), runtime.attention)
+    return generator
 
 
 def _anygen_defaults(file: Path) -> dict | None:

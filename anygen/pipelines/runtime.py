@@ -88,6 +88,25 @@ def set_attention(modules: dict, backend: str) -> None:
         log.debug("attention of %s set to %s", name, backend)
 
 
+def library_models(*roots: torch.nn.Module) -> dict:
+    """The outermost diffusers and transformers models inside ``roots`` (name -> model):
+    what ``set_attention`` switches in a model anygen assembles from them (Parti's T5
+    encoder and GPT-2 decoder, the fusion backbone, a visual codec's UNet)."""
+    from diffusers import ModelMixin
+    from transformers import PreTrainedModel
+
+    found: dict = {}
+    for i, root in enumerate(roots):
+        inside: list[str] = []
+        for name, module in root.named_modules():
+            if any(name.startswith(f"{outer}.") for outer in inside):
+                continue
+            if isinstance(module, (ModelMixin, PreTrainedModel)):
+                inside.append(name)
+                found[f"{i}.{name}" if name else str(i)] = module
+    return found
+
+
 def auto_attention(modules: dict, device: torch.device | str) -> str:
     """Switch the diffusers models among ``modules`` (name -> component) to xformers where
     it is usable on ``device`` (``anygen.attention.auto_backend``); returns the backend
