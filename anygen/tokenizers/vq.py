@@ -84,7 +84,8 @@ class FactorizedQuantizer(nn.Module):
     codes are used evenly and training is stable. ``ema_decay`` None trains the codebook
     by the codebook loss; a float updates it as an EMA of the vectors assigned to each code
     (VQ-VAE-2). In training, codes whose assignment rate (an EMA, per call) falls below
-    ``dead_code_threshold`` are restarted from random vectors of the current batch.
+    ``dead_code_threshold`` (and that no vector of the batch chose) are restarted from
+    random vectors of the current batch.
     """
 
     def __init__(
@@ -161,10 +162,12 @@ class FactorizedQuantizer(nn.Module):
                 F.normalize(self.ema_sum / self.ema_count.clamp_min(1e-5)[:, None], dim=-1)
             )
         if self.dead_code_threshold > 0:
-            self._restart(flat)
+            self._restart(flat, counts)
 
-    def _restart(self, flat: torch.Tensor) -> None:
-        dead = (self.usage < self.dead_code_threshold).nonzero().squeeze(1)
+    def _restart(self, flat: torch.Tensor, counts: torch.Tensor) -> None:
+        # a code this batch was assigned to is alive: restarting it now would hand those
+        # vectors another code than the indices say
+        dead = ((self.usage < self.dead_code_threshold) & (counts == 0)).nonzero().squeeze(1)
         if dead.numel() == 0:
             return
         # every process restarts the same codes to the same vectors: rank 0's choice
