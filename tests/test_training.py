@@ -240,6 +240,20 @@ def test_interrupted_checkpoints_are_ignored_and_cleaned(tmp_path):
     assert read_marker(root / "step-00000006")["step"] == 6
 
 
+def test_resume_with_another_learning_rate_uses_it(tmp_path, caplog):
+    """A run resumed with a new --lr continues its schedule under the new peak, and says so
+    (the checkpoint's optimizer state would otherwise keep the old one)."""
+    out = tmp_path / "run"
+    base = dict(lr_schedule="constant", warmup_steps=0, log_every=1)
+    _complete_run(out, max_steps=2, learning_rate=0.01, **base)
+    config = TrainConfig(
+        output_dir=out, max_steps=4, batch_size=4, resume="latest", learning_rate=0.002, **base
+    )
+    train(make_model(), mse_loss, make_dataset(), config)
+    assert [round(r["lr"], 6) for r in _metrics(out)] == [0.01, 0.01, 0.002, 0.002]
+    assert "other optimizer settings" in caplog.text and "0.002" in caplog.text
+
+
 def test_resume_may_prune_the_checkpoint_it_started_from(tmp_path):
     # A long resume with keep_last_checkpoints deletes its own starting checkpoint, so
     # recipes count the steps this invocation trained from start_step, not by reading

@@ -295,7 +295,9 @@ def train(
     }
     start_step = 0
     if resume_from is not None:
-        start_step = _load_checkpoint(accelerator, resume_from, run_info, ema, config)
+        start_step = _load_checkpoint(
+            accelerator, resume_from, run_info, ema, config, optimizer, lr_scheduler
+        )
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         config_row = {
@@ -580,8 +582,12 @@ def _load_checkpoint(
     run_info: dict[str, int],
     ema: EMAModel | None,
     config: TrainConfig,
+    optimizer,
+    lr_scheduler,
 ) -> int:
-    """Load `path` into the prepared objects; returns its step."""
+    """Load `path` into the prepared objects; returns its step. The optimizer keeps this
+    run's learning rate, weight decay and betas, should they differ from the checkpoint's
+    (the checkpoint's would otherwise win silently)."""
     marker = ckpt.read_marker(path)
     step = marker["step"]
     has_ema = (path / ckpt.EMA_WEIGHTS).is_file()
@@ -600,12 +606,51 @@ def _load_checkpoint(
             path,
             ", ".join(f"{name} ({marker[name]} -> {run_info[name]})" for name in changed),
         )
+    asked = _hyperparameters(optimizer)
     accelerator.load_state(str(path))
+    saved = _hyperparameters(optimizer)
+    if saved != asked:
+        _apply_hyperparameters(optimizer, lr_scheduler, asked)
+        if accelerator.is_main_process:
+            logger.warning(
+                "resuming %s with other optimizer settings than it was saved with (%s -> %s): "
+                "the new ones apply from step %d on",
+                path,
+                saved,
+                asked,
+                step,
+            )
     if ema is not None:
         ckpt.load_ema(ema, path)
     if accelerator.is_main_process:
         logger.info("resumed from %s at step %d", path, step)
     return step
+
+
+_HYPERPARAMETERS = ("initial_lr", "weight_decay", "betas")
+
+
+def _hyperparameters(optimizer) -> list[dict]:
+    """Each param group's peak learning rate, weight decay and betas."""
+    return [
+        {k: tuple(g[k]) if k == "betas" else g.get(k) for k in _HYPERPARAMETERS if k in g}
+        for g in optimizer.param_groups
+    ]
+
+
+def _apply_hyperparameters(optimizer, lr_scheduler, values: list[dict]) -> None:
+    """Put ``values`` into the param groups, and the learning rate the schedule gives at its
+    restored position under the new peak."""
+    for group, value in zip(optimizer.param_groups, values, strict=True):
+        group.update(value)
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps it
+    scheduler.base_lrs = [value["initial_lr"] for value in values]
+    factors = [f(scheduler.last_epoch) for f in getattr(scheduler, "lr_lambdas", [])]
+    if len(factors) == len(values):
+        lrs = [base * f for base, f in zip(scheduler.base_lrs, factors, strict=True)]
+        for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        scheduler._last_lr = lrs
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
