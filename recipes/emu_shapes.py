@@ -221,6 +221,29 @@ def main(argv: list[str]) -> None:
     args, rest = parse_args(argv)
     out = args.output_dir
     codec_dir = out / "visual"
+    fusion = load_recipe(HERE / "fusion_shapes.py")
+    stage2 = [
+        "--output-dir",
+        str(out),
+        "--image-mode",
+        "continuous",
+        "--visual",
+        str(codec_dir),
+        "--name",
+        "shapes-emu",
+        "--preset",
+        args.transformer_preset,
+        "--seed",
+        str(args.seed),
+        "--checkpoint-every",  # the flag is emu's too: pass it on to the transformer stage
+        str(args.checkpoint_every),
+        *(["--resume"] if args.resume else []),
+        *(["--bundle"] if args.bundle else []),
+        *([] if any(a == "--mix" or a.startswith("--mix=") for a in rest) else ["--mix", EMU_MIX]),
+        *rest,
+    ]
+    if not args.codec_only:
+        fusion.parse_args(stage2)  # stage 2's flags fail now, not after the codec's training
     cfg = dataclasses.replace(VISUAL_PRESETS[args.preset])
     torch.manual_seed(args.seed)
     if not (codec_dir / "config.json").is_file():
@@ -286,27 +309,6 @@ def main(argv: list[str]) -> None:
         log.info("stage 1 done before: using the visual codec in %s", codec_dir)
     if args.codec_only:
         return
-    fusion = load_recipe(HERE / "fusion_shapes.py")
-    stage2 = [
-        "--output-dir",
-        str(out),
-        "--image-mode",
-        "continuous",
-        "--visual",
-        str(codec_dir),
-        "--name",
-        "shapes-emu",
-        "--preset",
-        args.transformer_preset,
-        "--seed",
-        str(args.seed),
-        "--checkpoint-every",  # the flag is emu's too: pass it on to the transformer stage
-        str(args.checkpoint_every),
-        *(["--resume"] if args.resume else []),
-        *(["--bundle"] if args.bundle else []),
-        *([] if any(a == "--mix" or a.startswith("--mix=") for a in rest) else ["--mix", EMU_MIX]),
-        *rest,
-    ]
     fusion.main(stage2)
 
 

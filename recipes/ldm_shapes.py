@@ -316,6 +316,19 @@ def main(argv: list[str]) -> None:
         raise UserInputError(f"--terminal-fraction must be in [0, 1], got {args.terminal_fraction}")
     if args.keep_checkpoints < 0:
         raise UserInputError(f"--keep-checkpoints must be >= 0, got {args.keep_checkpoints}")
+    if args.decoder_steps < 0:
+        raise UserInputError(f"--decoder-steps must be >= 0, got {args.decoder_steps}")
+    # each stage's loop settings fail now, not after the stages before it have trained
+    out = args.output_dir
+    if not (args.init_from or args.vae_from):
+        stage_config(args, out / "vae", args.vae_steps, args.vae_batch_size, args.vae_lr, 100)
+    stage_config(
+        args, out / "denoiser", args.steps, args.batch_size, args.lr, 200, ema_decay=args.ema_decay
+    )
+    if args.decoder_steps:
+        stage_config(
+            args, out / "decoder", args.decoder_steps, args.vae_batch_size, args.decoder_lr, 50
+        )
     cfg = dataclasses.replace(LDM_PRESETS[args.preset])
     if args.init_from:  # continue with the schedule the model learnt, unless told otherwise
         path = resolve(args.init_from) / "scheduler" / "scheduler_config.json"

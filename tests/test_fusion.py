@@ -1008,3 +1008,19 @@ def test_fusion_recipe_keeps_the_codec_card_when_a_bundle_replaces_its_folder(tm
     assert (visual / "eval.json").read_text() == '{"overall": 0.5}\n'
     module.write_codec_card(files, tmp_path / "no-codec")  # a model without visual/: nothing
     assert not (tmp_path / "no-codec").exists()
+
+
+def test_emu_recipe_refuses_a_bad_transformer_flag_before_training_the_codec(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "emu_shapes.py"
+    out = tmp_path / "run"
+    run = subprocess.run(
+        [sys.executable, "-m", "anygen", "train", str(recipe), "--output-dir", str(out),
+         "--preset", "tiny", "--visual-head", "difusion"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode != 0 and "invalid choice: 'difusion'" in run.stderr, run.stderr[-2000:]
+    assert not (out / "train-visual").exists()  # refused before the codec stage trained

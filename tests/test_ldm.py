@@ -568,6 +568,9 @@ def test_bundled_shapes_ldm_meets_its_quality_bar(bundled):
         ("--caption-forms", "position", "expected FORM=WEIGHT, got 'position'"),
         ("--caption-forms", "position=-1", "must be finite and >= 0"),
         ("--keep-checkpoints", "-1", "--keep-checkpoints must be >= 0, got -1"),
+        ("--ema-decay", "0", "ema_decay"),  # the denoiser's stage: refused before the VAE's
+        ("--decoder-lr", "0", "learning_rate > 0"),
+        ("--decoder-steps", "-1", "--decoder-steps must be >= 0, got -1"),
     ],
 )
 def test_recipe_refuses_bad_loss_settings_before_training_anything(tmp_path, flag, value, message):
