@@ -35,7 +35,7 @@ from anygen.errors import UserInputError
 from anygen.models.ldm import tokenize
 from anygen.output import write_text_atomic
 from anygen.pipelines.embeddings import save_embeddings, single_token_id
-from anygen.training import StepInfo, TrainConfig, device_description, train
+from anygen.training import TrainConfig, device_description, train
 from anygen.training.subjects import (
     SubjectPairs,
     SubjectTrainer,
@@ -102,16 +102,12 @@ def finetune(args: argparse.Namespace) -> dict:
         c.tokenizer, c.text_encoder, args.token, args.init_word or args.class_word
     )
     table = c.text_encoder.get_input_embeddings().weight  # (V, D)
-    frozen = table.detach().clone()
-    keep = torch.ones(len(frozen), dtype=torch.bool)
-    keep[row] = False
+    learns = torch.zeros(len(table), 1)
+    learns[row] = 1.0
     table.requires_grad_(True)
-
-    def restore_other_rows(info: StepInfo) -> None:
-        # Only the identifier's row learns: the optimizer moves the whole table (Adam
-        # and weight decay touch rows with zero gradient too), so the rest is put back.
-        with torch.no_grad():
-            table[keep] = frozen[keep].to(table.device, table.dtype)
+    # Only the identifier's row learns: every other row's gradient is zeroed, so that
+    # AdamW (no weight decay) never moves it, and every checkpoint holds the table as it is.
+    table.register_hook(lambda grad: grad * learns.to(grad.device, grad.dtype))
 
     instance = encode_images(c.vae, references, size)
     data = SubjectPairs(instance, tokenize(c.tokenizer, [prompt])[0])
@@ -135,7 +131,6 @@ def finetune(args: argparse.Namespace) -> dict:
         data,
         config,
         trainable_parameters=[table],
-        callbacks=[restore_other_rows],
     )
     train_s = time.perf_counter() - started
     if not result.is_main_process:

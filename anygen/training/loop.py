@@ -608,6 +608,9 @@ def _load_checkpoint(
         )
     asked = _hyperparameters(optimizer)
     accelerator.load_state(str(path))
+    # accelerate restores its micro-batch count; under another accumulation it would end
+    # the first step early: count the steps done at this run's accumulation
+    accelerator.step = step * config.gradient_accumulation_steps
     saved = _hyperparameters(optimizer)
     if saved != asked:
         _apply_hyperparameters(optimizer, lr_scheduler, asked)
