@@ -173,6 +173,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(f"--plain sets {', '.join(unknown)}; it may set {', '.join(HEADERS)}")
     code_flags = {"--guidance": args.guidance, "--temperature": args.temperature}
     code_flags["--top-p"] = args.top_p
+    code_flags["--extend-temperature"] = args.extend_temperature
     given = [flag for flag, value in code_flags.items() if value is not None]
     if args.target == "story" and given:
         p.error(f"{', '.join(given)} apply to the rerank and defaults targets, not to story")

@@ -299,6 +299,7 @@ def test_the_story_target_writes_the_story_temperature(tokenizer, tmp_path):  # 
     "extra, message",
     [
         (["--target", "story", "--guidance", "2"], "--guidance apply to the rerank and defaults"),
+        (["--target", "story", "--extend-temperature", "0.9"], "--extend-temperature apply"),
         (["--story-temperature", "0"], "--story-temperature applies to --target story"),
         (["--target", "story", "--story-temperature", "-1"], "must be at least 0"),
     ],
