@@ -266,6 +266,21 @@ def test_resume_may_prune_the_checkpoint_it_started_from(tmp_path):
     assert (result.start_step, result.step) == (2, 6)
 
 
+def test_resume_from_an_earlier_checkpoint_refuses_while_later_ones_remain(tmp_path):
+    """Later checkpoints of the abandoned run would pass for the resumed run's own (latest
+    and pruning prefer them): named, and training again from there is the user's call."""
+    out = tmp_path / "run"
+    _complete_run(out, max_steps=6)
+    early = out / "checkpoints" / "step-00000002"
+    config = dict(output_dir=out, max_steps=6, batch_size=4, checkpoint_every=2)
+    with pytest.raises(UserInputError, match="after step-00000002 .*step-00000004, step-00000006"):
+        train(make_model(), mse_loss, make_dataset(), TrainConfig(resume=str(early), **config))
+    for later in ("step-00000004", "step-00000006"):
+        shutil.rmtree(out / "checkpoints" / later)
+    result = train(make_model(), mse_loss, make_dataset(), TrainConfig(resume=str(early), **config))
+    assert (result.start_step, result.step) == (2, 6)
+
+
 def test_fresh_start_refuses_an_output_dir_with_checkpoints(tmp_path):
     out = tmp_path / "run"
     _complete_run(out, max_steps=2)
