@@ -77,6 +77,23 @@ class VQTrainer(nn.Module):
         self.foreground_weight = foreground_weight
         self.discriminator = PatchDiscriminator() if gan_weight > 0 else None
 
+    # The quantizer's usage statistics decide dead-code restarts but are not weights of the
+    # tokenizer (a non-persistent buffer): the training checkpoint carries them, so that a
+    # resumed run restarts the codes an unbroken one would.
+    USAGE_KEY = "quantizer_usage"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        usage = self.tokenizer.quantizer.usage
+        destination[prefix + self.USAGE_KEY] = usage if keep_vars else usage.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        usage = state_dict.pop(prefix + self.USAGE_KEY, None)
+        if usage is not None:  # checkpoints written before it was saved lack it
+            with torch.no_grad():
+                self.tokenizer.quantizer.usage.copy_(usage)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, images: torch.Tensor) -> dict:
         return vq_loss(
             self.tokenizer,

@@ -364,3 +364,27 @@ def test_a_grown_decoder_starts_as_the_same_decoder():
     assert torch.equal(grown.encode(images()), tok.encode(images()))
     with pytest.raises(UserInputError, match="cannot shrink the decoder from 1 to 0 layers"):
         tok.with_decoder_layers(0)
+
+
+def test_the_training_checkpoint_carries_the_codebook_usage():
+    """Dead-code restarts read the quantizer's usage, which the tokenizer does not save: the
+    recipe's trainer does, so that a resumed run restarts what an unbroken one would."""
+    from pathlib import Path
+
+    from anygen.training import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "vq_shapes.py")
+    trainer = recipe.VQTrainer(
+        tiny(dead_code_threshold=0.05), gan_weight=0.0, foreground_weight=1.0
+    )
+    usage = torch.rand_like(trainer.tokenizer.quantizer.usage)
+    trainer.tokenizer.quantizer.usage.copy_(usage)
+    state = trainer.state_dict()
+    assert torch.equal(state["quantizer_usage"], usage)
+    assert "quantizer.usage" not in trainer.tokenizer.state_dict()  # not a tokenizer weight
+    fresh = recipe.VQTrainer(tiny(dead_code_threshold=0.05), gan_weight=0.0, foreground_weight=1.0)
+    assert not torch.equal(fresh.tokenizer.quantizer.usage, usage)
+    fresh.load_state_dict(state, strict=True)
+    assert torch.equal(fresh.tokenizer.quantizer.usage, usage)
+    older = {k: v for k, v in state.items() if k != "quantizer_usage"}  # before it was saved
+    fresh.load_state_dict(older, strict=True)
