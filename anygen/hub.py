@@ -187,7 +187,12 @@ def _download_tqdm():
         return None
     from tqdm.auto import tqdm
 
-    return tqdm
+    class DownloadBar(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("disable", None)  # off where output is not a terminal
+            super().__init__(*args, **kwargs)
+
+    return DownloadBar
 
 
 def _download(repo_id: str, kind: str | None, friendly: str | None = None) -> Path:

@@ -207,6 +207,11 @@ def test_a_deepened_model_computes_what_it_was_grown_from(transformer):
     h0, _ = transformer.hidden(transformer.embed(x), mask, pos)
     h1, _ = grown.hidden(grown.embed(x), mask, pos)
     assert torch.allclose(h0, h1, atol=1e-6)
+    tripled = transformer.deepened(3 * c.num_layers)  # several new layers after one old one
+    assert same(
+        decode(transformer, prompts(c), PLANS["story"], Sampling(), gens(3)),
+        decode(tripled, prompts(c), PLANS["story"], Sampling(), gens(3)),
+    )
     with pytest.raises(UserInputError, match=f"more than its {c.num_layers} layers"):
         transformer.deepened(c.num_layers)
 

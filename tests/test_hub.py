@@ -390,4 +390,5 @@ def test_downloads_show_a_bar_unless_the_user_switched_the_hubs_off(tmp_path, mo
         _quiet_libraries()
         assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
         assert _download("anygen-test/tok", "tokenizer") == tmp_path
-        assert seen["tqdm_class"] is bar
+        drawn = seen["tqdm_class"]
+        assert drawn is None if bar is None else issubclass(drawn, bar)

@@ -518,6 +518,8 @@ def test_lora_file_in_a_folder_or_a_hub_repo(tmp_path, monkeypatch):
     assert _lora_file(LoraSpec(str(folder))) == folder / "pytorch_lora_weights.safetensors"
     assert _hub_file("org/repo/sub/v1.safetensors") == ("org/repo", "sub/v1.safetensors")
     assert _hub_file("org/repo") is None and _hub_file("./org/repo/v1.safetensors") is None
+    monkeypatch.chdir(tmp_path)  # a missing file under a local folder is a local path
+    assert _hub_file("loras/typo/v1.safetensors") is None
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
     with pytest.raises(ModelNotFoundError, match="anygen-test/loras is not in the Hugging Face"):
@@ -621,6 +623,9 @@ def test_an_explicit_sdpa_switches_diffusers_models_back(saved):
     set_attention({"unet": unet, "vae": gen.components.vae}, "sdpa")
     assert {type(p) for p in unet.attn_processors.values()} == {AttnProcessor2_0}
     assert {type(p) for p in gen.components.vae.attn_processors.values()} <= {AttnProcessor2_0}
+    # models of other processors (SD3's joint attention) run SDPA as loaded: left alone
+    sd3 = load_generator(str(saved("sd3")), device="cpu", attention="sdpa")
+    assert sd3.generate("a red circle", Options(seed=0, width=W, height=H, **OPTS)).images
 
 
 def test_xformers_on_this_machine_fails_in_one_line(saved):

@@ -191,6 +191,14 @@ def tiny_vqmodel():
     ).eval()
 
 
+def test_a_diffusers_vqmodel_in_pickle_is_refused(tmp_path):
+    tiny_vqmodel().save_pretrained(tmp_path / "vq", safe_serialization=False)
+    with pytest.raises(CheckpointError, match="cannot load the VQModel"):
+        load_image_tokenizer(tmp_path / "vq")
+    tiny_vqmodel().save_pretrained(tmp_path / "ok")  # safetensors: loads
+    assert load_image_tokenizer(tmp_path / "ok").codebook_size == 24
+
+
 def test_diffusers_vqmodel_behind_the_same_interface(tmp_path):
     vq = tiny_vqmodel()
     tok = DiffusersVQ(vq)

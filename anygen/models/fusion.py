@@ -298,7 +298,7 @@ class FusionTransformer(nn.Module):
                 f"a deepened model needs more than its {c.num_layers} layers, got {num_layers}"
             )
         extra = num_layers - c.num_layers
-        after = sorted(round((k + 1) * c.num_layers / extra) - 1 for k in range(extra))
+        after = sorted(int((k + 0.5) * c.num_layers / extra) for k in range(extra))
         order = []  # (old layer, whether the copy starts as an identity) for each new layer
         for i in range(c.num_layers):
             order.append((i, False))

@@ -163,7 +163,7 @@ def load_generator(
 
         runtime.refuse_for(name, "parti")
         parti = Parti.from_pretrained(path, name=name, device=dev, dtype=torch_dtype)
-        return _with_attention(parti, runtime, parti.transformer)
+        return _with_attention(parti, runtime, parti.transformer, parti.image_tokenizer)
     if family == "FusionTransformer":
         from anygen.pipelines.fusion import Fusion
 

@@ -210,6 +210,8 @@ def _hub_file(source: str) -> tuple[str, str] | None:
     parts = source.split("/")
     if len(parts) < 3 or not source.endswith(".safetensors") or Path(source).expanduser().exists():
         return None
-    if source.startswith((".", "/", "~")) or not _is_hub_id("/".join(parts[:2])):
+    if source.startswith((".", "/", "~")) or Path(parts[0]).expanduser().exists():
+        return None  # a local path (a missing file in it is named by resolve)
+    if not _is_hub_id("/".join(parts[:2])):
         return None
     return "/".join(parts[:2]), "/".join(parts[2:])

@@ -71,17 +71,24 @@ def check_offload_device(device: torch.device) -> None:
 
 def set_attention(modules: dict, backend: str) -> None:
     """Switch every diffusers model and transformers model among ``modules`` (name ->
-    component) to ``backend``. transformers models load with PyTorch SDPA already, so
-    "sdpa" leaves them as they are; diffusers models are switched back to it, since
-    ``auto_attention`` may have put them on xformers."""
+    component) to ``backend``. Both libraries load with PyTorch SDPA, so "sdpa" leaves
+    transformers models and diffusers models of other processors (SD3's joint attention,
+    custom ones) as loaded, and switches back the classic-processor models that
+    ``auto_attention`` may have put on xformers."""
     from diffusers import ModelMixin
     from transformers import PreTrainedModel
 
-    from anygen.attention import set_diffusers_attention, transformers_attn_implementation
+    from anygen.attention import (
+        has_classic_attention,
+        set_diffusers_attention,
+        transformers_attn_implementation,
+    )
 
     implementation = transformers_attn_implementation(backend)  # fails first for xformers
     for name, module in modules.items():
         if isinstance(module, ModelMixin):
+            if backend == "sdpa" and not has_classic_attention(module):
+                continue
             set_diffusers_attention(module, backend)
         elif isinstance(module, PreTrainedModel) and backend != "sdpa":
             module.set_attn_implementation(implementation)
@@ -99,7 +106,7 @@ def library_models(*roots: torch.nn.Module) -> dict:
     for i, root in enumerate(roots):
         inside: list[str] = []
         for name, module in root.named_modules():
-            if any(name.startswith(f"{outer}.") for outer in inside):
+            if any(outer == "" or name.startswith(f"{outer}.") for outer in inside):
                 continue
             if isinstance(module, (ModelMixin, PreTrainedModel)):
                 inside.append(name)

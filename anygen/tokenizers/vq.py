@@ -33,7 +33,7 @@ from einops import rearrange
 from torch import nn
 
 from anygen.attention import attention
-from anygen.errors import CheckpointError, UserInputError
+from anygen.errors import CheckpointError, UserInputError, load_errors
 from anygen.hub import CONFIG_NAME, PretrainedMixin, resolve
 
 log = logging.getLogger(__name__)
@@ -564,7 +564,11 @@ def load_image_tokenizer(
     elif class_name == "VQModel":
         from diffusers import VQModel
 
-        tok = DiffusersVQ(VQModel.from_pretrained(path, dtype=dtype)).to(device).eval()
+        try:
+            vq = VQModel.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        except load_errors() as e:
+            raise CheckpointError(f"cannot load the VQModel in {path}: {e}") from None
+        tok = DiffusersVQ(vq).to(device).eval()
     else:
         raise CheckpointError(
             f"{path} holds a {class_name or 'model without _class_name'}; an image tokenizer "

@@ -562,12 +562,11 @@ def _resolve_resume(accelerator: Accelerator, config: TrainConfig) -> Path | Non
         path = Path(config.resume)
         step = ckpt.read_marker(path)["step"]
         later = [p for s, p in ckpt.list_checkpoints(output_dir) if s > step]
-        if later and path.resolve().parent == ckpt.checkpoints_dir(output_dir).resolve():
-            # they would pass for this run's own: `latest` and pruning would prefer them
+        if later:  # they would pass for this run's own: `latest` and pruning prefer them
             raise UserInputError(
                 f"{output_dir} holds checkpoints after {path.name} "
-                f"({', '.join(p.name for p in later)}), from the run it is resumed from: "
-                "remove them to train again from there, or resume from the latest"
+                f"({', '.join(p.name for p in later)}): remove them to train again from "
+                "there, or resume from the latest"
             )
         return path
     if config.resume is None:
