@@ -335,8 +335,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
     generator = _load(args, task="caption")
     print(f"anygen: model {generator.name}", file=sys.stderr)
     _require(generator, "caption", "caption images")
+    seed = args.seed if args.seed is not None else _fresh_seed()  # recorded: sampling uses it
     options = Options(
-        seed=args.seed,
+        seed=seed,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         progress=False,
@@ -348,7 +349,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
         ranked = generator.best_captions(images, args.rerank, options)
     for path, (caption, kept, score) in zip(args.images, ranked, strict=True):
         if args.json:
-            record = {"image": path, "caption": caption, "model": generator.name}
+            record = {"image": path, "caption": caption, "model": generator.name, "seed": seed}
             if args.rerank is not None:
                 record["rerank"] = {"candidates": args.rerank, "kept": kept, "score": score}
             print(json.dumps(record))
@@ -364,15 +365,17 @@ def cmd_ask(args: argparse.Namespace) -> int:
     generator = _load(args, task="ask")
     print(f"anygen: model {generator.name}", file=sys.stderr)
     _require(generator, "answer", "answer questions about images")
+    seed = args.seed if args.seed is not None else _fresh_seed()  # recorded: sampling uses it
     options = Options(
-        seed=args.seed,
+        seed=seed,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         progress=False,
     ).validate()
     (answer,) = generator.answer(images, [args.question], options)
     if args.json:
-        print(json.dumps({"image": args.image, "question": args.question, "answer": answer}))
+        record = {"image": args.image, "question": args.question, "answer": answer}
+        print(json.dumps({**record, "model": generator.name, "seed": seed}))
     else:
         print(answer)
     return 0
@@ -423,11 +426,15 @@ def cmd_edit(args: argparse.Namespace) -> int:
 def cmd_story(args: argparse.Namespace) -> int:
     from anygen.output import check_story_dir, picture_name, save_png, save_story
     from anygen.pipelines import Options, load_generator
-    from anygen.pipelines.story import Story, stream_story
+    from anygen.pipelines.story import MAX_SCENES, Story, story_settings, stream_story
     from anygen.userconfig import default_model
 
     if not args.prompt.strip():
         raise UserInputError("the prompt is empty")
+    if not 1 <= args.scenes <= MAX_SCENES:  # before minutes of loading
+        raise UserInputError(
+            f"scenes must be a whole number from 1 to {MAX_SCENES}, got {args.scenes}"
+        )
     folder = check_story_dir(args.output_dir, overwrite=args.overwrite)
     seed = args.seed if args.seed is not None else _fresh_seed()
     options = Options(
@@ -437,6 +444,7 @@ def cmd_story(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         progress=False,
     ).validate()
+    settings = story_settings(options)
     generator = load_generator(args.model or default_model("story"), device=args.device)
     print(f"anygen: model {generator.name}, seed {seed}", file=sys.stderr)
     segments: list = [args.prompt]
@@ -461,10 +469,17 @@ def cmd_story(args: argparse.Namespace) -> int:
             print(segment, flush=True)
             continue
         file = picture_name(len(files) + 1)
-        save_png(segment, folder / file, overwrite=args.overwrite)
+        record = {  # the story's seed: story.json gives each scene's own
+            "prompt": args.prompt,
+            "seed": seed,
+            "scene": len(files) + 1,
+            "model": generator.name,
+            **settings,
+        }
+        save_png(segment, folder / file, metadata=record, overwrite=args.overwrite)
         files.append(file)
         print(f"  [picture {len(files)}: {folder / file}]", flush=True)
-    story = Story(segments, 1, seeds, generator.name, seed, times, opening or None)
+    story = Story(segments, 1, seeds, generator.name, seed, times, opening or None, settings)
     save_story(story, folder, files=files, overwrite=args.overwrite)
     print(f"wrote {folder / 'story.html'}, story.md and story.json", file=sys.stderr)
     return 0

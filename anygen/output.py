@@ -128,6 +128,7 @@ def story_record(story, files: list[str]) -> dict:
     return {
         "model": story.model,
         "seed": story.seed,
+        "settings": dict(getattr(story, "settings", None) or {}),
         "scene_seeds": story.seeds,
         "segments": segments,
     }
@@ -196,6 +197,10 @@ def save_story(
     through a temporary name. Returns the JSON record."""
     folder = Path(folder)
     pictures = [s for s in story.segments if not isinstance(s, str)]
+    # every file is checked before any is written: no half-replaced folder
+    names = [*(picture_name(i) for i in range(1, len(pictures) + 1) if files is None), *STORY_FILES]
+    for name in names:
+        check_writable(folder / name, overwrite=overwrite)
     if files is None:
         files = []
         for i, image in enumerate(pictures, start=1):
@@ -208,4 +213,8 @@ def save_story(
     write_text_atomic(
         folder / "story.html", story_html(record, title, dict(zip(files, pictures, strict=True)))
     )
+    if overwrite:  # the story replaced has no pictures left over (removed once this is whole)
+        for old in folder.glob("picture-*.png"):
+            if old.name not in files:
+                old.unlink(missing_ok=True)
     return record

@@ -166,6 +166,7 @@ def test_caption_and_ask_default_to_the_bundled_model_that_reads_images(
     assert captured.err.strip() == "anygen: model shapes-fusion"
     record = json.loads(captured.out)
     assert record["model"] == "shapes-fusion" and parse_caption(record["caption"]).phrases
+    assert isinstance(record["seed"], int)  # drawn when not given, and recorded
     assert cli(["ask", str(tmp_path / "x.png"), "how many objects are there?", "--json"]) == 0
     captured = capsys.readouterr()
     assert captured.err.strip() == "anygen: model shapes-fusion"

@@ -141,6 +141,9 @@ def test_bad_scoring_requests_are_named(scorer, tokenizer, parti):
         fusion(tokenizer, "continuous").score(image, ["a red circle"], by="pmi")
     # continuous models score by caption
     assert len(fusion(tokenizer, "continuous").score(image, ["a red circle"])) == 1
+    # a reranker refuses it when built, before any candidate is drawn
+    with pytest.raises(UserInputError, match="no likelihood to score by pmi"):
+        Reranked(parti, fusion(tokenizer, "continuous"), 2, by="pmi")
 
 
 def test_candidate_seeds_start_with_the_seed_and_never_repeat():

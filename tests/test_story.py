@@ -119,6 +119,37 @@ def test_bad_story_requests_are_named(gen):
         generate_story(gen, "  ", scenes=1)
     with pytest.raises(UserInputError, match="cannot tell stories"):
         generate_story(object(), "a red circle", scenes=1)
+    for scenes in (2.0, "3", True):
+        with pytest.raises(UserInputError, match="scenes must be a whole number"):
+            generate_story(gen, "a red circle", scenes=scenes)
+    for seed in (-3, 2**70):
+        with pytest.raises(UserInputError, match="seed must be between"):
+            generate_story(gen, "a red circle", scenes=1, seed=seed)
+    with pytest.raises(UserInputError, match="guidance scale must be a finite number"):
+        generate_story(gen, "a red circle", scenes=1, options=Options(guidance_scale=float("inf")))
+
+
+def test_story_record_holds_its_settings_and_never_replaces_files_unasked(gen, tmp_path):
+    opts = Options(temperature=0.9, guidance_scale=3.0, max_new_tokens=8)
+    story = generate_story(gen, "a small red circle", scenes=2, seed=3, options=opts)
+    (tmp_path / "a").mkdir()
+    record = save_story(story, tmp_path / "a")
+    assert record["settings"] == {"guidance_scale": 3.0, "temperature": 0.9, "max_new_tokens": 8}
+    again = generate_story(
+        gen, "a small red circle", 2, seed=3, options=Options(**record["settings"])
+    )
+    assert again.texts == story.texts  # the record reproduces the story
+    notes = tmp_path / "b"
+    notes.mkdir()
+    (notes / "story.md").write_text("my notes")
+    with pytest.raises(UserInputError, match="story.md exists"):
+        save_story(story, notes)
+    assert (notes / "story.md").read_text() == "my notes" and not (
+        notes / "picture-01.png"
+    ).exists()
+    short = generate_story(gen, "a small red circle", scenes=1, seed=3)
+    save_story(short, tmp_path / "a", overwrite=True)  # a shorter story leaves no old picture
+    assert sorted(p.name for p in (tmp_path / "a").glob("picture-*.png")) == ["picture-01.png"]
 
 
 def test_story_files_hold_the_segments_in_order(gen, tmp_path):

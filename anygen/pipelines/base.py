@@ -8,6 +8,7 @@ holds what came back (images, text segments, the seed used, timings).
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import time
@@ -76,6 +77,12 @@ class Options:
 
     def validate(self) -> Options:
         """Raise ``UserInputError`` naming the first bad value; return self."""
+        for name in ("guidance_scale", "temperature", "top_p", "strength", "image_guidance_scale"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise UserInputError(
+                    f"{name.replace('_', ' ')} must be a finite number, got {value}"
+                )
         if self.seed is not None and not (0 <= self.seed <= MAX_SEED):
             raise UserInputError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
         if self.num_images < 1:

@@ -104,6 +104,11 @@ class Reranked(TextToImage):
             raise UserInputError(f"candidates must be at least 1, got {candidates}")
         if by not in SCORES:
             raise UserInputError(f"unknown score {by!r}; choose one of {', '.join(SCORES)}")
+        if by == "pmi" and getattr(getattr(scorer, "config", None), "continuous", False):
+            raise UserInputError(  # now, not after a batch of candidates has been drawn
+                f"{scorer.name!r} regresses its images (continuous): they have no likelihood "
+                "to score by pmi; score by caption"
+            )
         self.base, self.scorer, self.candidates, self.by = base, scorer, candidates, by
         self.name, self.family, self.defaults = base.name, base.family, base.defaults
         self.sampling = candidate_sampling(base)

@@ -52,6 +52,8 @@ class Story:
     scene_seconds: list[float] = field(default_factory=list)
     # the opening picture's best of K: {"candidates", "seed" (the kept one's), "score"}
     opening: dict | None = None
+    # the sampling options it was told with (those set): with the seed, they reproduce it
+    settings: dict = field(default_factory=dict)
 
     @property
     def images(self) -> list[Image.Image]:
@@ -88,8 +90,10 @@ def _check(model, prompt: str | Sequence[Segment], scenes: int) -> list[Segment]
             f"model {getattr(model, 'name', model)!r} cannot tell stories: it does not write "
             "interleaved text and images (use a fusion model, e.g. shapes-fusion)"
         )
-    if not 1 <= scenes <= MAX_SCENES:
-        raise UserInputError(f"scenes must be between 1 and {MAX_SCENES}, got {scenes}")
+    if isinstance(scenes, bool) or not isinstance(scenes, int) or not 1 <= scenes <= MAX_SCENES:
+        raise UserInputError(
+            f"scenes must be a whole number from 1 to {MAX_SCENES}, got {scenes!r}"
+        )
     check_prompt(prompt)  # an empty text, or no segments
     segments = [prompt] if isinstance(prompt, str) else list(prompt)
     check_prompt(segments)
@@ -122,6 +126,7 @@ def stream_story(
         )
     opts = (options or Options()).validate()
     seed = resolve_seed(seed if seed is not None else opts.seed)
+    Options(seed=seed).validate()  # an explicit seed meets the same bounds
     max_new = opts.max_new_tokens or getattr(model, "defaults", {}).get("max_new_tokens", 24)
     seeds_out = seeds_out if seeds_out is not None else []
     times_out = times_out if times_out is not None else []
@@ -192,6 +197,7 @@ def generate_story(
     given = _check(model, prompt, scenes)
     opts = (options or Options()).validate()
     seed = resolve_seed(seed if seed is not None else opts.seed)
+    Options(seed=seed).validate()  # an explicit seed meets the same bounds
     seeds, times, opening = [], [], {}
     new = list(
         stream_story(
@@ -215,4 +221,13 @@ def generate_story(
         seed=seed,
         scene_seconds=times,
         opening=opening or None,
+        settings=story_settings(opts),
     )
+
+
+STORY_SETTINGS = ("guidance_scale", "temperature", "top_k", "top_p", "max_new_tokens", "steps")
+
+
+def story_settings(opts: Options) -> dict:
+    """The sampling options a story was told with, those that were set."""
+    return {k: getattr(opts, k) for k in STORY_SETTINGS if getattr(opts, k) is not None}
