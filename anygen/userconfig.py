@@ -69,12 +69,15 @@ def read_config_file(path: Path | None = None) -> dict:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserInputError(f"{path} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise UserInputError(f"cannot read {path}: {e.strerror}") from None
     data = dict(data)
     models = data.pop("models", {})
     _check_keys(path, data, (*KEYS, "models"), "keys")  # models is popped: listed, never bad
     if not isinstance(models, dict):
         raise UserInputError(f"{path}: models must be a table ([models], one command a line)")
     _check_keys(path, models, COMMANDS, "commands in [models]")
+    data = {k: v.strip() for k, v in data.items()}  # as the environment's values are
     if models:
         data["models"] = {k: v.strip() for k, v in models.items()}
     return data

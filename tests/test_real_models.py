@@ -1137,7 +1137,7 @@ def test_default_model_precedence(tmp_path, monkeypatch):
     assert [default_model(t) for t in tasks] == ["shapes-fusion"] * 4
     config = tmp_path / "anygen" / "config.toml"
     config.parent.mkdir()
-    config.write_text('model = "sdxl"\ndevice = "cpu"\n')
+    config.write_text('model = "sdxl "\ndevice = " cpu"\n')  # spaces stripped, as in [models]
     assert default_model() == "sdxl" and user_default("device") == "cpu"
     assert default_model("caption") == "sdxl"  # the user's default serves every command
     config.write_text('model = "sdxl"\n[models]\ncaption = "llava-1.5-7b"\nstory = " x "\n')
