@@ -144,6 +144,9 @@ def test_bad_scoring_requests_are_named(scorer, tokenizer, parti):
     # a reranker refuses it when built, before any candidate is drawn
     with pytest.raises(UserInputError, match="no likelihood to score by pmi"):
         Reranked(parti, fusion(tokenizer, "continuous"), 2, by="pmi")
+    # greedy codes make every candidate the same image: refused, as for captions
+    with pytest.raises(UserInputError, match="candidates that differ"):
+        Reranked(parti, scorer, 2).generate_batch(["a red circle"], [0], Options(temperature=0.0))
 
 
 def test_candidate_seeds_start_with_the_seed_and_never_repeat():

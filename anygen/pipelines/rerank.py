@@ -124,6 +124,14 @@ class Reranked(TextToImage):
         """One image per (prompt, seed): the best of that pair's candidates."""
         opts = self.candidate_options(check_batch(prompts, seeds, options))
         k = self.candidates
+        if k > 1 and _draws_codes(self.base):  # greedy codes: every candidate the same
+            temperature = opts.temperature
+            if temperature is None:
+                temperature = self.base.defaults.get("temperature")
+            if temperature is not None and temperature <= 0:
+                raise UserInputError(
+                    "ranking images needs candidates that differ: a temperature above 0"
+                )
         cands = [candidate_seeds(s, k) for s in seeds]  # (B, K)
         timer = Timer()
         images, scores = [], []  # [candidate j][prompt i]
@@ -204,3 +212,10 @@ def select_block(
         **rule,
     )
     return {"candidates": candidates, "by": by, "reranker": scorer.name, **result}
+
+
+def _draws_codes(base) -> bool:
+    """Whether ``base`` samples its images as discrete codes (a Parti model, a discrete
+    fusion model), so that temperature 0 makes every seed draw the same image."""
+    config = getattr(base, "config", None)
+    return base.family == "parti" or (base.family == "fusion" and not config.continuous)
