@@ -94,6 +94,9 @@ def _time_backends(
 
 def bench_decoders(s: Settings, rec: Recorder) -> None:
     """VAE, VQ and visual-decoder decode throughput per attention backend."""
+    if not s.eager:
+        rec.skip("decoders", "compiled variants", "not built: the decoders run eager only")
+        return
     backends = attention_backends(s, rec, "decoders")
     dtype = s.dtype_or(torch.float16)
     for bench in (vae_decode, vq_decode, visual_decode):
