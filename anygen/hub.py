@@ -503,8 +503,12 @@ def _weights_files(folder: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to file names")
         return [folder / name for name in sorted(set(weight_map.values()))]
     candidates = sorted(folder.glob("*.safetensors"))
     if len(candidates) == 1:
@@ -548,8 +552,9 @@ def _load_pickle(file: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"cannot read {file} with torch.load(weights_only=True): {e}"
+            f"cannot read {file} with torch.load(weights_only=True): {first}"
         ) from None
     # Lightning / original Stable Diffusion .ckpt files nest the weights
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -657,7 +662,26 @@ def _build_config(config_class: type, values: dict[str, Any], where: str) -> Any
         hints = typing.get_type_hints(config_class)
     except (NameError, TypeError):
         hints = {}
-    return config_class(**{k: _coerce(v, hints.get(k), where) for k, v in values.items()})
+    coerced = {k: _coerce(v, hints.get(k), where) for k, v in values.items()}
+    for name, value in coerced.items():
+        expected = hints.get(name)
+        if expected in (int, float, str, bool) and not _is_a(value, expected):
+            raise CheckpointError(
+                f"{where}: {name} must be {expected.__name__}, got {type(value).__name__} {value!r}"
+            )
+    try:
+        return config_class(**coerced)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+def _is_a(value: Any, expected: type) -> bool:
+    """A JSON value of a config field's plain type (an int passes for a float)."""
+    if expected is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
 
 
 def load_config(
@@ -675,7 +699,7 @@ def load_config(
         raise CheckpointError(f"missing {CONFIG_NAME} in {path}")
     try:
         data = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{file} holds a {type(data).__name__}, not a JSON object")

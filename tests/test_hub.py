@@ -184,6 +184,12 @@ def test_missing_and_corrupt_files_are_named(tmp_path):
     with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
         load_config(tmp_path / "ckpt")
 
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    (sharded / "model.safetensors.index.json").write_text('{"weight_map": ["a.safetensors"]}')
+    with pytest.raises(CheckpointError, match="weight_map must map tensor names"):
+        load_state_dict(sharded)
+
 
 def test_pickle_refused_unless_allowed_and_then_weights_only(tmp_path):
     folder = tmp_path / "old"
@@ -296,6 +302,13 @@ def test_mixin_refuses_unknown_fields_and_other_classes(tmp_path):
         TinyNet.from_pretrained(tmp_path / "tiny")
     config_file.write_text(json.dumps({**config, "width": 5}))  # config no longer fits
     with pytest.raises(CheckpointError, match=r"inp.weight: checkpoint \(4, 8\) vs model \(4, 5\)"):
+        TinyNet.from_pretrained(tmp_path / "tiny")
+    for width, kind in (("8", "str"), (None, "NoneType"), (8.0, "float")):  # wrong types
+        config_file.write_text(json.dumps({**config, "width": width}))
+        with pytest.raises(CheckpointError, match=f"width must be int, got {kind}"):
+            TinyNet.from_pretrained(tmp_path / "tiny")
+    config_file.write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(CheckpointError, match="config.json"):
         TinyNet.from_pretrained(tmp_path / "tiny")
 
 

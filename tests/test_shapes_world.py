@@ -652,6 +652,30 @@ def test_export_refuses_non_empty_dir(tmp_path):
     with pytest.raises(UserInputError, match="unknown shapes task"):
         write_shapes("video", 2, 0, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+    with pytest.raises(UserInputError, match="canvas size must be an integer from"):
+        write_shapes("t2i", 2, 0, tmp_path / "big", size=100_000)
+    with pytest.raises(UserInputError, match="cannot create"):
+        write_shapes("t2i", 2, 0, tmp_path / "keep.txt" / "sub")
+
+
+def test_an_interrupted_overwrite_never_passes_for_a_finished_export(tmp_path, monkeypatch):
+    import anygen.data.export as export
+
+    write_shapes("t2i", 3, 1, tmp_path)
+    calls = []
+
+    def render_then_fail(scene, size):
+        calls.append(scene)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(scene, size)
+
+    real = export.render_image
+    monkeypatch.setattr(export, "render_image", render_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        write_shapes("t2i", 3, 2, tmp_path, overwrite=True)
+    assert not (tmp_path / "metadata.jsonl").exists()  # the old one does not vouch for new images
+    assert not list(tmp_path.glob(".tmp-*"))
 
 
 @pytest.mark.slow

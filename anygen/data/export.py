@@ -68,7 +68,13 @@ def _prepare_dir(output_dir: Path, overwrite: bool) -> None:
             f"output directory {output_dir} is not empty; choose an empty one or pass "
             "--overwrite (overwrite=True)"
         )
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserInputError(f"cannot create {output_dir}: {e.strerror}") from None
+    # an export is finished when metadata.jsonl is there: an older one goes first, so that
+    # an interrupted overwrite never passes for finished with images of another export
+    (output_dir / METADATA).unlink(missing_ok=True)
 
 
 def write_shapes(
@@ -102,6 +108,18 @@ def write_shapes(
     _prepare_dir(output_dir, overwrite)
 
     tmp_meta = output_dir / f".tmp-{METADATA}"
+    try:
+        _write_samples(task, n, seed, split, size, options, output_dir, tmp_meta)
+    except BaseException:  # no temporary files left behind
+        for tmp in output_dir.glob(".tmp-*"):
+            tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp_meta, output_dir / METADATA)
+    logger.info("wrote %d %s samples (%s split, %d px) to %s", n, task, split, size, output_dir)
+    return output_dir
+
+
+def _write_samples(task, n, seed, split, size, options, output_dir: Path, tmp_meta: Path) -> None:
     with open(tmp_meta, "w", encoding="utf-8") as meta:
         for i in range(n):
             sample = task_sample(task, seed, i, split, **options)
@@ -121,9 +139,6 @@ def write_shapes(
             }
             record.update(sample.to_dict())
             meta.write(json.dumps(record) + "\n")
-    os.replace(tmp_meta, output_dir / METADATA)
-    logger.info("wrote %d %s samples (%s split, %d px) to %s", n, task, split, size, output_dir)
-    return output_dir
 
 
 def read_metadata(output_dir: str | os.PathLike) -> list[dict]:

@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 SUPERSAMPLE = 4  # samples per pixel along each axis
 MIN_SIZE = 16
+MAX_SIZE = 4096  # a canvas is rendered in float32: 4096 px is 200 MB
 
 _BACKGROUND = np.array(BACKGROUND, dtype=np.float32)
 _COLOURS = {name: np.array(rgb, dtype=np.float32) for name, rgb in COLOURS.items()}
@@ -146,8 +147,10 @@ def coverage(
 
 def check_size(size: int) -> None:
     """Raise UserInputError unless ``size`` is a usable canvas side."""
-    if not isinstance(size, int) or isinstance(size, bool) or size < MIN_SIZE:
-        raise UserInputError(f"canvas size must be an integer >= {MIN_SIZE} pixels, got {size!r}")
+    if not isinstance(size, int) or isinstance(size, bool) or not MIN_SIZE <= size <= MAX_SIZE:
+        raise UserInputError(
+            f"canvas size must be an integer from {MIN_SIZE} to {MAX_SIZE} pixels, got {size!r}"
+        )
 
 
 def draw_object(canvas: np.ndarray, obj: Obj) -> None:
