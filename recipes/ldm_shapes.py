@@ -339,6 +339,12 @@ def main(argv: list[str]) -> None:
         cfg.prediction_type = args.prediction_type
     if args.zero_terminal_snr is not None:
         cfg.zero_terminal_snr = args.zero_terminal_snr
+    if cfg.zero_terminal_snr and args.terminal_fraction > 0 and args.snr_floor is None:
+        raise UserInputError(  # Min-SNR's v weight min(SNR, 5) / (SNR + 1) is 0 at SNR 0
+            "--terminal-fraction rows sit at SNR 0 under --zero-terminal-snr, where the Min-SNR "
+            "weight is 0 and they would teach nothing: pass --snr-floor (1 weights them as "
+            "the plain v-prediction loss does)"
+        )
     torch.manual_seed(args.seed)
     tokenizer = load_text_tokenizer(args.tokenizer)
     started = time.time()

@@ -102,3 +102,15 @@ def test_configs_name_bad_heads():
         FusionConfig(visual_head="diffusion")
     with pytest.raises(UserInputError, match="diffusion_steps must be >= 1"):
         FusionConfig(image_mode="continuous", visual_dim=4, diffusion_steps=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_head_trains_and_draws(dtype):
+    """diffusers' sinusoidal timestep features are fp32 whatever the model's dtype: the
+    head casts them before its own layers."""
+    head = DiffusionHead(dim=8, cond_dim=16, width=32, depth=2).to(dtype)
+    cond = torch.randn(4, 16, dtype=dtype)
+    x = torch.randn(4, 8, dtype=dtype)
+    assert torch.isfinite(head.loss(cond, x).float()).all()
+    drawn = head.sample(cond, torch.randn(4, 8), steps=3)
+    assert drawn.shape == (4, 8) and torch.isfinite(drawn.float()).all()

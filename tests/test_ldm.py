@@ -801,6 +801,35 @@ def test_denoiser_loss_draws_its_timesteps_with_the_shift(model):
             torch.Generator().manual_seed(5), snr_gamma=None, timestep_shift=4.0, terminal_fraction=0.5,
         )["loss"]  # fmt: skip
     assert float(got) == pytest.approx(float(expected), rel=1e-5)
+    # latents that arrive in bf16 (a VAE under bf16 autocast) are noised in fp32: the same
+    # loss as their fp32 values, not a schedule rounded to bf16 (1 - alpha_bar(0) -> 0)
+    low = latents.to(torch.bfloat16)
+    with torch.no_grad():
+        a, b = (
+            denoiser_loss(
+                c.denoiser, c.text_encoder, c.scheduler, x, ids, torch.Generator().manual_seed(6),
+                snr_gamma=None,
+            )["loss"]
+            for x in (low, low.float())
+        )  # fmt: skip
+    assert float(a) == float(b)
+
+
+def test_the_recipe_refuses_terminal_rows_that_min_snr_would_weight_zero(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "ldm_shapes.py"
+    out = tmp_path / "run"
+    run = subprocess.run(
+        [sys.executable, "-m", "anygen", "train", str(recipe), "--output-dir", str(out),
+         "--preset", "tiny", "--prediction-type", "v_prediction", "--zero-terminal-snr",
+         "--terminal-fraction", "0.5"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode != 0 and "pass --snr-floor" in run.stderr, run.stderr[-2000:]
+    assert not (out / "vae").exists()
 
 
 def test_v_prediction_with_zero_terminal_snr_matches_diffusers_and_round_trips(tmp_path):

@@ -73,7 +73,9 @@ class DiffusionHead(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The noise in ``x`` (R, dim) at timesteps ``t`` (R,) given ``cond`` (R, cond_dim)."""
-        c = self.time(t).to(cond.dtype) + self.cond(cond)
+        # diffusers' sinusoidal Timesteps are fp32 whatever the model's dtype
+        frequencies = self.time[0](t).to(self.time[1].linear_1.weight.dtype)
+        c = self.time[1](frequencies).to(cond.dtype) + self.cond(cond)
         h = self.inp(x.to(cond.dtype))
         for block in self.blocks:
             h = block(h, c)

@@ -411,6 +411,11 @@ def denoiser_loss(
     for an InstructPix2Pix denoiser (``widen_unet_inputs``), are concatenated to the noisy
     latents along channels, as diffusers' ``StableDiffusionInstructPix2PixPipeline`` does.
     """
+    # fp32 noising: under bf16 autocast the latents arrive in bf16, and diffusers' add_noise
+    # casts the schedule to their dtype (1 - alpha_bar at t = 0 rounds to 0 in bf16)
+    latents = latents.float()
+    if image_latents is not None:
+        image_latents = image_latents.float()
     b = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator, device=latents.device)
     t = sample_timesteps(
