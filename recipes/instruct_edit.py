@@ -154,8 +154,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sample-steps", type=int, default=20, help="default sampling steps")
     p.add_argument("--eval-n", type=int, default=50, help="shapes-eval edit samples (0: skip)")
     args = p.parse_args(argv)
-    if args.select_n < 0:
-        p.error("--select-n must be >= 0")
+    if args.select_n < 0 or args.eval_n < 0:  # checked now, not after the training
+        p.error("--select-n and --eval-n must be >= 0")
+    if args.guidance < 0 or args.image_guidance < 0:
+        p.error("--guidance and --image-guidance must be >= 0")
     for name in ("steps", "batch_size", "sample_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")

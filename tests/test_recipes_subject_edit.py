@@ -529,3 +529,31 @@ def test_instruct_edit_refuses_a_corrupt_base_record(tmp_path):
     recipe.check_base(tmp_path, "shapes-ldm", "abc", resume=True)  # the same base: no error
     with pytest.raises(UserInputError, match="differs from --model 'other'"):
         recipe.check_base(tmp_path, "other", "def", resume=True)
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--eval-n", "-1", "--eval-n must be >= 0"),
+        ("--guidance", "-1", "--guidance and --image-guidance must be >= 0"),
+        ("--image-guidance", "-2", "--guidance and --image-guidance must be >= 0"),
+    ],
+)
+def test_instruct_edit_refuses_bad_numbers_before_training(flag, value, message, capsys):
+    from anygen.training import load_recipe
+
+    recipe = load_recipe(RECIPES / "instruct_edit.py")
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--output-dir", "o", flag, value])
+    assert message in capsys.readouterr().err
+
+
+def test_an_a1111_embedding_file_names_its_word_by_the_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from anygen.pipelines.embeddings import read_embeddings
+
+    vectors = torch.randn(2, 32)
+    save_file({"emb_params": vectors}, tmp_path / "my-style.safetensors")
+    ((word, read),) = read_embeddings(tmp_path / "my-style.safetensors").items()
+    assert word == "my-style" and torch.equal(read, vectors)

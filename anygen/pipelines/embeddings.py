@@ -58,7 +58,8 @@ def embedding_file(source: str | os.PathLike) -> Path:
 
 
 def read_embeddings(file: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """``{word: (n, D)}`` from a diffusers-format embeddings file."""
+    """``{word: (n, D)}`` from a diffusers-format embeddings file (or an A1111 one,
+    ``{"emb_params": (n, D)}``, whose word is the file's name, as A1111 reads it)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -69,6 +70,8 @@ def read_embeddings(file: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read embeddings {file}: {e}") from None
     if not raw:
         raise CheckpointError(f"{file} holds no embeddings")
+    if set(raw) == {"emb_params"}:  # A1111's layout: the file's name is the word
+        raw = {file.stem: raw["emb_params"]}
     out = {}
     for word, vectors in raw.items():
         if vectors.ndim == 1:
