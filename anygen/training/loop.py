@@ -554,13 +554,12 @@ def _resolve_resume(accelerator: Accelerator, config: TrainConfig) -> Path | Non
     output_dir = Path(config.output_dir)
     explicit = config.resume not in (None, "latest")
     if explicit:
-        ckpt.read_marker(config.resume)  # CheckpointError unless complete
+        step = ckpt.read_marker(config.resume)["step"]  # CheckpointError unless complete
     if accelerator.is_main_process:
         ckpt.remove_incomplete(output_dir)
     accelerator.wait_for_everyone()
     if explicit:
         path = Path(config.resume)
-        step = ckpt.read_marker(path)["step"]
         later = [p for s, p in ckpt.list_checkpoints(output_dir) if s > step]
         if later:  # they would pass for this run's own: `latest` and pruning prefer them
             raise UserInputError(
