@@ -359,6 +359,10 @@ def atomic_directory(
     On an exception the temporary directory is removed and ``target`` is left as it was.
     An existing ``target`` is replaced only if it is empty or holds ``marker`` (so that a
     directory of other files is never deleted by mistake); ``marker=None`` replaces any.
+    Files of the old ``target`` that are not checkpoint parts (the user's notes, sample
+    images) are kept, as ``save_pretrained`` in transformers keeps them; its configs,
+    weights and component subfolders go, since a stale shard, pickle or config beside the
+    new checkpoint would be read as part of it.
     """
     target = Path(target)
     if target.exists() and not target.is_dir():
@@ -385,6 +389,7 @@ def atomic_directory(
         raise
     old = None
     if target.exists():
+        _keep_other_files(target, tmp)
         old = target.parent / f".tmp-{target.name}-old-{uuid.uuid4().hex[:8]}"
         os.replace(target, old)
     try:
@@ -397,6 +402,50 @@ def atomic_directory(
     fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_checkpoint_file(name: str) -> bool:
+    """A config, weights, a shard index, or a pickled training state (accelerate's ``*.pkl``)."""
+    return name.endswith((".json", ".safetensors", ".pkl", *PICKLE_SUFFIXES))
+
+
+def _keep_other_files(old: Path, new: Path) -> None:
+    """Link (or copy) into ``new`` the files of ``old`` that are not checkpoint parts.
+
+    Checkpoint parts are configs and weights, and every subfolder holding one (``unet/``,
+    ``tokenizer/``): those the new checkpoint writes afresh or leaves out on purpose. What
+    is left is the user's: notes, sample images, folders of their own.
+    """
+    parts = {
+        file.parent.relative_to(old).parts[:1]
+        for file in old.rglob("*")
+        if file.is_file() and _is_checkpoint_file(file.name)
+    }
+    kept = []
+    for file in sorted(old.rglob("*")):
+        relative = file.relative_to(old)
+        if (
+            not file.is_file()
+            or file.is_symlink()
+            or _is_checkpoint_file(file.name)
+            or relative.parts[0].startswith(".tmp-")
+            or (len(relative.parts) > 1 and relative.parts[:1] in parts)
+        ):
+            continue
+        destination = new / relative
+        if destination.exists() or any(
+            parent.exists() and not parent.is_dir() for parent in destination.parents
+        ):
+            continue
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(file, destination)
+        except OSError:
+            shutil.copy2(file, destination)
+        fsync_file(destination)
+        kept.append(str(relative))
+    if kept:
+        logger.info("kept %d file(s) of the checkpoint in %s: %s", len(kept), old, ", ".join(kept))
 
 
 def _cpu_state_dict(

@@ -120,6 +120,27 @@ def test_save_replaces_a_checkpoint_but_never_other_folders(tmp_path):
     assert [p.name for p in precious.iterdir()] == ["cat.jpg"]
 
 
+def test_a_replaced_checkpoint_keeps_the_users_files_but_not_stale_weights(tmp_path):
+    target = tmp_path / "ckpt"
+    save_pretrained({"w": torch.zeros(2)}, target, {"v": 1})
+    (target / "notes.md").write_text("my notes")
+    (target / "samples").mkdir()
+    (target / "samples" / "0.png").write_bytes(b"png")
+    (target / "old-shard.safetensors").write_bytes(b"stale")
+    (target / "optimizer.bin").write_bytes(b"stale")
+    (target / "model.bin.index.json").write_text("{}")
+    (target / "generation_config.json").write_text("{}")
+    (target / "tokenizer").mkdir()  # a component the new checkpoint leaves out
+    (target / "tokenizer" / "tokenizer.json").write_text("{}")
+    (target / "tokenizer" / "merges.txt").write_text("a b")
+    save_pretrained({"w": torch.ones(3)}, target, {"v": 2})
+    names = sorted(str(p.relative_to(target)) for p in target.rglob("*"))
+    assert names == ["config.json", "model.safetensors", "notes.md", "samples", "samples/0.png"]
+    assert (target / "notes.md").read_text() == "my notes"
+    assert load_config(target)["v"] == 2  # the new checkpoint's files win
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX permission bits")
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_saved_weights_get_the_umask_mode_like_their_config(tmp_path, umask):
