@@ -206,13 +206,40 @@ def test_patterns():
 # ----------------------------------------------------------------------------- scenes, splits
 
 
+@pytest.mark.parametrize("size", [32, 64, 97])
+def test_neighbours_jittered_together_keep_a_background_pixel_between(size):
+    red = Obj("square", "red", "large", 0, 1, dx=1)
+    blue = Obj("square", "blue", "large", 1, 1, dx=-1)
+    image = render_scene(Scene((red, blue)), size)
+    gap = range(red.bbox(size)[2], blue.bbox(size)[0])
+    assert len(gap) >= 1
+    assert all((image[red.centre(size)[1], x] == BACKGROUND).all() for x in gap)
+
+
+@pytest.mark.parametrize("size", [40, 48, 96])
+def test_sizes_where_rounding_breaks_the_spacing_rule_are_refused(size):
+    # at 40 px these two large squares would overlap, at 48 and 96 touch
+    with pytest.raises(
+        UserInputError, match=f"canvas size {size} px breaks the shapes world's spacing"
+    ):
+        render_scene(Scene((Obj("square", "red", "large", 1, 1),)), size)
+
+
 def test_sample_scene_deterministic_and_spaced():
     a = [sample_scene(random.Random(7)) for _ in range(2)]
     assert a[0] == a[1]
     rng = random.Random(0)
     scenes = [sample_scene(rng) for _ in range(500)]
     assert len({s for s in scenes}) > 400
-    assert all(s.is_valid() for s in scenes)
+    for size in (32, 64, 97, 128):  # the spacing rule on the canvas, not just on the 64-px boxes
+        for scene in scenes[:100]:
+            boxes = [o.bbox(size) for o in scene.objects]
+            gaps = [
+                max(b[0] - a[2], a[0] - b[2], b[1] - a[3], a[1] - b[3])
+                for i, a in enumerate(boxes)
+                for b in boxes[i + 1 :]
+            ]
+            assert min(gaps, default=1) >= 1, (size, scene)
     assert {len(s.objects) for s in scenes} == {1, 2, 3}
     assert all(len(s.pairs()) == len(s.objects) for s in scenes)  # distinct by default
     with pytest.raises(UserInputError, match="1 to 3"):

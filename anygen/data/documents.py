@@ -19,6 +19,7 @@ like every shapes-world sample.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -97,8 +98,10 @@ def check_mix(mix: Mapping[str, float]) -> dict[str, float]:
         raise UserInputError(
             f"unknown document kinds {sorted(unknown)}; choose from {DOCUMENT_KINDS}"
         )
-    if any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
-        raise UserInputError(f"document mix weights must be >= 0 and not all 0, got {dict(mix)}")
+    if any(not math.isfinite(w) or w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
+        raise UserInputError(
+            f"document mix weights must be finite, >= 0 and not all 0, got {dict(mix)}"
+        )
     total = sum(mix.values())
     return {k: w / total for k, w in mix.items() if w > 0}
 

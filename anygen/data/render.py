@@ -24,6 +24,7 @@ within the object's box.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from functools import lru_cache
@@ -35,8 +36,10 @@ from anygen.data.world import (
     BACKGROUND,
     COLOURS,
     CROSS_WIDTH,
+    JITTER,
     REFERENCE_SIZE,
     SHAPES,
+    SIZES,
     STAR_INNER,
     Obj,
     Scene,
@@ -47,7 +50,7 @@ from anygen.errors import UserInputError
 logger = logging.getLogger(__name__)
 
 SUPERSAMPLE = 4  # samples per pixel along each axis
-MIN_SIZE = 16
+MIN_SIZE = 18  # below, the spec's small and large radii round to the same pixels
 MAX_SIZE = 4096  # a canvas is rendered in float32: 4096 px is 200 MB
 
 _BACKGROUND = np.array(BACKGROUND, dtype=np.float32)
@@ -145,11 +148,37 @@ def coverage(
     return downsample(inside), secondary
 
 
+@lru_cache(maxsize=64)
+def closest_neighbours(size: int) -> int:
+    """The smallest gap in pixels between the boxes of objects in neighbouring cells at
+    canvas ``size``: large objects jittered towards each other. 1 at 64 px, where the
+    spacing rule is given; where rounding to ``size`` brings it under 1, objects touch or
+    overlap."""
+    gaps = []
+    for cell in (0, 1):
+        for near, far in itertools.product(SIZES, repeat=2):
+            for jitter_near, jitter_far in itertools.product(JITTER, repeat=2):
+                a = Obj("square", "red", near, cell, 1, jitter_near, 0).bbox(size)
+                b = Obj("square", "red", far, cell + 1, 1, jitter_far, 0).bbox(size)
+                gaps.append(b[0] - a[2])  # rows are placed as columns are: this covers both
+    return min(gaps)
+
+
 def check_size(size: int) -> None:
-    """Raise UserInputError unless ``size`` is a usable canvas side."""
+    """Raise UserInputError unless ``size`` is a usable canvas side: within range, and one
+    at which the spacing rule holds (at 25 sizes under 105 px the spec's rounding lets
+    objects in neighbouring cells touch or overlap)."""
     if not isinstance(size, int) or isinstance(size, bool) or not MIN_SIZE <= size <= MAX_SIZE:
         raise UserInputError(
             f"canvas size must be an integer from {MIN_SIZE} to {MAX_SIZE} pixels, got {size!r}"
+        )
+    if closest_neighbours(size) < 1:
+        usable = [s for s in range(max(MIN_SIZE, size - 8), size + 9) if closest_neighbours(s) >= 1]
+        nearest = sorted(usable, key=lambda s: (abs(s - size), s))[:2]
+        raise UserInputError(
+            f"canvas size {size} px breaks the shapes world's spacing rule: rounded to it, "
+            "objects in neighbouring cells can touch or overlap; nearest usable sizes: "
+            + " or ".join(str(s) for s in sorted(nearest))
         )
 
 

@@ -95,13 +95,18 @@ def allowed_pairs(split: str) -> tuple[tuple[str, str], ...]:
     return TRAIN_PAIRS if split == "train" else ALL_PAIRS
 
 
-def sample_rng(seed: int, task: str, index: int) -> random.Random:
-    """The generator for sample ``index`` of ``task`` under ``seed``: a function of these only.
+def sample_rng(seed: int, task: str, index: int, split: str = "train") -> random.Random:
+    """The generator for sample ``index`` of ``task`` under ``seed`` in ``split``: a function
+    of these only.
 
-    Seeding ``random.Random`` with a str hashes it with SHA-512, so this is stable across
-    processes and Python runs (unlike ``hash()``).
+    Each split draws from its own stream: the splits differ only in the held-out pairs, so
+    one stream would give the test split, at the training seed, the training samples
+    wherever no draw met a held-out pair. Seeding ``random.Random`` with a str hashes it
+    with SHA-512, so this is stable across processes and Python runs (unlike ``hash()``).
     """
-    return random.Random(f"anygen.shapes/{task}/{seed}/{index}")
+    if split == "train":  # the training stream as it always was: bundled models' recipes
+        return random.Random(f"anygen.shapes/{task}/{seed}/{index}")
+    return random.Random(f"anygen.shapes/{task}/{split}/{seed}/{index}")
 
 
 # ------------------------------------------------------------------------------------------ scenes
@@ -1101,7 +1106,8 @@ def task_sample(
     options) only, so datasets and exports can address samples at random."""
     if task not in TASKS:
         raise UserInputError(f"unknown shapes task {task!r}; expected one of {tuple(TASKS)}")
-    return TASKS[task](sample_rng(seed, task, index), split, **options)
+    check_split(split)
+    return TASKS[task](sample_rng(seed, task, index, split), split, **options)
 
 
 # ------------------------------------------------------------------------------------- text corpus
