@@ -47,6 +47,7 @@ from anygen.data.world import (
     SHAPES,
     SIZES,
     STAR_INNER,
+    scale,
 )
 from anygen.errors import UserInputError
 
@@ -171,10 +172,22 @@ def _as_array(image: Image.Image | np.ndarray) -> np.ndarray:
     if arr.dtype == np.uint8:
         return arr.astype(np.float32)
     if np.issubdtype(arr.dtype, np.floating):
-        if arr.size and float(arr.max()) <= 1.0 + 1e-6:
-            return arr.astype(np.float32) * 255.0  # float images in [0, 1]
-        return arr.astype(np.float32)
+        arr = arr.astype(np.float32)
+        if not np.isfinite(arr).all():
+            raise UserInputError("the image array holds NaN or infinite values")
+        # float images in [0, 1], allowing a decoder's overshoot (a pixel at 1.01 must not
+        # turn the whole image into a near-black 0..255 one)
+        if arr.size and float(arr.max()) <= 1.5:
+            return np.clip(arr, 0.0, 1.0) * 255.0
+        return np.clip(arr, 0.0, 255.0)
     raise UserInputError(f"expected a uint8 or float image array, got dtype {arr.dtype}")
+
+
+# The side from which the spec's small and large objects always differ (radii 6 and 9 at
+# 64 px, rounded: both 2 px at 16 and 17).
+MIN_SCORABLE = 1 + max(
+    n for n in range(1, 64) if scale(SIZES["small"], n) == scale(SIZES["large"], n)
+)
 
 
 def _scaled(value: float, n: int) -> float:
@@ -593,8 +606,11 @@ def analyse_image(image: Image.Image | np.ndarray) -> Analysis:
     """Detections and ignored specks (with reasons) for one image."""
     img = _as_array(image)  # (H, W, 3)
     h, w, _ = img.shape
-    if h < 16 or w < 16:
-        raise UserInputError(f"image of {w} x {h} pixels is too small to score (at least 16 x 16)")
+    if h < MIN_SCORABLE or w < MIN_SCORABLE:
+        raise UserInputError(
+            f"image of {w} x {h} pixels is too small to score (at least {MIN_SCORABLE} x "
+            f"{MIN_SCORABLE}: below, small and large objects are drawn alike)"
+        )
     unit = min(h, w) / 64.0
     best, alpha = _classify_pixels(img)  # (H, W), (H, W)
     alpha = _fill_seams(alpha)

@@ -40,8 +40,11 @@ from PIL import Image
 
 from anygen.data.world import (
     CELLS_BY_POSITION,
+    COLOURS,
     COUNTS,
+    PATTERNS,
     POSITIONS,
+    SHAPES,
     Event,
     Obj,
     Scene,
@@ -191,6 +194,10 @@ def satisfies(observed: Observable, spec: CaptionSpec | str) -> Verdict:
     """
     if isinstance(spec, str):
         spec = parse_caption(spec)
+    if not isinstance(spec, CaptionSpec):
+        raise UserInputError(
+            f"spec must be a caption string or a CaptionSpec, got {type(spec).__name__}"
+        )
     seen = [_seen(o) for o in observe(observed)]
     want = len(spec.objects)
     if len(seen) != want:
@@ -296,7 +303,9 @@ class StoryScore:
 def score_story(images: Sequence[Observable], texts: Sequence[str]) -> StoryScore:
     """Judge a story: ``texts[0]`` captions ``images[0]``; ``texts[k]`` is the event that leads
     to ``images[k]``. A text outside the grammar, or an event that cannot apply to the state,
-    fails its scene and every later one (the state is unknown from there)."""
+    fails its scene and every later one (the state is unknown from there). What a right
+    scene draws where the texts leave it open (a size, a cell) becomes part of the state, as
+    the spec's state is the scene reached: later scenes must keep it."""
     if len(images) != len(texts):
         raise UserInputError(
             f"a story needs one text per image, got {len(images)} images and {len(texts)} texts"
@@ -328,10 +337,31 @@ def score_story(images: Sequence[Observable], texts: Sequence[str]) -> StoryScor
             scene_ok.append(False)
             reasons.append((lost,))
             continue
-        verdict = satisfies(image, state)
+        observed = observe(image)  # detected once, judged and pinned
+        verdict = satisfies(observed, state)
         scene_ok.append(verdict.ok)
         reasons.append(verdict.reasons)
+        if verdict.ok:
+            state = _pin_to(state, observed)
     return StoryScore(scene_ok, grammar, reasons)
+
+
+def _pin_to(state: CaptionSpec, observed: Sequence[Observed]) -> CaptionSpec:
+    """``state`` with the sizes and cells it leaves open set to those drawn
+    (``observed``, which satisfies it): the story's state is what was drawn, so an object
+    no event touches keeps its size and cell in later scenes, and "grows" needs a small one."""
+    seen = [_seen(o) for o in observed]
+    perm, _ = _best_assignment(state, seen)
+    return state.with_objects(
+        tuple(
+            replace(
+                o,
+                size=seen[i].size if o.size is None else o.size,
+                cell=seen[i].cell if o.cell is None else o.cell,
+            )
+            for o, i in zip(state.objects, perm, strict=True)
+        )
+    )
 
 
 def split_story(prompt: str, segments: Sequence[str | ImageLike]) -> tuple[list[Any], list[str]]:
@@ -407,7 +437,21 @@ def subject_identity(subject: Any) -> tuple[str, str, str, str]:
     """(shape, colour, pattern, secondary) of a subject given as an object with those
     attributes (``anygen.data.SubjectIdentity``), an ``Obj`` with ``.subject``, or a dict."""
     if isinstance(subject, dict):
-        return subject["shape"], subject["colour"], subject["pattern"], subject["secondary"]
+        missing = [k for k in ("shape", "colour", "pattern", "secondary") if k not in subject]
+        if missing:
+            raise UserInputError(f"subject {subject!r} lacks {', '.join(missing)}")
+        identity = subject["shape"], subject["colour"], subject["pattern"], subject["secondary"]
+        for value, known, what in zip(
+            identity,
+            (SHAPES, COLOURS, PATTERNS, COLOURS),
+            ("shape", "colour", "pattern", "colour"),
+            strict=True,
+        ):
+            if value not in known:
+                raise UserInputError(
+                    f"subject {subject!r}: unknown {what} {value!r}; expected one of {tuple(known)}"
+                )
+        return identity
     if isinstance(subject, Obj):
         if subject.subject is None:
             raise UserInputError(f"object {subject} has no subject pattern")

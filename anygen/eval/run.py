@@ -106,14 +106,26 @@ def evaluate_model(
         if candidates > 1 and not callable(getattr(gen, "best_captions", None)):
             raise UserInputError(f"model {model!r} cannot rank its captions")
 
+        # image i of the suite is seeded seed + i (sampled text, ranked candidates), as in t2i
+        done = {"caption": 0, "vqa": 0}
+
+        def next_seed(task: str, count: int) -> Options:
+            first = seed + done[task]
+            done[task] += count
+            return seeded(first)
+
         def caption_fn(images):
+            batch_opts = next_seed("caption", len(images))
             if candidates == 1:
-                return gen.caption(images, opts)
-            return [text for text, _, _ in gen.best_captions(images, candidates, opts)]
+                return gen.caption(images, batch_opts)
+            return [text for text, _, _ in gen.best_captions(images, candidates, batch_opts)]
+
+        def vqa_fn(images, questions):
+            return answer(images, questions, next_seed("vqa", len(images)))
 
         report = run_caption(
             caption_fn,
-            (lambda images, questions: answer(images, questions, opts)) if answer else None,
+            vqa_fn if answer else None,
             n=n,
             seed=seed,
             batch_size=batch_size,
