@@ -490,6 +490,8 @@ def test_clip_and_dino_similarities(encoders, tmp_path):
     )
     with pytest.raises(CheckpointError, match="cannot load the DINO model"):
         DinoSimilarity(tmp_path)
+    with pytest.raises(CheckpointError, match="holds a 'clip' model, not a DINO one"):
+        DinoSimilarity(encoders[0])
     with pytest.raises(UserInputError, match="2 images but 1 texts"):
         clip.text_similarity([red, red], ["x"])
 

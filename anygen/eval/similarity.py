@@ -109,12 +109,22 @@ class ClipSimilarity:
         return float(sims.diagonal().mean())
 
 
+# transformers model types whose [CLS] token DINO scores read (DINO v1 checkpoints are ViTs)
+DINO_MODEL_TYPES = ("vit", "dinov2", "dinov2_with_registers")
+
+
 class DinoSimilarity:
     """DINO: cosine of [CLS] embeddings with a user-supplied DINO (v1 ViT or v2) model."""
 
     def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
         self.model, self.processor = _load(path, "DINO")
+        kind = getattr(self.model.config, "model_type", None)
+        if kind not in DINO_MODEL_TYPES:
+            raise CheckpointError(
+                f"{path} holds a {kind!r} model, not a DINO one (a ViT or DINOv2: "
+                f"{', '.join(DINO_MODEL_TYPES)})"
+            )
         self.model.to(self.device)
 
     @torch.no_grad()
