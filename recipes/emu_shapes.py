@@ -38,13 +38,12 @@ from anygen.data.datasets import (
     ShapesT2IDataset,
     collate,
     image_tensor,
-    images_to_tensor,
-    tensor_to_images,
 )
 from anygen.data.documents import check_mix, mixed_document
 from anygen.data.render import render_image
 from anygen.data.world import Scene
 from anygen.errors import UserInputError
+from anygen.eval.run import codec_roundtrip
 from anygen.eval.suites import Report, run_reconstruction
 from anygen.hub import resolve
 from anygen.tokenizers.visual import VISUAL_PRESETS, VisualCodec, load_visual_codec
@@ -140,17 +139,13 @@ class Regressions:
 @torch.no_grad()
 def score_codec(codec: VisualCodec, n: int, seed: int = 0) -> Report:
     """Held-out reconstruction through the embeddings: decode(encode(x)), seeded noise."""
-    codec.eval()
-    calls = [0]
-
-    def roundtrip(images):
-        x = images_to_tensor(images)
-        gens = [torch.Generator().manual_seed(seed * 100_003 + calls[0] + i) for i in range(len(x))]
-        calls[0] += len(x)
-        return tensor_to_images(codec.decode(codec.encode(x), gens))
-
     return run_reconstruction(
-        roundtrip, n=n, seed=seed, batch_size=50, size=codec.image_size, progress=False
+        codec_roundtrip(codec, seed),
+        n=n,
+        seed=seed,
+        batch_size=50,
+        size=codec.image_size,
+        progress=False,
     )
 
 

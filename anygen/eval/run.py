@@ -179,7 +179,8 @@ def evaluate_model(
 def _reconstruction(
     model: str, *, n: int, seed: int, batch_size: int, device: str | None
 ) -> Report:
-    """decode(encode(x)) through an image tokenizer, or through the VAE of an ``ldm``
+    """decode(encode(x)) through an image tokenizer, a visual codec (``shapes-emu``'s
+    ``visual/``: through its embeddings and diffusion decoder), or the VAE of an ``ldm``
     pipeline directory (the latent distribution's mode: what its denoiser learnt)."""
     import torch
 
@@ -201,6 +202,11 @@ def _reconstruction(
             x = images_to_tensor(images).to(dev, vae.dtype)
             return tensor_to_images(vae.decode(vae.encode(x).latent_dist.mode()).sample.float())
 
+    elif _class_name(path) == "VisualCodec":
+        from anygen.tokenizers.visual import load_visual_codec
+
+        codec = load_visual_codec(path, device=dev)
+        size, roundtrip = codec.image_size, codec_roundtrip(codec, seed)
     else:
         tok = load_image_tokenizer(path, device=dev)
         size = tok.image_size
@@ -209,3 +215,32 @@ def _reconstruction(
             return tensor_to_images(tok.decode(tok.encode(images_to_tensor(images).to(dev))))
 
     return run_reconstruction(roundtrip, n=n, seed=seed, batch_size=batch_size, size=size)
+
+
+def _class_name(path) -> str | None:
+    import json
+
+    try:
+        return json.loads((path / "config.json").read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None  # the loaders below say what is wrong
+
+
+def codec_roundtrip(codec, seed: int = 0) -> Callable:
+    """decode(encode(x)) through a ``VisualCodec``'s embeddings; the decoder's noise for
+    the k-th image of the run is seeded ``seed * 100_003 + k``."""
+    import torch
+
+    from anygen.data.datasets import images_to_tensor, tensor_to_images
+
+    codec.eval()
+    done = [0]
+
+    @torch.no_grad()
+    def roundtrip(images):
+        x = images_to_tensor(images).to(codec.unet.device)
+        gens = [torch.Generator().manual_seed(seed * 100_003 + done[0] + i) for i in range(len(x))]
+        done[0] += len(x)
+        return tensor_to_images(codec.decode(codec.encode(x), gens).float())
+
+    return roundtrip
