@@ -849,3 +849,16 @@ def test_score_folder_names_a_malformed_metadata_line(tmp_path):
     meta.write_text(lines[0] + "\n" + '{"files": ["x.png"], "index": 1}' + "\n")
     with pytest.raises(UserInputError, match="line 2 of metadata.jsonl .* lacks 'task'"):
         score_folder(out, progress=False)
+
+
+def test_evaluate_model_checks_its_arguments_before_loading(monkeypatch):
+    import anygen.eval.run as run
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(run, "load_generator", never)
+    with pytest.raises(UserInputError, match="number of samples must be a positive integer"):
+        run.evaluate_model("shapes-fusion", "t2i", n=0)
+    with pytest.raises(UserInputError, match="batch size must be a positive integer"):
+        run.evaluate_model("shapes-fusion", "t2i", n=3, batch_size=0)

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from anygen.errors import UserInputError
 from anygen.eval.suites import (
     Report,
+    _check_batch_size,
+    _check_n,
     run_caption,
     run_edit,
     run_reconstruction,
@@ -64,6 +66,8 @@ def evaluate_model(
     ``Fusion.best_captions``; the VQA answers are not ranked)."""
     if suite not in NEEDS:
         raise UserInputError(f"unknown suite {suite!r}; choose one of {', '.join(NEEDS)}")
+    _check_n(n)  # before a model that may take minutes to load
+    _check_batch_size(batch_size)
     if candidates != 1 and suite not in RANKED:
         raise UserInputError(
             f"candidates apply to the story and caption suites, not to {suite}; a t2i model "
