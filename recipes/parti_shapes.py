@@ -96,8 +96,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="start from this saved parti model's weights (bundled name, path or hub id) with"
         " a fresh optimizer and schedule; --preset does not apply",
     )
-    p.add_argument("--guidance", type=float, default=3.0, help="default guidance of the model")
-    p.add_argument("--temperature", type=float, default=1.0, help="default temperature")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="default guidance of the model (3.0); with --select-n 0 only, as selection chooses it",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="default temperature (1.0); with --select-n 0 only, as selection chooses it",
+    )
     p.add_argument("--top-k", type=int, default=0, help="default top-k (0: off)")
     p.add_argument(
         "--select-n",
@@ -108,7 +118,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--eval-n", type=int, default=300, help="shapes-eval t2i prompts (0: skip)")
     p.add_argument("--bundle", action="store_true", help=f"also write fp16 weights to {BUNDLE_DIR}")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.select_n and (args.guidance is not None or args.temperature is not None):
+        p.error(
+            "--guidance and --temperature set the defaults only with --select-n 0 "
+            "(selection chooses both on validation prompts)"
+        )
+    return args
 
 
 def main(argv: list[str]) -> None:
@@ -180,13 +196,14 @@ def main(argv: list[str]) -> None:
     )
     if not result.is_main_process:
         return
-    words = (resolve(args.tokenizer, kind="tokenizer") / "words.txt").read_text().split()
+    words_file = resolve(args.tokenizer, kind="tokenizer") / "words.txt"
+    words = words_file.read_text().split() if words_file.is_file() else []
     defaults = {
-        "guidance_scale": args.guidance,
-        "temperature": args.temperature,
+        "guidance_scale": 3.0 if args.guidance is None else args.guidance,
+        "temperature": 1.0 if args.temperature is None else args.temperature,
         "top_k": args.top_k,
         "top_p": 1.0,
-        "known_words": sorted(words),
+        **({"known_words": sorted(words)} if words else {}),
     }
     pipe = Parti(result.model, tokenizer, image_tokenizer, name="shapes-parti", defaults=defaults)
     selection = None
@@ -216,7 +233,14 @@ def main(argv: list[str]) -> None:
     }
     if selection is not None:
         facts["sampling_selection"] = selection
-    refs = {"tokenizer_ref": args.tokenizer, "image_tokenizer_ref": args.image_tokenizer}
+    # bundled names and hub ids are referenced; a local folder is copied in, so that the
+    # model loads from anywhere (a relative path would resolve against the model folder)
+    refs = {
+        "tokenizer_ref": None if Path(args.tokenizer).expanduser().exists() else args.tokenizer,
+        "image_tokenizer_ref": (
+            None if Path(args.image_tokenizer).expanduser().exists() else args.image_tokenizer
+        ),
+    }
     report = None
     if args.eval_n:
         # score the model as shipped: fp16 weights loaded back in fp32

@@ -102,11 +102,11 @@ def test_batched_guidance_equals_two_passes(transformer, tokenizer):
     assert torch.equal(one, two)
 
 
-def test_exactly_the_image_code_count_and_never_the_begin_token(transformer, tokenizer):
+def test_exactly_the_image_code_count(transformer, tokenizer):
     ids, mask = prompts(tokenizer, ["a red circle"] * 8)
     codes = generate_codes(transformer, ids, mask, temperature=5.0, generators=gens(*range(8)))
     assert codes.shape == (8, CFG.image_tokens)
-    assert codes.max() < CFG.image_vocab_size  # the begin-image id is CFG.image_vocab_size
+    assert codes.min() >= 0 and codes.max() < CFG.image_vocab_size
 
 
 def test_guidance_needs_the_null_prompt(transformer, tokenizer):
@@ -168,6 +168,16 @@ def test_options_that_mean_nothing_here_are_refused(model):
         model.generate("a red circle " * 20, Options(**OPTS))
     with pytest.raises(UserInputError, match="prompt is empty"):
         model.generate("  ", Options(**OPTS))
+    with pytest.raises(UserInputError, match="strength means nothing to"):
+        model.generate("a red circle", Options(strength=0.5, **OPTS))
+    with pytest.raises(UserInputError, match="max new tokens means nothing to"):
+        model.generate("a red circle", Options(max_new_tokens=4, **OPTS))
+    with pytest.raises(UserInputError, match="negative prompt needs guidance other than 1"):
+        model.generate("a red circle", Options(negative_prompt="blue", guidance_scale=1.0))
+    with pytest.raises(UserInputError, match="no prompts given"):
+        model.generate_batch([], [], Options(**OPTS))
+    with pytest.raises(UserInputError, match="seed must be between 0 and"):
+        model.generate_batch(["a red circle"], [-1], Options(**OPTS))
 
 
 def test_save_and_load_round_trip(model, saved):
@@ -298,6 +308,10 @@ def test_recipes_train_a_tokenizer_then_a_parti_model(tmp_path):
     assert all(s in grid for s in CODE_SAMPLING_GRID_FINE)
     assert "| guidance | temperature | top-p |" in (parti / "model" / "README.md").read_text()
     assert json.loads((parti / "model" / "eval.json").read_text())["n"] == 7
+    # a local image tokenizer is copied in (a relative reference would not load elsewhere)
+    meta = json.loads((parti / "model" / "anygen.json").read_text())
+    assert meta["image_tokenizer"] == "image_tokenizer"
+    assert (parti / "model" / "image_tokenizer" / "config.json").is_file()
     gen = load_generator(str(parti / "model"))
     chosen = facts["sampling_selection"]["chosen"]
     assert {k: gen.defaults[k] for k in chosen} == chosen and chosen in grid

@@ -375,7 +375,7 @@ def generate_codes(
                 model, tokens[s], states[s], mask, caches[s], use_cache=use_cache
             )
             logits.append(out)
-        logits = torch.cat(logits)  # (B or 2B, K)
+        logits = torch.cat(logits).float()  # (B or 2B, K); guided in fp32, not fp16
         if do_cfg:
             logits = guide(logits[:b], logits[b:], guidance_scale)
         logits = process_logits(logits, temperature, top_k, top_p)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import random
 import re
 import time
@@ -44,6 +45,7 @@ SETTING_LABELS = {
     "top_k": "top-k",
     "top_p": "top-p",
     "max_new_tokens": "max new tokens",
+    "max_images": "max images",
     "strength": "strength",
     "image_guidance_scale": "image guidance",
 }
@@ -173,6 +175,14 @@ def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Gener
     return torch.Generator(device=device.type if device.type != "mps" else "cpu").manual_seed(seed)
 
 
+def check_seed(seed: int) -> None:
+    """A per-image seed: an integer torch.Generator accepts."""
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise UserInputError(f"a seed must be an integer, got {seed!r}")
+    if not 0 <= seed <= MAX_SEED:
+        raise UserInputError(f"seed must be between 0 and {MAX_SEED}, got {seed}")
+
+
 def check_prompt(prompt: str | Sequence[Segment]) -> None:
     """Empty prompts and empty segment lists are errors, not silent blank images."""
     if isinstance(prompt, str):
@@ -193,8 +203,12 @@ def check_batch(prompts: Sequence[str], seeds: Sequence[int], options: Options |
     valid options. Returns the validated options (the defaults when none were given)."""
     if len(prompts) != len(seeds):
         raise UserInputError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    if not prompts:
+        raise UserInputError("no prompts given")
     for p in prompts:
         check_prompt(p)
+    for s in seeds:
+        check_seed(s)
     return (options or Options()).validate()
 
 
@@ -295,6 +309,16 @@ def part_location(path: Path, meta: dict, key: str) -> str:
     id that ``anygen.json`` records instead of a copy."""
     ref = meta.get(key, key)
     return str(Path(path) / ref) if (Path(path) / ref).is_dir() else ref
+
+
+def check_negative_code_guidance(negative_prompt: str | None, guidance: float) -> None:
+    """Token models (parti, fusion) run classifier-free guidance at every scale but 1,
+    where a negative prompt would be dropped: refuse it there."""
+    if negative_prompt is not None and guidance == 1.0:
+        raise UserInputError(
+            "a negative prompt needs guidance other than 1 (it steers classifier-free "
+            "guidance, which is off at 1)"
+        )
 
 
 def check_negative_guidance(negative_prompt: str | None, guidance: float | None) -> None:

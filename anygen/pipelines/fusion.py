@@ -51,6 +51,7 @@ from anygen.pipelines.base import (
     TextToImage,
     Timer,
     check_batch,
+    check_negative_code_guidance,
     check_prompt,
     make_generator,
     part_location,
@@ -240,6 +241,9 @@ class Fusion(TextToImage):
 
         top_k, top_p = pick(opts.top_k, "top_k") or None, pick(opts.top_p, "top_p")
         negative = self.text_ids(opts.negative_prompt) if opts.negative_prompt else None
+        check_negative_code_guidance(
+            opts.negative_prompt, pick(opts.guidance_scale, "guidance_scale")
+        )
         return Sampling(
             temperature=pick(opts.temperature, text_default),
             top_k=top_k,

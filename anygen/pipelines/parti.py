@@ -28,11 +28,13 @@ from anygen.errors import CheckpointError, UserInputError
 from anygen.hub import atomic_directory
 from anygen.models.parti import PartiTransformer, generate_codes, tokenize_prompts
 from anygen.pipelines.base import (
+    EDIT_SETTINGS,
     Options,
     Output,
     TextToImage,
     Timer,
     check_batch,
+    check_negative_code_guidance,
     make_generator,
     part_location,
     read_model_meta,
@@ -104,6 +106,10 @@ class Parti(TextToImage):
                     f"{label} {value}: {self.name!r} makes {size} x {size} images only "
                     f"(its image tokenizer's size)"
                 )
+        opts.refuse(
+            (*EDIT_SETTINGS, "max_new_tokens", "max_images"),
+            f"means nothing to {self.name!r}: a parti model draws one picture from a prompt",
+        )
 
     def generate_batch(
         self, prompts: list[str], seeds: list[int], options: Options | None = None
@@ -116,6 +122,7 @@ class Parti(TextToImage):
         temperature = opts.temperature if opts.temperature is not None else d["temperature"]
         top_k = opts.top_k if opts.top_k is not None else d["top_k"]
         top_p = opts.top_p if opts.top_p is not None else d["top_p"]
+        check_negative_code_guidance(opts.negative_prompt, guidance)
         timer = Timer()
         c = self.transformer.config
         with timer("text"):

@@ -65,10 +65,16 @@ def sample_tokens(
     if greedy:
         return logits.argmax(dim=-1)
     probs = logits.float().softmax(dim=-1)  # (B, V)
+
+    def draw(p: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+        # on the generator's device: make_generator gives MPS a CPU generator, and
+        # multinomial wants both on one device
+        if g is not None and g.device.type != p.device.type:
+            return torch.multinomial(p.to(g.device), 1, generator=g).to(p.device)
+        return torch.multinomial(p, 1, generator=g)
+
     if generators is None or isinstance(generators, torch.Generator):
-        return torch.multinomial(probs, 1, generator=generators).squeeze(1)
+        return draw(probs, generators).squeeze(1)
     if len(generators) != probs.shape[0]:
         raise ValueError(f"{len(generators)} generators for {probs.shape[0]} rows")
-    return torch.cat(
-        [torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators, strict=True)]
-    )
+    return torch.cat([draw(p, g) for p, g in zip(probs, generators, strict=True)])
