@@ -807,6 +807,28 @@ def test_janus_refuses_what_it_cannot_honour(janus_dir):
         load_generator(str(janus_dir), device="cpu", loras=["x.safetensors"], vae_tiling=True)
 
 
+def test_janus_captions_ignore_the_checkpoints_generation_settings(janus_dir):
+    """Janus checkpoints save guidance_scale 5 (and may save a repetition penalty):
+    transformers would fill them into our config and guide every caption."""
+    gen = load_generator(str(janus_dir), device="cpu")
+    images = [Image.new("RGB", (40, 30), (200, 10, 10))]
+    opts = Options(max_new_tokens=6, progress=False)
+    plain = gen.answer(images, ["what colour?"], opts)
+    gen.model.generation_config.guidance_scale = 5.0
+    gen.model.generation_config.repetition_penalty = 1.5
+    try:
+        assert gen.answer(images, ["what colour?"], opts) == plain
+        config = gen._generation_config(max_new_tokens=6)
+        assert config.guidance_scale == 1.0 and config.repetition_penalty == 1.0
+    finally:
+        gen.model.generation_config.guidance_scale = None
+        gen.model.generation_config.repetition_penalty = None
+    with pytest.raises(UserInputError, match="greedy unless a temperature above 0"):
+        gen.answer(images, ["what colour?"], Options(top_k=5))
+    with pytest.raises(UserInputError, match="takes no step callback"):
+        gen.generate("a red circle", Options(callback=lambda *a: None, progress=False))
+
+
 def test_janus_reads_images(janus_dir):
     gen = load_generator(str(janus_dir), device="cpu")
     images = [Image.new("RGB", (40, 30), (200, 10, 10)), Image.new("RGB", (16, 16), "blue")]
@@ -841,6 +863,8 @@ def test_emu3_draws_exact_token_grid(emu3_dir):
     assert not np.array_equal(pixels(a.images[:1]), pixels(unguided.images))
     with pytest.raises(UserInputError, match="not a multiple of 8"):
         gen.generate("a red circle", Options(seed=0, width=36, height=H, progress=False))
+    with pytest.raises(UserInputError, match="negative prompt needs guidance other than 1"):
+        gen.generate("a red circle", Options(negative_prompt="blue", guidance_scale=1.0, **opts))
 
 
 @pytest.mark.parametrize("family", ["janus", "emu3"])
@@ -1223,8 +1247,9 @@ def test_cli_caption_and_ask(llava_dir, chameleon_dir, saved, tmp_path, capsys):
     assert [r["image"] for r in rows] == [str(image)] * 2 and rows[0]["caption"] == rows[1][
         "caption"
     ]
-    assert cli(["ask", str(image), "what colour?", "--model", str(chameleon_dir)]) == 0
-    assert capsys.readouterr().out.strip() is not None
+    assert cli(["ask", str(image), "what colour?", "--model", str(chameleon_dir), "--json"]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["question"] == "what colour?" and isinstance(row["answer"], str)
     assert cli(["caption", str(image), "--model", str(saved("sd"))]) == 2
     assert "cannot caption images" in capsys.readouterr().err
 

@@ -36,6 +36,7 @@ from anygen.pipelines.base import (
     TextToImage,
     Timer,
     check_batch,
+    check_negative_code_guidance,
     check_prompt,
     make_generator,
     resolve_seed,
@@ -227,8 +228,15 @@ class TransformersGenerator(TextToImage):
         )
         if opts.num_images != 1:
             raise UserInputError("number of images applies to image generation, not to text")
-        seed = resolve_seed(opts.seed)
+        if opts.callback is not None:
+            raise UserInputError(f"{self.name} takes no step callback when it writes text")
         temperature = float(opts.temperature or 0.0)
+        if temperature == 0 and (opts.top_k is not None or opts.top_p is not None):
+            raise UserInputError(
+                "top-k and top-p shape sampling, and text is greedy unless a temperature above "
+                "0 is given: add --temperature"
+            )
+        seed = resolve_seed(opts.seed)
         generators = [make_generator(seed + i, self.device) for i in range(len(images))]
         prompts = [self.question_prompt(q) for q in questions]
         inputs = self.processor_inputs([im.convert("RGB") for im in images], prompts)
@@ -258,8 +266,8 @@ class TransformersGenerator(TextToImage):
 
     def _generation_config(self, **overrides):
         """A clean config: greedy at the transformers level (``SeededSampling`` draws), the
-        checkpoint's special token ids, nothing else carried over (no repetition penalty or
-        sampling defaults from its generation_config.json)."""
+        checkpoint's special token ids, nothing else carried over (no guidance, repetition
+        penalty or sampling defaults from its generation_config.json)."""
         from transformers import GenerationConfig
 
         tok = self.tokenizer
@@ -269,13 +277,28 @@ class TransformersGenerator(TextToImage):
         if pad is None:
             pad = eos[0] if isinstance(eos, list) else eos
         bos = saved.bos_token_id if saved.bos_token_id is not None else tok.bos_token_id
+        # generate() fills every field left None from the checkpoint's generation_config
+        # (transformers 5: `update(..., defaults_only=True)`), so the processors that act on
+        # greedy decoding are switched off by value: Janus checkpoints save guidance_scale 5,
+        # which would guide every caption against a prompt-less row
+        neutral = {
+            "guidance_scale": 1.0,
+            "repetition_penalty": 1.0,
+            "encoder_repetition_penalty": 1.0,
+            "no_repeat_ngram_size": 0,
+            "encoder_no_repeat_ngram_size": 0,
+            "min_length": 0,
+            "min_new_tokens": 0,
+            "suppress_tokens": [],
+            "begin_suppress_tokens": [],
+        }
         return GenerationConfig(
             do_sample=False,
             num_beams=1,
             eos_token_id=eos,
             pad_token_id=pad,
             bos_token_id=bos,
-            **overrides,
+            **{**neutral, **overrides},
         )
 
     @staticmethod
@@ -344,6 +367,8 @@ class Janus(TransformersGenerator):
         self, prompts: list[str], seeds: list[int], options: Options | None = None
     ) -> Output:
         opts = check_batch(prompts, seeds, options)
+        if opts.callback is not None:  # the bar counts tokens; no per-step hook is wired
+            raise UserInputError(f"{self.name} takes no step callback")
         if opts.negative_prompt is not None:
             raise UserInputError(
                 f"{self.name} takes no negative prompt: Janus' unconditional rows are the "
@@ -521,6 +546,8 @@ class Emu3(TransformersGenerator):
         self, prompts: list[str], seeds: list[int], options: Options | None = None
     ) -> Output:
         opts = check_batch(prompts, seeds, options)
+        if opts.callback is not None:  # the bar counts tokens; no per-step hook is wired
+            raise UserInputError(f"{self.name} takes no step callback")
         width = opts.width or self.defaults["width"]
         height = opts.height or self.defaults["height"]
         for label, value in (("width", width), ("height", height)):
@@ -529,6 +556,7 @@ class Emu3(TransformersGenerator):
                     f"{label} {value} is not a multiple of {self.factor}, the pixels per token"
                 )
         temperature, top_k, top_p, guidance = self._image_sampling(opts)
+        check_negative_code_guidance(opts.negative_prompt, guidance)
         rows, cols = height // self.factor, width // self.factor
         inputs = self._image_inputs(list(prompts), width, height)
         prompt_length = inputs["input_ids"].shape[1]
