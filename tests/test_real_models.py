@@ -865,6 +865,8 @@ def test_emu3_draws_exact_token_grid(emu3_dir):
         gen.generate("a red circle", Options(seed=0, width=36, height=H, progress=False))
     with pytest.raises(UserInputError, match="negative prompt needs guidance other than 1"):
         gen.generate("a red circle", Options(negative_prompt="blue", guidance_scale=1.0, **opts))
+    with pytest.raises(UserInputError, match="beyond the 256 positions"):  # 8 x 8 tokens fit
+        gen.generate("a red circle", Options(seed=0, width=256, height=256, progress=False))
 
 
 @pytest.mark.parametrize("family", ["janus", "emu3"])

@@ -561,6 +561,15 @@ class Emu3(TransformersGenerator):
         inputs = self._image_inputs(list(prompts), width, height)
         prompt_length = inputs["input_ids"].shape[1]
         count = self.token_count(rows, cols)
+        limit = getattr(
+            getattr(self.model.config, "text_config", None), "max_position_embeddings", None
+        )
+        if limit is not None and prompt_length + count > limit:
+            raise UserInputError(
+                f"{width} x {height} needs {count} image tokens after a {prompt_length}-token "
+                f"prompt, beyond the {limit} positions {self.name} was trained on; ask for a "
+                "smaller size"
+            )
         extra = {}
         if guidance != 1.0:
             negative = self._image_inputs(
