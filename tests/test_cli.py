@@ -166,7 +166,9 @@ def test_caption_and_ask_default_to_the_bundled_model_that_reads_images(
     assert captured.err.strip() == "anygen: model shapes-fusion"
     record = json.loads(captured.out)
     assert record["model"] == "shapes-fusion" and parse_caption(record["caption"]).phrases
-    assert isinstance(record["seed"], int)  # drawn when not given, and recorded
+    assert 0 <= record["seed"] < 2**31  # drawn when not given, and recorded
+    assert cli(["caption", str(tmp_path / "x.png"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["seed"] != record["seed"]  # drawn afresh
     assert cli(["ask", str(tmp_path / "x.png"), "how many objects are there?", "--json"]) == 0
     captured = capsys.readouterr()
     assert captured.err.strip() == "anygen: model shapes-fusion"

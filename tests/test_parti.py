@@ -102,11 +102,13 @@ def test_batched_guidance_equals_two_passes(transformer, tokenizer):
     assert torch.equal(one, two)
 
 
-def test_exactly_the_image_code_count(transformer, tokenizer):
-    ids, mask = prompts(tokenizer, ["a red circle"] * 8)
-    codes = generate_codes(transformer, ids, mask, temperature=5.0, generators=gens(*range(8)))
-    assert codes.shape == (8, CFG.image_tokens)
-    assert codes.min() >= 0 and codes.max() < CFG.image_vocab_size
+def test_greedy_codes_are_the_teacher_forced_argmax(transformer, tokenizer):
+    """Exactly the image's code count, each the best image code (never the begin-image
+    id, which the forward pass does not score) given the codes before it."""
+    ids, mask = prompts(tokenizer, ["a red circle", "two blue squares above a star"])
+    greedy = generate_codes(transformer, ids, mask, temperature=0.0, generators=gens(0, 1))
+    assert greedy.shape == (2, CFG.image_tokens)
+    assert torch.equal(greedy, transformer(ids, mask, greedy).argmax(-1))
 
 
 def test_guidance_needs_the_null_prompt(transformer, tokenizer):

@@ -152,7 +152,8 @@ def test_bad_scoring_requests_are_named(scorer, tokenizer, parti):
 def test_candidate_seeds_start_with_the_seed_and_never_repeat():
     seeds = candidate_seeds(7, 16)
     assert seeds[0] == 7 and len(set(seeds)) == 16
-    assert all(0 <= s < 2**63 for s in seeds)
+    # pinned: a recorded candidate seed must redraw the same picture in later versions
+    assert seeds[1:3] == [6662557750902396538, 2580451456677138004]
     assert candidate_seeds(7, 16) == seeds and candidate_seeds(7, 4) == seeds[:4]
     assert not set(candidate_seeds(8, 16)) & set(seeds)
 

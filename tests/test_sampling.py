@@ -29,7 +29,6 @@ def test_top_p_keeps_the_same_tokens_as_transformers(logits, p):
     ref = TopPLogitsWarper(top_p=p)(None, logits.clone())
     assert torch.equal(torch.isinf(ours), torch.isinf(ref))
     kept = ours.softmax(-1)
-    assert torch.all(torch.isfinite(ours).sum(-1) >= 1)
     # the kept set holds at least p of the original mass
     mass = (logits.softmax(-1) * torch.isfinite(ours)).sum(-1)
     assert torch.all(mass >= p - 1e-6), (mass, kept.shape)

@@ -341,6 +341,7 @@ def test_story_page_in_headless_chromium(gen, tmp_path):
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         shot = ARTIFACTS / f"story-{gen.name}.png"
         browser.save_screenshot(str(shot))
+        viewport = browser.execute_script("return window.innerWidth")
     finally:
         browser.quit()
     want = [("img" if s["type"] == "image" else "p") for s in record["segments"]]
@@ -351,5 +352,6 @@ def test_story_page_in_headless_chromium(gen, tmp_path):
     assert len(images) == 3
     assert all(i["complete"] and i["width"] == gen.default_size for i in images)
     assert all(0 < i["shown"] <= 420 for i in images)  # fits the phone-width window
-    with Image.open(shot) as png:
-        assert png.size[0] > 0
+    with Image.open(shot) as png:  # the page as a phone shows it, not a blank capture
+        assert png.size[0] == viewport
+        assert len(png.convert("RGB").getcolors(maxcolors=1 << 16) or range(1 << 16)) > 2

@@ -41,7 +41,7 @@ def test_decoding_is_seeded_and_row_independent(codec):
     e = codec.encode(images())
     gens = lambda *s: [torch.Generator().manual_seed(x) for x in s]  # noqa: E731
     a = codec.decode(e, gens(0, 1, 2))
-    assert a.shape == (3, 3, CFG.image_size, CFG.image_size) and a.abs().max() <= 1
+    assert a.shape == (3, 3, CFG.image_size, CFG.image_size) and torch.isfinite(a).all()
     assert torch.equal(a, codec.decode(e, gens(0, 1, 2)))
     alone = codec.decode(e[1:2], gens(1))
     assert torch.allclose(a[1:2], alone, atol=1e-5)
