@@ -352,7 +352,7 @@ def fsync_dir(folder: Path) -> None:
 
 @contextmanager
 def atomic_directory(
-    target: str | os.PathLike, *, marker: str | None = CONFIG_NAME
+    target: str | os.PathLike, *, marker: str | None = CONFIG_NAME, keep_other_files: bool = True
 ) -> Iterator[Path]:
     """Yield a temporary directory beside ``target``; on success it replaces ``target``.
 
@@ -361,8 +361,9 @@ def atomic_directory(
     directory of other files is never deleted by mistake); ``marker=None`` replaces any.
     Files of the old ``target`` that are not checkpoint parts (the user's notes, sample
     images) are kept, as ``save_pretrained`` in transformers keeps them; its configs,
-    weights and component subfolders go, since a stale shard, pickle or config beside the
-    new checkpoint would be read as part of it.
+    weights, model card and component subfolders go, since a stale shard, pickle, config
+    or card beside the new checkpoint would be read as part of it. ``keep_other_files=False``
+    (a cache the writer owns whole) replaces everything.
     """
     target = Path(target)
     if target.exists() and not target.is_dir():
@@ -384,12 +385,13 @@ def atomic_directory(
         yield tmp
         default_file_modes(tmp)
         fsync_tree(tmp)
+        if keep_other_files and target.exists():
+            _keep_other_files(target, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
     if target.exists():
-        _keep_other_files(target, tmp)
         old = target.parent / f".tmp-{target.name}-old-{uuid.uuid4().hex[:8]}"
         os.replace(target, old)
     try:
@@ -405,8 +407,9 @@ def atomic_directory(
 
 
 def _is_checkpoint_file(name: str) -> bool:
-    """A config, weights, a shard index, or a pickled training state (accelerate's ``*.pkl``)."""
-    return name.endswith((".json", ".safetensors", ".pkl", *PICKLE_SUFFIXES))
+    """A config, weights, a shard index, a pickled training state (accelerate's ``*.pkl``)
+    or the model card (whose front matter is read as the model's scores)."""
+    return name == CARD_NAME or name.endswith((".json", ".safetensors", ".pkl", *PICKLE_SUFFIXES))
 
 
 def _keep_other_files(old: Path, new: Path) -> None:

@@ -1,6 +1,6 @@
 """shapes-eval speed: detector images/s per canvas size, and judge verdicts/s.
 
-    python benchmarks/eval_speed.py [--n 1000] [--sizes 48 64 128]
+    python benchmarks/eval_speed.py [--n 1000] [--sizes 49 64 128]
 
 Renders random test-split scenes with anygen.data, then times ``detect_objects`` alone
 (the renders are made beforehand) and ``satisfies`` on the detections.
@@ -20,7 +20,7 @@ from anygen.eval import detect_objects, satisfies
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1000, help="scenes per canvas size")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[48, 64, 128])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[49, 64, 128])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 

@@ -91,7 +91,9 @@ from anygen.tokenizers.visual import load_visual_codec
 from anygen.tokenizers.vq import load_image_tokenizer
 from anygen.training import (
     TrainConfig,
+    known_words,
     lineage_text,
+    part_reference,
     start_from,
     starting_lineage,
     train,
@@ -308,7 +310,7 @@ def main(argv: list[str]) -> None:
     else:
         images = load_image_tokenizer(args.image_tokenizer).requires_grad_(False).eval()
         shape = {"image_tokens": images.grid_size**2, "image_vocab_size": images.codebook_size}
-        images_ref = args.image_tokenizer
+        images_ref = part_reference(args.image_tokenizer)
         codec_card = {}
     cfg = dataclasses.replace(
         FUSION_PRESETS[args.preset],
@@ -386,13 +388,13 @@ def main(argv: list[str]) -> None:
     )
     if not result.is_main_process:
         return
-    words = (resolve(args.tokenizer, kind="tokenizer") / "words.txt").read_text().split()
+    words = known_words(args.tokenizer)
     pipe = Fusion(
         result.model,
         tokenizer,
         images,
         name=args.name,
-        defaults={**start_defaults, "known_words": sorted(words)},
+        defaults={**start_defaults, **({"known_words": words} if words else {})},
     )
     facts = {
         "recipe": "recipes/fusion_shapes.py",
@@ -424,7 +426,7 @@ def main(argv: list[str]) -> None:
         selection = select_sampling(pipe, args.select_n)
         pipe.defaults.update(selection["chosen"])
         facts["sampling_selection"] = selection
-    refs = {"tokenizer_ref": args.tokenizer, "images_ref": images_ref}
+    refs = {"tokenizer_ref": part_reference(args.tokenizer), "images_ref": images_ref}
     reports: dict[str, Report] = {}
     if args.eval_n:
         # score the model as shipped: fp16 weights loaded back in fp32

@@ -69,6 +69,7 @@ from anygen.tokenizers.vq import reconstruction_errors
 from anygen.training import (
     TrainConfig,
     caption_forms_arg,
+    known_words,
     lineage_text,
     starting_lineage,
     train,
@@ -481,12 +482,12 @@ def main(argv: list[str]) -> None:
         return
     wall = time.time() - started
 
-    words = (resolve(args.tokenizer, kind="tokenizer") / "words.txt").read_text().split()
+    words = known_words(args.tokenizer)
     defaults = {
         "steps": args.sample_steps,
         "guidance_scale": args.guidance,
         "scheduler": "dpm++",
-        "known_words": sorted(words),
+        **({"known_words": words} if words else {}),
     }
     model = LatentDiffusion(components, name=args.name, defaults=defaults)
     selection = None

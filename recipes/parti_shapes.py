@@ -48,7 +48,9 @@ from anygen.tokenizers.vq import load_image_tokenizer
 from anygen.training import (
     TrainConfig,
     caption_forms_arg,
+    known_words,
     lineage_text,
+    part_reference,
     start_from,
     starting_lineage,
     train,
@@ -196,14 +198,13 @@ def main(argv: list[str]) -> None:
     )
     if not result.is_main_process:
         return
-    words_file = resolve(args.tokenizer, kind="tokenizer") / "words.txt"
-    words = words_file.read_text().split() if words_file.is_file() else []
+    words = known_words(args.tokenizer)
     defaults = {
         "guidance_scale": 3.0 if args.guidance is None else args.guidance,
         "temperature": 1.0 if args.temperature is None else args.temperature,
         "top_k": args.top_k,
         "top_p": 1.0,
-        **({"known_words": sorted(words)} if words else {}),
+        **({"known_words": words} if words else {}),
     }
     pipe = Parti(result.model, tokenizer, image_tokenizer, name="shapes-parti", defaults=defaults)
     selection = None
@@ -233,13 +234,9 @@ def main(argv: list[str]) -> None:
     }
     if selection is not None:
         facts["sampling_selection"] = selection
-    # bundled names and hub ids are referenced; a local folder is copied in, so that the
-    # model loads from anywhere (a relative path would resolve against the model folder)
     refs = {
-        "tokenizer_ref": None if Path(args.tokenizer).expanduser().exists() else args.tokenizer,
-        "image_tokenizer_ref": (
-            None if Path(args.image_tokenizer).expanduser().exists() else args.image_tokenizer
-        ),
+        "tokenizer_ref": part_reference(args.tokenizer),
+        "image_tokenizer_ref": part_reference(args.image_tokenizer),
     }
     report = None
     if args.eval_n:

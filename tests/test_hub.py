@@ -18,6 +18,7 @@ from anygen import hub
 from anygen.errors import CheckpointError, ModelNotFoundError
 from anygen.hub import (
     PretrainedMixin,
+    atomic_directory,
     bundled_models,
     card_metadata,
     load_config,
@@ -124,6 +125,7 @@ def test_a_replaced_checkpoint_keeps_the_users_files_but_not_stale_weights(tmp_p
     target = tmp_path / "ckpt"
     save_pretrained({"w": torch.zeros(2)}, target, {"v": 1})
     (target / "notes.md").write_text("my notes")
+    (target / "README.md").write_text("---\nshapes_eval_t2i_overall: 0.9\n---\nold card")
     (target / "samples").mkdir()
     (target / "samples" / "0.png").write_bytes(b"png")
     (target / "old-shard.safetensors").write_bytes(b"stale")
@@ -139,6 +141,29 @@ def test_a_replaced_checkpoint_keeps_the_users_files_but_not_stale_weights(tmp_p
     assert (target / "notes.md").read_text() == "my notes"
     assert load_config(target)["v"] == 2  # the new checkpoint's files win
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+    # a cache the writer owns whole keeps nothing of the old folder
+    with atomic_directory(target, keep_other_files=False) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert sorted(p.name for p in target.iterdir()) == ["config.json"]
+
+
+def test_a_save_that_cannot_keep_a_users_file_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    import anygen.hub as hub
+
+    target = tmp_path / "ckpt"
+    save_pretrained({"w": torch.zeros(2)}, target, {"v": 1})
+    (target / "notes.md").write_text("my notes")
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(hub.os, "link", fail)
+    monkeypatch.setattr(hub.shutil, "copy2", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_pretrained({"w": torch.ones(3)}, target, {"v": 2})
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no .tmp-* left
+    assert load_config(target)["v"] == 1 and (target / "notes.md").is_file()
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX permission bits")

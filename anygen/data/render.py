@@ -50,7 +50,7 @@ from anygen.errors import UserInputError
 logger = logging.getLogger(__name__)
 
 SUPERSAMPLE = 4  # samples per pixel along each axis
-MIN_SIZE = 18  # below, the spec's small and large radii round to the same pixels
+MIN_SIZE = 22  # below, small and large radii round alike (< 18) or neighbours touch (18-21)
 MAX_SIZE = 4096  # a canvas is rendered in float32: 4096 px is 200 MB
 
 _BACKGROUND = np.array(BACKGROUND, dtype=np.float32)

@@ -110,7 +110,7 @@ class ClipSimilarity:
 
 
 # transformers model types whose [CLS] token DINO scores read (DINO v1 checkpoints are ViTs)
-DINO_MODEL_TYPES = ("vit", "dinov2", "dinov2_with_registers")
+DINO_MODEL_TYPES = ("vit", "dinov2", "dinov2_with_registers", "dinov3_vit")
 
 
 class DinoSimilarity:

@@ -271,6 +271,8 @@ class Fusion(TextToImage):
             f"means nothing to {self.name!r}: it edits by instruction, writing the whole "
             "picture anew; leave it out",
         )
+        if opts.callback is not None:  # its decode loop interleaves rows and phases
+            raise UserInputError(f"{self.name} takes no step callback")
         for label, value in (("width", opts.width), ("height", opts.height)):
             if value is not None and value != size:
                 raise UserInputError(

@@ -41,6 +41,8 @@ __all__ = [
     "TrainingDivergedError",
     "caption_forms_arg",
     "device_description",
+    "known_words",
+    "part_reference",
     "seconds_per_step",
     "training_device",
     "training_seconds",
@@ -57,6 +59,22 @@ __all__ = [
     "warn_if_same_seed",
     "warn_if_unscored_bundle",
 ]
+
+
+def known_words(tokenizer: str) -> list[str]:
+    """The words of a shapes-world tokenizer's ``words.txt`` (what the CLI warns about when
+    a prompt leaves them), sorted; none for a tokenizer without that file (a hub one)."""
+    from anygen.hub import resolve
+
+    words = resolve(tokenizer, kind="tokenizer") / "words.txt"
+    return sorted(words.read_text(encoding="utf-8").split()) if words.is_file() else []
+
+
+def part_reference(name_or_path: str) -> str | None:
+    """How a saved model names a part it was trained with: a bundled name or hub id is
+    referenced; a local folder gives None, so that the part is copied in (a path would
+    resolve against the model's folder, or tie the model to this working directory)."""
+    return None if Path(name_or_path).expanduser().exists() else name_or_path
 
 
 def device_description() -> str:

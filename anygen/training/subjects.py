@@ -321,7 +321,7 @@ def cached_class_images(
             log.info("reusing %d %s class images from %s", n, source, directory)
             return ClassImages([r["prompt"] for r in rows[:n]], images, source)
     made = class_images(model, class_word, n, seed, source, class_prompt)
-    with atomic_directory(directory, marker=CLASS_INDEX) as tmp:
+    with atomic_directory(directory, marker=CLASS_INDEX, keep_other_files=False) as tmp:
         rows = []
         for i, (prompt, image) in enumerate(zip(made.prompts, made.images, strict=True)):
             name = f"{i:04d}.png"
