@@ -287,7 +287,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=0.0,
         help="decoder stage: extra weight of object pixels (anygen.tokenizers.vq.foreground_mask)",
     )
-    p.add_argument("--guidance", type=float, default=4.0, help="default guidance of the model")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="default guidance of the model (4.0); with --select-n 0 only, as selection chooses it",
+    )
     p.add_argument("--sample-steps", type=int, default=20, help="default sampling steps")
     p.add_argument(
         "--select-n",
@@ -303,7 +308,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help=f"also write fp16 weights to {BUNDLED_MODELS}/NAME",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.select_n and args.guidance is not None:
+        p.error("--guidance sets the default only with --select-n 0 (selection chooses it)")
+    return args
 
 
 def main(argv: list[str]) -> None:
@@ -485,7 +493,7 @@ def main(argv: list[str]) -> None:
     words = known_words(args.tokenizer)
     defaults = {
         "steps": args.sample_steps,
-        "guidance_scale": args.guidance,
+        "guidance_scale": 4.0 if args.guidance is None else args.guidance,
         "scheduler": "dpm++",
         **({"known_words": words} if words else {}),
     }

@@ -611,15 +611,14 @@ def test_shapes_recipes_warn_of_an_unscored_bundle_before_training(recipe, faili
     assert "--bundle with --eval-n 0" in caplog.text
 
 
-def test_parti_recipe_refuses_defaults_that_selection_would_overwrite(capsys):
-    module = load_recipe(TESTS_DIR.parent / "recipes" / "parti_shapes.py")
+@pytest.mark.parametrize("recipe", ["parti_shapes.py", "ldm_shapes.py"])
+def test_recipes_refuse_defaults_that_selection_would_overwrite(recipe, capsys):
+    module = load_recipe(TESTS_DIR.parent / "recipes" / recipe)
     with pytest.raises(SystemExit):
         module.parse_args(["--output-dir", "out", "--guidance", "2"])
-    assert "--guidance and --temperature set the defaults only with --select-n 0" in (
-        capsys.readouterr().err
-    )
+    assert "only with --select-n 0" in capsys.readouterr().err
     args = module.parse_args(["--output-dir", "out", "--guidance", "2", "--select-n", "0"])
-    assert args.guidance == 2.0 and args.temperature is None
+    assert args.guidance == 2.0
 
 
 def test_caption_forms_arg_parses_and_refuses_in_one_line():
