@@ -1045,3 +1045,15 @@ def test_emu_recipe_refuses_a_bad_transformer_flag_before_training_the_codec(tmp
     )  # fmt: skip
     assert run.returncode != 0 and "invalid choice: 'difusion'" in run.stderr, run.stderr[-2000:]
     assert not (out / "train-visual").exists()  # refused before the codec stage trained
+
+
+def test_greedy_captions_refuse_top_k_and_top_p_but_ranked_ones_pass_them_on(pipe):
+    image = scene_image(pipe.default_size)
+    with pytest.raises(UserInputError, match="text is greedy unless a temperature above 0"):
+        pipe.caption([image], Options(top_p=0.9))
+    assert pipe.caption([image], Options(top_p=0.9, temperature=0.7, seed=1))
+    if not pipe.config.continuous:
+        ((text, kept, _),) = pipe.best_captions([image], 2, Options(top_p=0.9, seed=1))
+        assert kept in (0, 1)
+        if kept == 0:  # the plain candidate is the greedy caption
+            assert text == pipe.caption([image], Options(seed=1))[0]

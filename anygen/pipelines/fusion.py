@@ -490,6 +490,11 @@ class Fusion(TextToImage):
     ) -> list[str]:
         """One text per prompt; row i draws from ``seeds[i]``, by default the seed + i."""
         s = self.sampling(opts, "text_temperature")
+        if s.temperature == 0 and (opts.top_k is not None or opts.top_p is not None):
+            raise UserInputError(
+                "top-k and top-p shape sampling, and text is greedy unless a temperature above "
+                "0 is given: add --temperature"
+            )
         max_new = opts.max_new_tokens or self.defaults["max_new_tokens"]
         if seeds is None:
             seed = resolve_seed(opts.seed if opts.seed is not None else 0)
@@ -545,7 +550,10 @@ class Fusion(TextToImage):
             self.prompt([image, CAPTION_QUESTION], encoded=[x])
             for image, x in zip(images, encoded, strict=True)
         ]
-        texts = [self._texts(prompts, opts)]  # [candidate j][image i]
+        plain = opts  # the greedy caption takes no top-k / top-p: they shape the sampled ones
+        if self.sampling(opts, "text_temperature").temperature == 0:
+            plain = dataclasses.replace(opts, top_k=None, top_p=None)
+        texts = [self._texts(prompts, plain)]  # [candidate j][image i]
         seed = resolve_seed(opts.seed if opts.seed is not None else 0)
         seeds = [candidate_seeds(seed + i, candidates) for i in range(len(images))]
         sampled = dataclasses.replace(opts, temperature=temperature)
