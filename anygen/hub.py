@@ -451,6 +451,20 @@ def _keep_other_files(old: Path, new: Path) -> None:
         logger.info("kept %d file(s) of the checkpoint in %s: %s", len(kept), old, ", ".join(kept))
 
 
+def saved_class_name(folder: Path, what: str) -> str | None:
+    """The ``_class_name`` a saved folder's ``config.json`` records (None if it records
+    none); CheckpointError where there is no config or it is not JSON. ``what`` names what
+    the folder should hold ("an image tokenizer")."""
+    config_file = Path(folder) / CONFIG_NAME
+    if not config_file.is_file():
+        raise CheckpointError(f"{folder} has no {CONFIG_NAME}: not {what}")
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_file} is not valid JSON: {e}") from None
+    return data.get("_class_name") if isinstance(data, dict) else None
+
+
 def _cpu_state_dict(
     state_dict_or_module: nn.Module | Mapping[str, torch.Tensor], dtype: torch.dtype | None
 ) -> dict[str, torch.Tensor]:

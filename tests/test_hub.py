@@ -451,3 +451,20 @@ def test_downloads_show_a_bar_unless_the_user_switched_the_hubs_off(tmp_path, mo
         assert _download("anygen-test/tok", "tokenizer") == tmp_path
         drawn = seen["tqdm_class"]
         assert drawn is None if bar is None else issubclass(drawn, bar)
+
+
+def test_loaders_name_a_folder_without_a_readable_config(tmp_path):
+    from anygen.tokenizers.visual import load_visual_codec
+    from anygen.tokenizers.vq import load_image_tokenizer
+
+    with pytest.raises(CheckpointError, match="has no config.json: not an image tokenizer"):
+        load_image_tokenizer(tmp_path)
+    with pytest.raises(CheckpointError, match="has no config.json: not a visual codec"):
+        load_visual_codec(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    for load in (load_image_tokenizer, load_visual_codec):
+        with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
+            load(tmp_path)
+    (tmp_path / "config.json").write_text('{"_class_name": "VitVQGAN"}')
+    with pytest.raises(CheckpointError, match="holds a VitVQGAN, not a VisualCodec"):
+        load_visual_codec(tmp_path)

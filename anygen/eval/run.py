@@ -189,7 +189,7 @@ def _reconstruction(
     import torch
 
     from anygen.data.datasets import images_to_tensor, tensor_to_images
-    from anygen.hub import resolve
+    from anygen.hub import CONFIG_NAME, resolve, saved_class_name
     from anygen.pipelines import pick_device
     from anygen.tokenizers.vq import load_image_tokenizer
 
@@ -206,7 +206,7 @@ def _reconstruction(
             x = images_to_tensor(images).to(dev, vae.dtype)
             return tensor_to_images(vae.decode(vae.encode(x).latent_dist.mode()).sample.float())
 
-    elif _class_name(path) == "VisualCodec":
+    elif (path / CONFIG_NAME).is_file() and saved_class_name(path, "") == "VisualCodec":
         from anygen.tokenizers.visual import load_visual_codec
 
         codec = load_visual_codec(path, device=dev)
@@ -219,15 +219,6 @@ def _reconstruction(
             return tensor_to_images(tok.decode(tok.encode(images_to_tensor(images).to(dev))))
 
     return run_reconstruction(roundtrip, n=n, seed=seed, batch_size=batch_size, size=size)
-
-
-def _class_name(path) -> str | None:
-    import json
-
-    try:
-        return json.loads((path / "config.json").read_text(encoding="utf-8")).get("_class_name")
-    except (OSError, ValueError, AttributeError):
-        return None  # the loaders below say what is wrong
 
 
 def codec_roundtrip(codec, seed: int = 0) -> Callable:

@@ -29,7 +29,6 @@ encoder learns through the decoder's denoising loss; the VAE stays frozen). Save
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -44,7 +43,6 @@ from tqdm.auto import tqdm
 
 from anygen.errors import CheckpointError, UserInputError, load_errors
 from anygen.hub import (
-    CONFIG_NAME,
     atomic_directory,
     forget_source_paths,
     load_config,
@@ -52,6 +50,7 @@ from anygen.hub import (
     load_weights,
     resolve,
     save_pretrained,
+    saved_class_name,
 )
 
 log = logging.getLogger(__name__)
@@ -470,13 +469,7 @@ def load_visual_codec(
 ) -> VisualCodec:
     """A ``VisualCodec`` from a bundled name, a directory or a hub id."""
     path = resolve(name_or_path)
-    config_file = path / CONFIG_NAME
-    if not config_file.is_file():
-        raise CheckpointError(f"{path} has no {CONFIG_NAME}: not a visual codec")
-    try:
-        class_name = json.loads(config_file.read_text()).get("_class_name")
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_file} is not valid JSON: {e}") from None
+    class_name = saved_class_name(path, "a visual codec")
     if class_name != "VisualCodec":
         raise CheckpointError(f"{path} holds a {class_name}, not a VisualCodec")
     return VisualCodec.from_pretrained(path, device=device, dtype=dtype)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -34,7 +33,7 @@ from torch import nn
 
 from anygen.attention import attention
 from anygen.errors import CheckpointError, UserInputError, load_errors
-from anygen.hub import CONFIG_NAME, PretrainedMixin, resolve
+from anygen.hub import PretrainedMixin, resolve, saved_class_name
 
 log = logging.getLogger(__name__)
 
@@ -552,13 +551,7 @@ def load_image_tokenizer(
     """An image tokenizer from a bundled name, a directory or a hub id: anygen's
     ``VitVQGAN`` or a diffusers ``VQModel``, told apart by ``config.json``."""
     path = resolve(name_or_path)
-    config_file = path / CONFIG_NAME
-    if not config_file.is_file():
-        raise CheckpointError(f"{path} has no {CONFIG_NAME}: not an image tokenizer")
-    try:
-        class_name = json.loads(config_file.read_text()).get("_class_name")
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config_file} is not valid JSON: {e}") from None
+    class_name = saved_class_name(path, "an image tokenizer")
     if class_name == "VitVQGAN":
         tok = VitVQGAN.from_pretrained(path, device=device, dtype=dtype)
     elif class_name == "VQModel":
