@@ -136,13 +136,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument(
-        "--guidance", type=float, default=4.0, help="default text guidance (when --select-n 0)"
+        "--guidance",
+        type=float,
+        default=None,
+        help="default text guidance (4.0); with --select-n 0 only, as selection chooses it",
     )
     p.add_argument(
         "--image-guidance",
         type=float,
-        default=1.5,
-        help="default image guidance (when --select-n 0)",
+        default=None,
+        help="default image guidance (1.5); with --select-n 0 only, as selection chooses it",
     )
     p.add_argument(
         "--select-n",
@@ -156,8 +159,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.select_n < 0 or args.eval_n < 0:  # checked now, not after the training
         p.error("--select-n and --eval-n must be >= 0")
-    if args.guidance < 0 or args.image_guidance < 0:
+    given = [g for g in (args.guidance, args.image_guidance) if g is not None]
+    if any(g < 0 for g in given):
         p.error("--guidance and --image-guidance must be >= 0")
+    if given and args.select_n:
+        p.error(
+            "--guidance and --image-guidance set the defaults only with --select-n 0 "
+            "(selection chooses the pair on validation edits)"
+        )
+    args.guidance = 4.0 if args.guidance is None else args.guidance
+    args.image_guidance = 1.5 if args.image_guidance is None else args.image_guidance
     for name in ("steps", "batch_size", "sample_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")

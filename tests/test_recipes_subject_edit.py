@@ -541,15 +541,21 @@ def test_instruct_edit_refuses_a_corrupt_base_record(tmp_path):
         ("--eval-n", "-1", "--eval-n must be >= 0"),
         ("--guidance", "-1", "--guidance and --image-guidance must be >= 0"),
         ("--image-guidance", "-2", "--guidance and --image-guidance must be >= 0"),
+        ("--guidance", "6", "set the defaults only with --select-n 0"),
+        ("--image-guidance", "2", "set the defaults only with --select-n 0"),
     ],
 )
 def test_instruct_edit_refuses_bad_numbers_before_training(flag, value, message, capsys):
+    """Bad numbers, and a default guidance that selection (--select-n > 0, the default)
+    would overwrite, are refused before any training."""
     from anygen.training import load_recipe
 
     recipe = load_recipe(RECIPES / "instruct_edit.py")
     with pytest.raises(SystemExit):
         recipe.parse_args(["--output-dir", "o", flag, value])
     assert message in capsys.readouterr().err
+    args = recipe.parse_args(["--output-dir", "o", "--select-n", "0", "--guidance", "6"])
+    assert (args.guidance, args.image_guidance) == (6.0, 1.5)
 
 
 def test_an_a1111_embedding_file_names_its_word_by_the_file(tmp_path):
