@@ -1068,6 +1068,95 @@ def test_any_image_text_to_text_model_captions_and_answers(llava_dir):
         gen.answer(images, ["x"])
 
 
+def build_florence2(directory):
+    """Florence-2, an encoder-decoder image-text-to-text model: a two-stage DaViT (16 px ->
+    4 x 4 features) and a one-layer BART. The special tokens' embedding rows are zeroed so
+    that the random decoder writes letters (their logits are 0; a letter's is likely above)
+    rather than stopping at once."""
+    from transformers import (
+        BartConfig,
+        BartTokenizer,
+        Florence2Config,
+        Florence2ForConditionalGeneration,
+        Florence2Processor,
+        Florence2VisionConfig,
+    )
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    seeded(0)
+    words = ["<s>", "<pad>", "</s>", "<unk>", *CHARS, *("Ġ" + c for c in CHARS), "<image>"]
+    tok = BartTokenizer(
+        vocab={w: i for i, w in enumerate(words)},
+        merges=[],
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    vision = Florence2VisionConfig(
+        depths=(1, 1),
+        patch_size=(7, 3),
+        patch_stride=(4, 2),
+        patch_padding=(3, 1),
+        patch_prenorm=(False, True),
+        embed_dim=(16, 32),
+        num_heads=(2, 4),
+        num_groups=(2, 4),
+        window_size=2,
+        projection_dim=32,
+        max_position_embeddings=16,
+        drop_path_rate=0.0,
+    )
+    text = BartConfig(
+        vocab_size=len(tok),
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.bos_token_id,
+    )
+    config = Florence2Config(
+        text_config=text, vision_config=vision, image_token_id=tok.image_token_id
+    )
+    model = Florence2ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:4].zero_()  # tied with the output layer
+    image_processor = CLIPImageProcessorPil(
+        size={"height": 16, "width": 16}, crop_size={"height": 16, "width": 16}
+    )
+    image_processor.image_seq_length = 5  # 4 x 4 features pooled, and one pooled over time
+    processor = Florence2Processor(image_processor=image_processor, tokenizer=tok)
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+
+
+def test_an_encoder_decoder_model_answers_with_its_whole_decoder_output(tmp_path):
+    """An encoder-decoder model's output holds no prompt: the answer is not cut by the
+    prompt's length (it was, and came back empty), and equals transformers' own greedy
+    decoding of the same inputs."""
+    build_florence2(tmp_path / "florence2")
+    gen = load_generator(str(tmp_path / "florence2"), device="cpu")
+    assert type(gen).__name__ == "VisionLanguageModel" and gen.model.config.is_encoder_decoder
+    # transformers' Florence2Processor does not load a chat template from the folder
+    gen.processor.chat_template = (
+        "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'text' %}"
+        "{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
+    )
+    image = Image.new("RGB", (16, 16), (0, 0, 250))
+    (answer,) = gen.answer(
+        [image], ["what colour is it"], Options(max_new_tokens=5, progress=False)
+    )
+    inputs = gen.processor(images=[image], text=["what colour is it"], return_tensors="pt")
+    assert inputs["input_ids"].shape[1] > 5 + 1  # a prompt longer than the whole output
+    out = gen.model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    (reference,) = gen.processor.tokenizer.batch_decode(out, skip_special_tokens=True)
+    assert answer and answer == reference.strip()
+
+
 def test_math_attention_for_a_transformers_model(llava_dir):
     opts = Options(max_new_tokens=4, progress=False)
     image = [Image.new("RGB", (16, 16), "red")]

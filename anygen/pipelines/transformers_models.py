@@ -250,7 +250,9 @@ class TransformersGenerator(TextToImage):
                 generation_config=self._generation_config(max_new_tokens=int(max_new)),
                 logits_processor=self._processor_list(sampler),
             )
-        new = out[:, prompt_length:]  # (B, <= max_new)
+        # a decoder-only model returns the prompt and then the answer; an encoder-decoder
+        # one (Florence-2, T5Gemma 2) returns its decoder's tokens alone, from the start token
+        new = out if self.model.config.is_encoder_decoder else out[:, prompt_length:]
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         return [t.strip() for t in texts]
 
