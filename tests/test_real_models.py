@@ -9,6 +9,7 @@ other pixels, exact image-token counts, refusals, LoRA scales, offline resolutio
 
 from __future__ import annotations
 
+import copy
 import json
 import string
 
@@ -690,6 +691,10 @@ def build_janus(directory):
         image_token_id=tok.convert_tokens_to_ids(JANUS_SPECIALS["image_token"]),
     )
     model = JanusForConditionalGeneration(config)
+    # as transformers' conversion script does: generation pads (the unconditional rows) with
+    # another token than the tokenizer's pad (Janus' <｜▁pad▁｜>)
+    model.generation_config.pad_token_id = tok.convert_tokens_to_ids("▁")
+    assert model.generation_config.pad_token_id != tok.pad_token_id
     processor = JanusProcessor(
         image_processor=JanusImageProcessorPil(size={"height": 16, "width": 16}),
         tokenizer=tok,
@@ -780,15 +785,16 @@ def test_janus_draws_exactly_its_image_tokens_deterministically(janus_dir):
 
 def test_janus_greedy_guided_tokens_equal_transformers_generate(janus_dir):
     """Temperature 0: anygen's guidance (in SeededSampling) picks the very tokens of
-    JanusForConditionalGeneration.generate(generation_mode="image", guidance_scale=g)."""
+    JanusForConditionalGeneration.generate(generation_mode="image", guidance_scale=g) run
+    with the checkpoint's own generation config (its pad id makes the unconditional rows)."""
     gen = load_generator(str(janus_dir), device="cpu")
     prompts = ["a red circle", "two blue squares"]
     ours = gen.image_tokens(prompts, [torch.Generator()] * 2, 0.0, None, None, guidance=3.0)
     inputs = gen.processor(text=prompts, generation_mode="image", padding=True, return_tensors="pt")
-    config = gen._generation_config(
-        guidance_scale=3.0,
-        generation_kwargs={"boi_token_id": gen.tokenizer.convert_tokens_to_ids("<begin_of_image>")},
-    )
+    config = copy.deepcopy(gen.model.generation_config)  # the checkpoint's own
+    config.update(guidance_scale=3.0, do_sample=False)
+    boi = gen.tokenizer.convert_tokens_to_ids("<begin_of_image>")
+    config.generation_kwargs = {"boi_token_id": boi}
     theirs = gen.model.generate(**inputs, generation_mode="image", generation_config=config)
     assert ours.shape == theirs.shape == (2, 16)
     assert torch.equal(ours, theirs)

@@ -294,14 +294,8 @@ class TransformersGenerator(TextToImage):
             "suppress_tokens": [],
             "begin_suppress_tokens": [],
         }
-        return GenerationConfig(
-            do_sample=False,
-            num_beams=1,
-            eos_token_id=eos,
-            pad_token_id=pad,
-            bos_token_id=bos,
-            **{**neutral, **overrides},
-        )
+        ids = {"eos_token_id": eos, "pad_token_id": pad, "bos_token_id": bos}
+        return GenerationConfig(do_sample=False, num_beams=1, **{**ids, **neutral, **overrides})
 
     @staticmethod
     def _processor_list(*processors):
@@ -423,10 +417,17 @@ class Janus(TransformersGenerator):
         )
         inputs = self._to_device(inputs)
         boi = self.tokenizer.convert_tokens_to_ids(self.processor.image_start_token)
+        overrides = {}
+        pad = self.model.generation_config.pad_token_id
+        if pad is not None:
+            # the unconditional rows are the prompt replaced by this id: converted Janus
+            # checkpoints save the original model's <｜▁pad▁｜> here, not the tokenizer's pad
+            overrides["pad_token_id"] = pad
         config = self._generation_config(
             # 1: Janus adds no guidance processor of its own; SeededSampling guides
             guidance_scale=1.0,
             generation_kwargs={"boi_token_id": boi},
+            **overrides,
         )
         bar = tqdm(
             total=self.num_image_tokens,
