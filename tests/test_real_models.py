@@ -501,6 +501,27 @@ def test_lora_refusals(saved, tmp_path, lora_file):
         load_generator(path, device="cpu", loras=[str(pickle)])
     with pytest.raises(CheckpointError, match="does not fit"):
         load_generator(str(saved("sdxl")), device="cpu", loras=[str(lora_file)])
+    # a LoRA of another family (Flux keys): diffusers loads nothing and only warns
+    from safetensors.torch import save_file
+
+    from anygen.pipelines.lora import LoraSpec
+
+    other = tmp_path / "flux_lora.safetensors"
+    save_file(
+        {
+            "transformer.blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 32),
+            "transformer.blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 4),
+        },
+        str(other),
+    )
+    # on one model (Stable Diffusion folders load as anygen's own pipeline) and on a
+    # diffusers pipeline (SDXL)
+    for folder in (path, str(saved("sdxl"))):
+        with pytest.raises(CheckpointError, match="none of its weights names a part"):
+            load_generator(folder, device="cpu", loras=[str(other)])
+    for bad in ("nan", "inf", "1e400"):
+        with pytest.raises(UserInputError, match="scale must be a finite number"):
+            LoraSpec.parse(f"{lora_file}:{bad}")
 
 
 def test_lora_file_in_a_folder_or_a_hub_repo(tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ with each adapter's config in the file's metadata (so its alpha comes back on lo
 from __future__ import annotations
 
 import logging
+import math
 import os
 import uuid
 from collections.abc import Sequence
@@ -55,6 +56,8 @@ class LoraSpec:
                 source = head
             except ValueError:
                 pass
+        if not math.isfinite(scale):
+            raise UserInputError(f"--lora {text}: the scale must be a finite number")
         return cls(source=source, scale=scale)
 
 
@@ -129,10 +132,22 @@ def load_loras(target, specs: Sequence[LoraSpec | str]) -> list[str]:
             raise CheckpointError(
                 f"LoRA {file} does not fit {type(target).__name__}: {first}"
             ) from None
+        if not _has_adapter(target, name):  # diffusers only warns when no key matched
+            raise CheckpointError(
+                f"LoRA {file} does not fit {type(target).__name__}: none of its weights "
+                "names a part of this model (a LoRA made for another model family?)"
+            )
         names.append(name)
         log.info("loaded LoRA %s as %s (scale %g)", file, name, spec.scale)
     target.set_adapters(names, [s.scale for s in specs])
     return names
+
+
+def _has_adapter(target, name: str) -> bool:
+    """Whether loading made adapter ``name`` on ``target`` (a pipeline or one model)."""
+    if hasattr(target, "get_list_adapters"):
+        return any(name in names for names in target.get_list_adapters().values())
+    return name in (getattr(target, "peft_config", None) or {})
 
 
 def _model_prefix(model) -> str:
