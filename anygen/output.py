@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
@@ -50,13 +51,24 @@ def save_png(
     if metadata:
         info.add_text("anygen", json.dumps(metadata))
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
+    with _removed_on_failure(tmp, path):
         image.save(tmp, format="PNG", pnginfo=info)
         os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserInputError(f"cannot write {path}: {e.strerror}") from None
     return path
+
+
+@contextmanager
+def _removed_on_failure(tmp: Path, path: Path):
+    """Whatever stops a write (a full disk, an image PNG cannot hold, Ctrl-C) removes the
+    temporary file; OS errors become one line naming ``path``."""
+    try:
+        yield
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            # Pillow raises OSError without an errno for images PNG cannot hold (mode F)
+            raise UserInputError(f"cannot write {path}: {e.strerror or e}") from None
+        raise
 
 
 def read_png_metadata(path: Path) -> dict:
@@ -96,12 +108,9 @@ def picture_name(index: int) -> str:
 def write_text_atomic(path: Path, text: str) -> Path:
     path = Path(path)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
+    with _removed_on_failure(tmp, path):
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserInputError(f"cannot write {path}: {e.strerror}") from None
     return path
 
 

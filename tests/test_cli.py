@@ -285,3 +285,44 @@ def test_default_output_name_is_a_plain_slug(prompt, name):
     from anygen.cli import _single_output
 
     assert _single_output(None, prompt, 5, 0, 1) == Path(name)
+
+
+def test_writers_leave_no_temporary_file_and_name_the_problem(tmp_path):
+    """A PNG that cannot hold the image (mode F: Pillow's OSError has no errno) is one line
+    naming the file, not "None"; text that cannot be encoded stops the write and leaves no
+    temporary file behind; a complete write replaces nothing but its own name."""
+    from PIL import Image
+
+    from anygen.errors import UserInputError
+    from anygen.output import save_png, write_text_atomic
+
+    with pytest.raises(UserInputError, match=r"cannot write .*f\.png: (?!None)\S"):
+        save_png(Image.new("F", (4, 4)), tmp_path / "f.png")
+    with pytest.raises(UnicodeEncodeError):
+        write_text_atomic(tmp_path / "story.md", "caf\udce9")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    write_text_atomic(tmp_path / "story.md", "café")
+    assert (tmp_path / "story.md").read_text(encoding="utf-8") == "café"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["story.md"]
+
+
+def test_text_that_is_not_utf8_is_refused_before_generation(tmp_path, capsys):
+    """A prompt with bytes the terminal passed undecoded (lone surrogates, as Python reads
+    them from argv) is refused in one line, and no file is written."""
+    import os
+
+    from anygen.errors import UserInputError
+    from anygen.pipelines import Options
+    from anygen.pipelines.base import check_prompt
+
+    prompt = os.fsdecode(b"a red caf\xe9")
+    out = tmp_path / "x.png"
+    assert cli(["generate", prompt, "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "the prompt is not valid UTF-8 text (character 10" in err and "Traceback" not in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    with pytest.raises(UserInputError, match="text of segment 1 is not valid UTF-8"):
+        check_prompt(["a red circle", prompt])
+    with pytest.raises(UserInputError, match="negative prompt is not valid UTF-8"):
+        Options(negative_prompt=prompt).validate()
+    check_prompt("a café circle")  # any UTF-8 text passes

@@ -454,6 +454,7 @@ def test_downloads_show_a_bar_unless_the_user_switched_the_hubs_off(tmp_path, mo
 
 
 def test_loaders_name_a_folder_without_a_readable_config(tmp_path):
+    from anygen.pipelines import load_generator
     from anygen.tokenizers.visual import load_visual_codec
     from anygen.tokenizers.vq import load_image_tokenizer
 
@@ -465,6 +466,13 @@ def test_loaders_name_a_folder_without_a_readable_config(tmp_path):
     for load in (load_image_tokenizer, load_visual_codec):
         with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
             load(tmp_path)
+    with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
+        load_generator(str(tmp_path), device="cpu")
+    (tmp_path / "config.json").write_bytes(b'{"_class_name": "caf\xe9"}')  # not UTF-8
+    with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
+        load_generator(str(tmp_path), device="cpu")
     (tmp_path / "config.json").write_text('{"_class_name": "VitVQGAN"}')
     with pytest.raises(CheckpointError, match="holds a VitVQGAN, not a VisualCodec"):
         load_visual_codec(tmp_path)
+    with pytest.raises(ModelNotFoundError, match="model class 'VitVQGAN' is not one this"):
+        load_generator(str(tmp_path), device="cpu")

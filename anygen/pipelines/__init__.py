@@ -113,7 +113,7 @@ def load_generator(
     ``DiffusersTextToImage`` with that file's defaults.
     """
     from anygen.catalog import catalog_entry
-    from anygen.hub import resolve
+    from anygen.hub import resolve, saved_class_name
     from anygen.pipelines.lora import LoraSpec
     from anygen.pipelines.runtime import Runtime, check_offload_device
     from anygen.userconfig import default_model, user_default
@@ -152,12 +152,7 @@ def load_generator(
             path, name=name, device=dev, dtype=torch_dtype, runtime=runtime, defaults=defaults
         )
     config = path / "config.json"
-    family = None
-    if config.is_file():
-        try:
-            family = json.loads(config.read_text()).get("_class_name")
-        except (json.JSONDecodeError, AttributeError):
-            raise ModelNotFoundError(f"{config} is not a valid JSON config") from None
+    family = saved_class_name(path, "a model") if config.is_file() else None
     if family == "PartiTransformer":
         from anygen.pipelines.parti import Parti
 
@@ -180,7 +175,7 @@ def load_generator(
             )
     raise ModelNotFoundError(
         f"{name} ({path}) is not a model anygen can generate with"
-        + (f": model class {family!r} cannot generate in by this version" if family else "")
+        + (f": model class {family!r} is not one this version of anygen runs" if family else "")
     )
 
 

@@ -113,6 +113,8 @@ class Options:
             raise UserInputError(
                 f"image guidance scale must be >= 0, got {self.image_guidance_scale}"
             )
+        if self.negative_prompt is not None:
+            check_text(self.negative_prompt, "negative prompt")
         return self
 
     def refuse(self, names: Sequence[str], why: str) -> None:
@@ -183,11 +185,25 @@ def check_seed(seed: int) -> None:
         raise UserInputError(f"seed must be between 0 and {MAX_SEED}, got {seed}")
 
 
+def check_text(text: str, what: str = "prompt") -> None:
+    """Text that cannot be written as UTF-8 (lone surrogates: bytes a terminal or file
+    passed undecoded) is refused before a model spends time on it and before a PNG or a
+    story file fails to record it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserInputError(
+            f"the {what} is not valid UTF-8 text (character {e.start + 1}, {text[e.start]!r}); "
+            "check the terminal's or the file's encoding"
+        ) from None
+
+
 def check_prompt(prompt: str | Sequence[Segment]) -> None:
     """Empty prompts and empty segment lists are errors, not silent blank images."""
     if isinstance(prompt, str):
         if not prompt.strip():
             raise UserInputError("the prompt is empty")
+        check_text(prompt)
         return
     if not prompt:
         raise UserInputError("the prompt has no segments")
@@ -196,6 +212,8 @@ def check_prompt(prompt: str | Sequence[Segment]) -> None:
             raise UserInputError(
                 f"segment {i} is a {type(segment).__name__}; segments are str or PIL.Image"
             )
+        if isinstance(segment, str):
+            check_text(segment, f"text of segment {i}")
 
 
 def check_batch(prompts: Sequence[str], seeds: Sequence[int], options: Options | None) -> Options:
