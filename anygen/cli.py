@@ -502,7 +502,7 @@ def _model_help(builtin: str) -> str:
     return (
         "bundled name, catalogue name (anygen models), directory or hub id (default: "
         f"$ANYGEN_MODEL, else the command's [models] entry or model in "
-        f"~/.config/anygen/config.toml, else {builtin})"
+        f"$XDG_CONFIG_HOME/anygen/config.toml (~/.config), else {builtin})"
     )
 
 
@@ -512,15 +512,23 @@ READER_HELP = _model_help("shapes-fusion")
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     """How images are sampled (default: the model's own settings)."""
-    p.add_argument("--steps", type=int, help="denoising steps (ldm models)")
+    p.add_argument(
+        "--steps", type=int, help="denoising steps (diffusion models; shapes-emu's diffusion head)"
+    )
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     p.add_argument(
         "--scheduler",
-        help="diffusion sampler (ldm): dpm++, ddim, euler, euler-a, heun, unipc, pndm, ddpm",
+        help="diffusion sampler (ldm): dpm++, ddim, euler, euler-a, heun, unipc, pndm, ddpm "
+        "(heun and pndm cannot sample zero-terminal-SNR models such as shapes-ldm)",
     )
-    p.add_argument("--temperature", type=float, help="code sampling temperature (parti; 0: greedy)")
-    p.add_argument("--top-k", type=int, help="sample among the k likeliest codes (parti; 0: off)")
-    p.add_argument("--top-p", type=float, help="nucleus sampling mass (parti; 1: off)")
+    tokens = "token models: parti, fusion, Janus, Emu3"
+    p.add_argument(
+        "--temperature", type=float, help=f"token sampling temperature ({tokens}; 0: greedy)"
+    )
+    p.add_argument(
+        "--top-k", type=int, help=f"sample among the k likeliest tokens ({tokens}; 0: off)"
+    )
+    p.add_argument("--top-p", type=float, help=f"nucleus sampling mass ({tokens}; 1: off)")
 
 
 SAMPLING_FLAGS = ("steps", "guidance", "scheduler", "temperature", "top_k", "top_p")
@@ -588,8 +596,16 @@ def _sampling_options(args: argparse.Namespace) -> dict:
 
 
 def _add_device_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--dtype", help="fp32, fp16 or bf16 (default: fp32 on CPU, fp16 on CUDA)")
+    p.add_argument(
+        "--device",
+        help="cpu, cuda, cuda:1, ... (default: $ANYGEN_DEVICE, else the config file's device, "
+        "else cuda if available)",
+    )
+    p.add_argument(
+        "--dtype",
+        help="fp32, fp16 or bf16 (default: $ANYGEN_DTYPE, else the config file's dtype, else "
+        "fp32 on CPU, fp16 on CUDA)",
+    )
 
 
 def _add_attention_flag(p: argparse.ArgumentParser) -> None:
@@ -728,7 +744,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="draw K candidates for the opening picture and keep the one the model's caption "
         "scores best (later pictures follow events and are drawn once)",
     )
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument(
+        "--device", help="cpu, cuda, ... (default: $ANYGEN_DEVICE, else cuda if available)"
+    )
     p.add_argument("--output-dir", type=Path, required=True, help="folder for the story")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
     p.set_defaults(func=cmd_story)
@@ -736,14 +754,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "edit",
         help="edit an image by an instruction",
-        description="Edit an image: an InstructPix2Pix model follows the instruction "
-        "('make it snowy'); a text-to-image model redraws the image towards it as a prompt "
-        "(img2img, --strength).",
+        description="Edit an image: a fusion model (the default, shapes-fusion) or an "
+        "InstructPix2Pix model follows the instruction ('make the red circle blue'); a "
+        "text-to-image diffusion model redraws the image towards it as a prompt (img2img, "
+        "--strength).",
     )
     p.add_argument("image", help="image file to edit")
     p.add_argument("instruction", help="the instruction, or the prompt for img2img")
     p.add_argument("-o", "--output", type=Path, required=True, help="output .png")
-    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--model", help=READER_HELP)
     p.add_argument("--seed", type=int, help="random seed (default: a fresh one, recorded)")
     p.add_argument("--guidance", type=float, help="text guidance scale")
     p.add_argument(
