@@ -360,7 +360,9 @@ def has_classic_attention(model: nn.Module) -> bool:
     return bool(layers) and all(type(getattr(m, "processor", None)) in classic for m in layers)
 
 
-def set_diffusers_attention(model: nn.Module, backend: str) -> int:
+def set_diffusers_attention(
+    model: nn.Module, backend: str, device: torch.device | str | None = None
+) -> int:
     """Switch every attention layer of a diffusers model (UNet, DiT, VAE, ...) to ``backend``;
     returns how many layers were switched.
 
@@ -369,14 +371,21 @@ def set_diffusers_attention(model: nn.Module, backend: str) -> int:
     attention dispatcher get ``set_attention_backend`` ("native", "_native_math",
     "xformers") per layer, which changes no process-wide default. Layers with any other
     processor (IP-Adapter, LoRA, custom) raise a ``UserInputError`` before anything changes.
-    ``auto`` resolves by the device of the model's parameters.
+    ``device`` is where the model will run (default: where its parameters are; a model
+    offloaded to the CPU runs on the accelerator it is moved to), and ``auto`` resolves by it.
     """
     param = next(model.parameters(), None)
-    backend = resolve_backend(backend, param.device if param is not None else "cpu")
+    if device is None:
+        run_on = param.device if param is not None else torch.device("cpu")
+        off_cuda = any(p.device.type != "cuda" for p in model.parameters())
+    else:
+        run_on = torch.device(device)
+        off_cuda = run_on.type != "cuda"
+    backend = resolve_backend(backend, run_on)
     from diffusers.models.attention import AttentionModuleMixin
     from diffusers.models.attention_processor import Attention
 
-    if backend == "xformers" and any(p.device.type != "cuda" for p in model.parameters()):
+    if backend == "xformers" and off_cuda:
         raise UserInputError(
             "attention backend 'xformers' runs on CUDA only: move the model to a CUDA device first"
         )

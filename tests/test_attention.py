@@ -272,3 +272,34 @@ def test_transformers_llama_same_output_under_every_implementation():
     for name in names[1:]:
         torch.testing.assert_close(logits[name], logits["eager"], atol=1e-5, rtol=1e-5)
         assert torch.equal(tokens[name], tokens["eager"])
+
+
+def test_an_offloaded_model_is_switched_by_the_device_it_will_run_on(monkeypatch):
+    """With --offload a pipeline's models sit on the CPU when attention is configured:
+    xformers is chosen (auto) or accepted (explicit) by the device they will run on, not
+    refused because the weights are not on CUDA yet. This machine has neither CUDA nor
+    xformers, so both are stood in for; the processors are diffusers' real ones."""
+    from diffusers import AutoencoderKL
+    from diffusers.models.attention_processor import AttnProcessor2_0, XFormersAttnProcessor
+
+    import anygen.attention as attn
+    from anygen.pipelines.runtime import auto_attention
+
+    monkeypatch.setattr(attn, "_xformers_ops", lambda: object())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(attn, "xformers_usable", lambda d: torch.device(d).type == "cuda")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=2)
+
+    def kinds():
+        return {type(p) for p in vae.attn_processors.values()}
+
+    assert kinds() == {AttnProcessor2_0}
+    with pytest.raises(UserInputError, match="move the model to a CUDA device first"):
+        attn.set_diffusers_attention(vae, "xformers")  # where its weights are: the CPU
+    assert kinds() == {AttnProcessor2_0}
+    assert attn.set_diffusers_attention(vae, "xformers", device="cuda") == len(vae.attn_processors)
+    assert kinds() == {XFormersAttnProcessor}
+    attn.set_diffusers_attention(vae, "sdpa", device="cuda")
+    assert auto_attention({"vae": vae}, torch.device("cuda")) == "xformers"
+    assert kinds() == {XFormersAttnProcessor}

@@ -69,12 +69,13 @@ def check_offload_device(device: torch.device) -> None:
         )
 
 
-def set_attention(modules: dict, backend: str) -> None:
+def set_attention(modules: dict, backend: str, device: torch.device | None = None) -> None:
     """Switch every diffusers model and transformers model among ``modules`` (name ->
     component) to ``backend``. Both libraries load with PyTorch SDPA, so "sdpa" leaves
     transformers models and diffusers models of other processors (SD3's joint attention,
     custom ones) as loaded, and switches back the classic-processor models that
-    ``auto_attention`` may have put on xformers."""
+    ``auto_attention`` may have put on xformers. ``device``: where the models will run,
+    when they are not there yet (offloaded to the CPU)."""
     from diffusers import ModelMixin
     from transformers import PreTrainedModel
 
@@ -89,7 +90,7 @@ def set_attention(modules: dict, backend: str) -> None:
         if isinstance(module, ModelMixin):
             if backend == "sdpa" and not has_classic_attention(module):
                 continue
-            set_diffusers_attention(module, backend)
+            set_diffusers_attention(module, backend, device)
         elif isinstance(module, PreTrainedModel) and backend != "sdpa":
             module.set_attn_implementation(implementation)
         log.debug("attention of %s set to %s", name, backend)
@@ -136,7 +137,7 @@ def auto_attention(modules: dict, device: torch.device | str) -> str:
             log.debug("%s keeps its attention: not classic processors", name)
             continue
         try:
-            set_diffusers_attention(module, backend)
+            set_diffusers_attention(module, backend, device)  # offloaded: still on the CPU
         except UserInputError as e:
             log.warning("%s keeps its attention processors: %s", name, e)
             continue
@@ -152,7 +153,7 @@ def configure_pipeline(pipe, runtime: Runtime, device: torch.device) -> None:
     if runtime.attention in (None, "auto"):
         auto_attention(dict(pipe.components), device)
     else:
-        set_attention(dict(pipe.components), runtime.attention)
+        set_attention(dict(pipe.components), runtime.attention, device)
     if runtime.embeddings:
         from anygen.pipelines.embeddings import load_embeddings
 
