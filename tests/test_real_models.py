@@ -919,6 +919,23 @@ def test_image_token_generation_shows_a_bar_over_every_token(request, family, mo
     assert bars[1][1] is True
 
 
+def test_emu3_captions_are_words_and_rows_equal_themselves_alone(emu3_dir):
+    """Emu3's codebook tokens are suppressed when it writes text (the random model, like an
+    Emu3-Gen checkpoint, would otherwise caption in image codes); a batch row equals the
+    same image captioned alone."""
+    gen = load_generator(str(emu3_dir), device="cpu")
+    images = [Image.new("RGB", (16, 16), "red"), Image.new("RGB", (24, 16), (0, 0, 250))]
+    opts = Options(max_new_tokens=4, progress=False)
+    captions = gen.caption(images, opts)
+    assert len(captions) == 2 and gen.caption(images[1:], opts) == captions[1:]
+    assert all(c and "visual token" not in c for c in captions)
+    # without the suppression the same model writes codes
+    inputs = gen.processor_inputs(images[:1], [gen.question_prompt("describe")])
+    out = gen.model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    written = set(out[0, inputs["input_ids"].shape[1] :].tolist())
+    assert written & set(gen.visual_tokens.tolist())
+
+
 def test_emu3_tokens_follow_the_grid_layout(emu3_dir):
     """Inside the grid only visual tokens, end-of-line closing each row, then EOF EOI EOS."""
     gen = load_generator(str(emu3_dir), device="cpu")

@@ -247,7 +247,9 @@ class TransformersGenerator(TextToImage):
         with torch.no_grad():
             out = self._generate_text(
                 **inputs,
-                generation_config=self._generation_config(max_new_tokens=int(max_new)),
+                generation_config=self._generation_config(
+                    max_new_tokens=int(max_new), **self._text_overrides()
+                ),
                 logits_processor=self._processor_list(sampler),
             )
         # a decoder-only model returns the prompt and then the answer; an encoder-decoder
@@ -265,6 +267,10 @@ class TransformersGenerator(TextToImage):
 
     def _generate_text(self, **kwargs) -> torch.Tensor:
         return self.model.generate(**kwargs)
+
+    def _text_overrides(self) -> dict:
+        """Generation settings a family needs when it writes text (captions, answers)."""
+        return {}
 
     def _generation_config(self, **overrides):
         """A clean config: greedy at the transformers level (``SeededSampling`` draws), the
@@ -506,6 +512,11 @@ class Emu3(TransformersGenerator):
         side = int(round(getattr(self.processor, "image_area", 720 * 720) ** 0.5))
         self.defaults.setdefault("width", side - side % self.factor)
         self.defaults.setdefault("height", side - side % self.factor)
+
+    def _text_overrides(self) -> dict:
+        # codebook tokens are never words: without this an Emu3-Gen checkpoint asked for a
+        # caption writes image codes into it
+        return {"suppress_tokens": self.visual_tokens.tolist()}
 
     def token_count(self, rows: int, cols: int) -> int:
         """New tokens for a rows x cols grid: rows of cols + end-of-line, then EOF, EOI, EOS."""
