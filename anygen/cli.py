@@ -595,12 +595,14 @@ def _sampling_options(args: argparse.Namespace) -> dict:
     }
 
 
+DEVICE_HELP = (
+    "cpu, cuda, cuda:1, ... (default: $ANYGEN_DEVICE, else the config file's device, else cuda "
+    "if available)"
+)
+
+
 def _add_device_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--device",
-        help="cpu, cuda, cuda:1, ... (default: $ANYGEN_DEVICE, else the config file's device, "
-        "else cuda if available)",
-    )
+    p.add_argument("--device", help=DEVICE_HELP)
     p.add_argument(
         "--dtype",
         help="fp32, fp16 or bf16 (default: $ANYGEN_DTYPE, else the config file's dtype, else "
@@ -744,9 +746,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="draw K candidates for the opening picture and keep the one the model's caption "
         "scores best (later pictures follow events and are drawn once)",
     )
-    p.add_argument(
-        "--device", help="cpu, cuda, ... (default: $ANYGEN_DEVICE, else cuda if available)"
-    )
+    p.add_argument("--device", help=DEVICE_HELP)
     p.add_argument("--output-dir", type=Path, required=True, help="folder for the story")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
     p.set_defaults(func=cmd_story)
@@ -803,7 +803,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive_int, default=100, help="number of prompts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=_positive_int, default=16)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: best)")
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
     _add_sampling_flags(p)
     _add_rerank_flags(p)
     p.add_argument("-o", "--output", type=Path, help="write the report as JSON here")

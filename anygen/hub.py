@@ -451,6 +451,19 @@ def _keep_other_files(old: Path, new: Path) -> None:
         logger.info("kept %d file(s) of the checkpoint in %s: %s", len(kept), old, ", ".join(kept))
 
 
+def read_json_object(file: Path) -> dict:
+    """A checkpoint's JSON file (a config, a model index, anygen.json) as a dict;
+    ``CheckpointError`` naming the file where it is not UTF-8 JSON or not an object."""
+    file = Path(file)
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} holds a {type(data).__name__}, not a JSON object")
+    return data
+
+
 def saved_class_name(folder: Path, what: str) -> str | None:
     """The ``_class_name`` a saved folder's ``config.json`` records (None if it records
     none); CheckpointError where there is no config or it is not JSON. ``what`` names what
@@ -458,11 +471,7 @@ def saved_class_name(folder: Path, what: str) -> str | None:
     config_file = Path(folder) / CONFIG_NAME
     if not config_file.is_file():
         raise CheckpointError(f"{folder} has no {CONFIG_NAME}: not {what}")
-    try:
-        data = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{config_file} is not valid JSON: {e}") from None
-    return data.get("_class_name") if isinstance(data, dict) else None
+    return read_json_object(config_file).get("_class_name")
 
 
 def _cpu_state_dict(
@@ -511,7 +520,7 @@ def forget_source_paths(folder: str | os.PathLike) -> list[Path]:
     """
     changed = []
     for file in sorted(Path(folder).glob("*/" + CONFIG_NAME)):
-        config = json.loads(file.read_text())
+        config = read_json_object(file)
         if config.pop("_name_or_path", None) is not None:
             file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
             changed.append(file)
@@ -763,12 +772,7 @@ def load_config(
     file = path / CONFIG_NAME if path.is_dir() else path
     if not file.is_file():
         raise CheckpointError(f"missing {CONFIG_NAME} in {path}")
-    try:
-        data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file} holds a {type(data).__name__}, not a JSON object")
+    data = read_json_object(file)
     saved_class = data.get("_class_name")
     if class_name is not None and saved_class is not None and saved_class != class_name:
         raise CheckpointError(f"{file} is a checkpoint of {saved_class}, not of {class_name}")

@@ -283,7 +283,7 @@ def test_an_offloaded_model_is_switched_by_the_device_it_will_run_on(monkeypatch
     from diffusers.models.attention_processor import AttnProcessor2_0, XFormersAttnProcessor
 
     import anygen.attention as attn
-    from anygen.pipelines.runtime import auto_attention
+    from anygen.pipelines.runtime import auto_attention, set_attention
 
     monkeypatch.setattr(attn, "_xformers_ops", lambda: object())
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -302,4 +302,12 @@ def test_an_offloaded_model_is_switched_by_the_device_it_will_run_on(monkeypatch
     assert kinds() == {XFormersAttnProcessor}
     attn.set_diffusers_attention(vae, "sdpa", device="cuda")
     assert auto_attention({"vae": vae}, torch.device("cuda")) == "xformers"
+    assert kinds() == {XFormersAttnProcessor}
+    # --attention given: what configure_pipeline does for an offloaded pipeline
+    set_attention({"vae": vae}, "sdpa", torch.device("cuda"))
+    assert kinds() == {AttnProcessor2_0}
+    monkeypatch.setattr(attn, "_register_transformers_attention", lambda backend: backend)
+    with pytest.raises(UserInputError, match="move the model to a CUDA device first"):
+        set_attention({"vae": vae}, "xformers")
+    set_attention({"vae": vae}, "xformers", torch.device("cuda"))
     assert kinds() == {XFormersAttnProcessor}

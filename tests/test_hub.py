@@ -476,3 +476,16 @@ def test_loaders_name_a_folder_without_a_readable_config(tmp_path):
         load_visual_codec(tmp_path)
     with pytest.raises(ModelNotFoundError, match="model class 'VitVQGAN' is not one this"):
         load_generator(str(tmp_path), device="cpu")
+    # a diffusers folder's model index and anygen.json, each not UTF-8 or not an object
+    pipe = tmp_path / "pipe"
+    pipe.mkdir()
+    (pipe / "model_index.json").write_bytes(b'{"_class_name": "caf\xe9"}')
+    with pytest.raises(CheckpointError, match="model_index.json is not valid JSON"):
+        load_generator(str(pipe), device="cpu")
+    (pipe / "model_index.json").write_text('["StableDiffusionPipeline"]')
+    with pytest.raises(CheckpointError, match="model_index.json holds a list, not a JSON object"):
+        load_generator(str(pipe), device="cpu")
+    (pipe / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    (pipe / "anygen.json").write_bytes(b'{"family": "caf\xe9"}')
+    with pytest.raises(CheckpointError, match="anygen.json is not valid JSON"):
+        load_generator(str(pipe), device="cpu")

@@ -504,7 +504,7 @@ def test_lora_refusals(saved, tmp_path, lora_file):
     # a LoRA of another family (Flux keys): diffusers loads nothing and only warns
     from safetensors.torch import save_file
 
-    from anygen.pipelines.lora import LoraSpec
+    from anygen.pipelines.lora import LoraSpec, load_loras
 
     other = tmp_path / "flux_lora.safetensors"
     save_file(
@@ -514,14 +514,19 @@ def test_lora_refusals(saved, tmp_path, lora_file):
         },
         str(other),
     )
-    # on one model (Stable Diffusion folders load as anygen's own pipeline) and on a
-    # diffusers pipeline (SDXL)
+    # through a pipeline (anygen's own for Stable Diffusion folders, diffusers' for SDXL)
+    # and onto one model (diffusers loads nothing and raises nothing there)
     for folder in (path, str(saved("sdxl"))):
         with pytest.raises(CheckpointError, match="none of its weights names a part"):
             load_generator(folder, device="cpu", loras=[str(other)])
+    unet = load_generator(path, device="cpu").components.denoiser
+    with pytest.raises(CheckpointError, match="none of its weights names a part"):
+        load_loras(unet, [str(other)])
     for bad in ("nan", "inf", "1e400"):
         with pytest.raises(UserInputError, match="scale must be a finite number"):
             LoraSpec.parse(f"{lora_file}:{bad}")
+    with pytest.raises(UserInputError, match="scale must be a finite number"):
+        load_generator(path, device="cpu", loras=[LoraSpec(str(lora_file), float("nan"))])
 
 
 def test_lora_file_in_a_folder_or_a_hub_repo(tmp_path, monkeypatch):
@@ -1179,26 +1184,26 @@ def build_florence2(directory):
 
 
 def test_an_encoder_decoder_model_answers_with_its_whole_decoder_output(tmp_path):
-    """An encoder-decoder model's output holds no prompt: the answer is not cut by the
-    prompt's length (it was, and came back empty), and equals transformers' own greedy
-    decoding of the same inputs."""
+    """Florence-2 by path, as a user loads it (its processor loads no chat template): the
+    question goes in as it is, padded on the right; the answer is the whole decoder output
+    (it was cut by the prompt's length, and came back empty), equal to transformers' own
+    greedy decoding; a batch row equals itself alone; captions ask Florence-2's <CAPTION>."""
     build_florence2(tmp_path / "florence2")
     gen = load_generator(str(tmp_path / "florence2"), device="cpu")
     assert type(gen).__name__ == "VisionLanguageModel" and gen.model.config.is_encoder_decoder
-    # transformers' Florence2Processor does not load a chat template from the folder
-    gen.processor.chat_template = (
-        "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'text' %}"
-        "{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
-    )
-    image = Image.new("RGB", (16, 16), (0, 0, 250))
-    (answer,) = gen.answer(
-        [image], ["what colour is it"], Options(max_new_tokens=5, progress=False)
-    )
-    inputs = gen.processor(images=[image], text=["what colour is it"], return_tensors="pt")
+    assert not getattr(gen.processor, "chat_template", None)
+    images = [Image.new("RGB", (16, 16), (0, 0, 250)), Image.new("RGB", (16, 16), "red")]
+    opts = Options(max_new_tokens=5, progress=False)
+    questions = ["what colour is it", "what is it"]
+    answers = gen.answer(images, questions, opts)
+    inputs = gen.processor(images=images[:1], text=questions[:1], return_tensors="pt")
     assert inputs["input_ids"].shape[1] > 5 + 1  # a prompt longer than the whole output
     out = gen.model.generate(**inputs, max_new_tokens=5, do_sample=False)
     (reference,) = gen.processor.tokenizer.batch_decode(out, skip_special_tokens=True)
-    assert answer and answer == reference.strip()
+    assert answers[0] and answers[0] == reference.strip()
+    assert gen.answer(images[1:], questions[1:], opts) == answers[1:]
+    assert gen.defaults["caption_question"] == "<CAPTION>"
+    assert gen.caption(images[:1], opts) == gen.answer(images[:1], ["<CAPTION>"], opts)
 
 
 def test_math_attention_for_a_transformers_model(llava_dir):

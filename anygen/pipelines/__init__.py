@@ -12,7 +12,6 @@ Every generator has ``generate``; those that can also have ``caption(images, opt
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -193,10 +192,6 @@ def _anygen_defaults(file: Path) -> dict | None:
     """anygen's ``anygen.json`` beside a diffusers ``model_index.json`` (None: absent)."""
     if not file.is_file():
         return None
-    try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelNotFoundError(f"{file} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ModelNotFoundError(f"{file} is not a JSON object")
-    return data
+    from anygen.hub import read_json_object
+
+    return read_json_object(file)

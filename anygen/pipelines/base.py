@@ -316,10 +316,9 @@ def read_model_meta(path: Path, what: str) -> dict:
     meta_file = Path(path) / ANYGEN_FILE
     if not meta_file.is_file():
         raise CheckpointError(f"{path} has no {ANYGEN_FILE}: not {what}")
-    try:
-        return json.loads(meta_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{meta_file} is not valid JSON: {e}") from None
+    from anygen.hub import read_json_object
+
+    return read_json_object(meta_file)
 
 
 def part_location(path: Path, meta: dict, key: str) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
-import json
 import logging
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 from PIL import Image
 
 from anygen.errors import CheckpointError, ModelNotFoundError, UserInputError, load_errors
+from anygen.hub import read_json_object
 from anygen.pipelines.base import (
     TOKEN_SETTINGS,
     Options,
@@ -83,11 +83,8 @@ def read_model_index(path: Path) -> dict:
     index = path / "model_index.json"
     if not index.is_file():
         raise ModelNotFoundError(f"{path} is not a diffusers pipeline (no model_index.json)")
-    try:
-        meta = json.loads(index.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{index} is not valid JSON: {e}") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("_class_name"), str):
+    meta = read_json_object(index)
+    if not isinstance(meta.get("_class_name"), str):
         raise CheckpointError(f"{index} names no pipeline class (_class_name)")
     return meta
 

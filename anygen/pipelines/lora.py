@@ -56,9 +56,13 @@ class LoraSpec:
                 source = head
             except ValueError:
                 pass
-        if not math.isfinite(scale):
-            raise UserInputError(f"--lora {text}: the scale must be a finite number")
         return cls(source=source, scale=scale)
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.scale):
+            raise UserInputError(
+                f"LoRA {self.source}: the scale must be a finite number, got {self.scale}"
+            )
 
 
 # the file name diffusers' ``save_lora_weights`` writes: a folder's default LoRA file

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from anygen.data.datasets import tensor_to_images
 from anygen.errors import CheckpointError, ModelNotFoundError, UserInputError, load_errors
-from anygen.hub import PICKLE_SUFFIXES, atomic_directory, forget_source_paths
+from anygen.hub import PICKLE_SUFFIXES, atomic_directory, forget_source_paths, read_json_object
 from anygen.models.ldm import (
     DEFAULT_SCHEDULER,
     SCHEDULERS,
@@ -303,14 +303,10 @@ class LatentDiffusion(TextToImage):
     ) -> LatentDiffusion:
         """Load a diffusers pipeline directory of the Stable Diffusion family (or PixArt),
         with ``runtime`` (LoRA, offload, VAE tiling, attention) applied."""
+        from anygen.pipelines.diffusers_t2i import read_model_index
+
         path = Path(path)
-        index = path / "model_index.json"
-        if not index.is_file():
-            raise ModelNotFoundError(f"{path} is not a diffusers pipeline (no model_index.json)")
-        try:
-            meta = json.loads(index.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{index} is not valid JSON: {e}") from None
+        meta = read_model_index(path)
         denoiser_key = (
             "unet" if "unet" in meta else "transformer" if "transformer" in meta else None
         )
@@ -336,7 +332,7 @@ class LatentDiffusion(TextToImage):
         defaults = {}
         extra = path / ANYGEN_FILE
         if extra.is_file():
-            defaults = json.loads(extra.read_text())
+            defaults = read_json_object(extra)
             defaults.pop("family", None)
         else:
             # a diffusers checkpoint: sample with the scheduler it ships with

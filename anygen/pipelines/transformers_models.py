@@ -17,7 +17,6 @@ global RNG, and a batch equals its rows run alone.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 
 from anygen.data.datasets import tensor_to_images
 from anygen.errors import CheckpointError, UserInputError, load_errors
+from anygen.hub import read_json_object
 from anygen.pipelines.base import (
     DIFFUSION_SETTINGS,
     EDIT_SETTINGS,
@@ -106,7 +106,10 @@ class TransformersGenerator(TextToImage):
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
-        self.tokenizer.padding_side = "left"  # decoder-only batches pad on the left
+        # a decoder-only model continues the prompt, so its batches pad on the left; an
+        # encoder-decoder model's encoder reads the prompt, padded on the right as it trained
+        encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        self.tokenizer.padding_side = "right" if encoder_decoder else "left"
         self.name = name
         self.device = torch.device(device)
         self.dtype = dtype
@@ -668,9 +671,25 @@ class Chameleon(TransformersGenerator):
 
 class VisionLanguageModel(TransformersGenerator):
     """Any ``AutoModelForImageTextToText`` model with a chat template (LLaVA, SmolVLM,
-    Qwen2-VL, PaliGemma, ...): captions and answers."""
+    Qwen2-VL, PaliGemma, ...), or an encoder-decoder one whose processor places the image
+    itself (Florence-2): captions and answers."""
 
     family = "vlm"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.model.config.model_type == "florence2":
+            # Florence-2 answers task prompts; its processor words <CAPTION> for the model
+            self.defaults.setdefault("caption_question", "<CAPTION>")
+
+    def question_prompt(self, question: str) -> str:
+        if self.model.config.is_encoder_decoder and not getattr(
+            self.processor, "chat_template", None
+        ):
+            # encoder-decoder processors (Florence-2's) place the image themselves and take
+            # the question as it is; they load no chat template
+            return question
+        return super().question_prompt(question)
 
     def processor_inputs(self, images: list[Image.Image], prompts: list[str]) -> dict:
         # one image per prompt, nested as processors of multi-image models expect
@@ -691,10 +710,10 @@ def transformers_family(config_path: Path) -> type[TransformersGenerator] | None
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, OSError):
+        config = read_json_object(config_path)
+    except (CheckpointError, OSError):
         return None
-    model_type = config.get("model_type") if isinstance(config, dict) else None
+    model_type = config.get("model_type")
     if model_type in FAMILIES:
         return FAMILIES[model_type]
     if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
