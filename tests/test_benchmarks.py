@@ -171,10 +171,12 @@ def test_pipelines_switch_only_diffusers_models_and_only_to_xformers(monkeypatch
     switched = []
     monkeypatch.setattr(attn, "auto_backend", lambda device: "xformers")
     monkeypatch.setattr(
-        attn, "set_diffusers_attention", lambda model, backend: switched.append((model, backend))
+        attn,
+        "set_diffusers_attention",
+        lambda model, backend, device: switched.append((model, backend, device)),
     )
     assert auto_attention(modules, "cuda:0") == "xformers"
-    assert switched == [(tiny_unet, "xformers")]
+    assert switched == [(tiny_unet, "xformers", "cuda:0")]  # by the device it will run on
     assert text.config._attn_implementation == "sdpa"
 
     class Custom(AttnProcessor2_0):  # e.g. a LoRA or IP-Adapter processor
