@@ -134,6 +134,8 @@ def cmd_models(args: argparse.Namespace) -> int:
             f"  {r['name']:<{width}}  {r['hub_id']}  [{r['family']}: {', '.join(r['tasks'])}]  "
             f"{r['licence']}{gated}  ~{r['memory_gb']:g} GB{mark(r['name'])}"
         )
+        if r.get("note"):
+            print(f"  {'':<{width}}  {r['note']}")
     listed = {r["name"] for r in rows}
     others = [name for name in default_for if name not in listed]
     if others:

