@@ -63,6 +63,7 @@ from anygen.eval import (
     score_folder,
     score_story,
     score_subject,
+    shows_subject,
     t2i_prompts,
 )
 from anygen.eval.detect import analyse_image
@@ -863,3 +864,40 @@ def test_evaluate_model_checks_its_arguments_before_loading(monkeypatch):
         run.evaluate_model("shapes-fusion", "t2i", n=0)
     with pytest.raises(UserInputError, match="batch size must be a positive integer"):
         run.evaluate_model("shapes-fusion", "t2i", n=3, batch_size=0)
+
+
+def _unpatterned(scene: Scene) -> Scene:
+    return Scene(tuple(replace(o, subject=None) for o in scene.objects))
+
+
+def test_shows_subject_needs_the_pattern_and_both_colours():
+    sample = subject_sample(sample_rng(0, "eval-subject", 0), "test")
+    picture = render_image(sample.references[0], 64)
+    assert shows_subject(picture, sample.subject)
+    assert not shows_subject(render_image(_unpatterned(sample.references[0]), 64), sample.subject)
+    other = "striped" if sample.subject.pattern != "striped" else "dotted"
+    assert not shows_subject(picture, replace(sample.subject, pattern=other))
+
+
+def test_reconstruction_counts_the_subjects_a_codec_keeps():
+    """Subject pictures that come back plain are not kept; the scenes' overall is untouched."""
+    pictures = []  # (reference scene, its subject's pattern), in the suite's order
+    for i in range(3):
+        sample = subject_sample(sample_rng(0, "eval-subject", i), "test")
+        pictures += [(scene, sample.subject.pattern) for scene in sample.references]
+    plain = {render_image(s, 64).tobytes(): render_image(_unpatterned(s), 64) for s, _ in pictures}
+
+    def drop_patterns(images):
+        return [plain.get(im.tobytes(), im) for im in images]
+
+    kept = run_reconstruction(lambda ims: ims, n=4, subjects=9, batch_size=4, progress=False)
+    lost = run_reconstruction(drop_patterns, n=4, subjects=9, batch_size=4, progress=False)
+    assert kept.metrics["subject_kept"] == 1.0 and kept.metrics["subject_kept_n"] == 9
+    assert lost.metrics["subject_kept"] == 0.0 and lost.overall == kept.overall == 1.0
+    per_pattern = {k: v for k, v in lost.metrics.items() if k.startswith("subject_kept_")}
+    del per_pattern["subject_kept_n"]
+    assert per_pattern == {f"subject_kept_{p}": 0.0 for _, p in pictures[:9]}
+    assert "subject_kept" not in run_reconstruction(lambda ims: ims, n=4, subjects=0).metrics
+    assert run_reconstruction(lambda ims: ims, n=8, progress=False).metrics["subject_kept_n"] == 2
+    with pytest.raises(UserInputError, match="subjects must be a non-negative integer, got -1"):
+        run_reconstruction(lambda ims: ims, n=3, subjects=-1, progress=False)

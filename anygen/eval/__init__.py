@@ -20,6 +20,7 @@ from anygen.eval.judge import (
     score_edit,
     score_story,
     score_subject,
+    shows_subject,
     split_story,
 )
 from anygen.eval.parse import (
@@ -74,6 +75,7 @@ __all__ = [
     "score_folder",
     "score_story",
     "score_subject",
+    "shows_subject",
     "split_story",
     "t2i_prompts",
 ]

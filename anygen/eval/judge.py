@@ -464,6 +464,19 @@ def subject_identity(subject: Any) -> tuple[str, str, str, str]:
         ) from None
 
 
+def shows_subject(image: Observable, subject: Any) -> bool:
+    """Whether some object of ``image`` is the subject: its shape, both its colours and its
+    pattern (size and place free). A reference picture passed through an image codec must
+    still show it, or no model drawing through that codec can draw the subject."""
+    shape, colour, pattern, secondary = subject_identity(subject)
+    identity = ObjectSpec(colour, shape, pattern=pattern, secondary=secondary, subject=True)
+    return _shows([_seen(o) for o in observe(image)], identity)
+
+
+def _shows(seen: Sequence[_Seen], identity: ObjectSpec) -> bool:
+    return any(not _object_failures(identity, s) for s in seen)
+
+
 def score_subject(image: Observable, prompt: str, subject: Any) -> SubjectVerdict:
     """Judge a subject-driven generation: subject fidelity and prompt fidelity, separately."""
     shape, colour, pattern, secondary = subject_identity(subject)
@@ -481,7 +494,7 @@ def score_subject(image: Observable, prompt: str, subject: Any) -> SubjectVerdic
     prompt_verdict = satisfies(observed, spec)
     both = satisfies(observed, full_spec)
     identity = ObjectSpec(colour, shape, pattern=pattern, secondary=secondary, subject=True)
-    present = any(not _object_failures(identity, s) for s in seen)
+    present = _shows(seen, identity)
     subject_ok = both.ok or (present and not prompt_verdict.ok)
     reasons: list[str] = []
     if not present:

@@ -56,6 +56,7 @@ from anygen.eval.judge import (
     score_edit,
     score_story,
     score_subject,
+    shows_subject,
     split_story,
 )
 from anygen.eval.parse import CaptionSpec, ObjectSpec, in_grammar, parse_caption
@@ -743,6 +744,7 @@ def run_reconstruction(
     seed: int = 0,
     batch_size: int = 100,
     *,
+    subjects: int | None = None,
     size: int = 64,
     progress: bool = True,
 ) -> Report:
@@ -754,9 +756,20 @@ def run_reconstruction(
     attribute of every object (size and cell even where the caption leaves them out), and
     ``held_out``: the caption rate over the scenes holding a held-out (colour, shape) pair,
     which a tokenizer trained on the train split has never seen.
+
+    Then ``subjects`` pictures of patterned subjects (default ``n // 4``; 0 skips them), the
+    reference pictures of the subject suite's samples in order, pass through it too:
+    ``subject_kept`` is the fraction that still show their subject (shape, both colours,
+    pattern: ``judge.shows_subject``), and ``subject_kept_<pattern>`` the same per pattern.
+    No model that draws through this codec can draw a subject it does not keep, so this
+    bounds the subject suite's fidelity. They are metrics, not records: ``overall`` stays
+    the scenes' caption rate.
     """
     _check_n(n)
     _check_batch_size(batch_size)
+    subjects = n // 4 if subjects is None else subjects
+    if not isinstance(subjects, int) or isinstance(subjects, bool) or subjects < 0:
+        raise UserInputError(f"subjects must be a non-negative integer, got {subjects!r}")
     report = Report("reconstruction")
     psnrs, exact, held_out = [], [], []
     bar = tqdm(total=n, desc="shapes-eval reconstruction", disable=not progress)
@@ -785,7 +798,43 @@ def run_reconstruction(
     if held_out:
         report.metrics["held_out"] = float(np.mean(held_out))
         report.metrics["held_out_n"] = float(len(held_out))
+    if subjects:
+        report.metrics.update(
+            _subjects_kept(roundtrip_fn, subjects, seed, batch_size, size, progress)
+        )
     return report
+
+
+def _subjects_kept(
+    roundtrip_fn: RoundtripFn, count: int, seed: int, batch_size: int, size: int, progress: bool
+) -> dict[str, float]:
+    """run_reconstruction's subject metrics over the first ``count`` reference pictures of
+    the subject suite's samples (test split, seed ``seed``)."""
+    pictures: list[tuple[Scene, Any]] = []
+    i = 0
+    while len(pictures) < count:
+        sample = shapes.subject_sample(shapes.sample_rng(seed, "eval-subject", i), "test")
+        pictures += [(scene, sample.subject) for scene in sample.references]
+        i += 1
+    pictures = pictures[:count]
+    kept: dict[str, list[bool]] = {}
+    for start in tqdm(
+        range(0, count, batch_size), desc="shapes-eval subject pictures", disable=not progress
+    ):
+        chunk = pictures[start : start + batch_size]
+        results = _check_images(
+            roundtrip_fn([render_image(scene, size) for scene, _ in chunk]),
+            len(chunk),
+            "roundtrip_fn",
+        )
+        for (_, subject), image in zip(chunk, results, strict=True):
+            kept.setdefault(subject.pattern, []).append(
+                shows_subject(image.convert("RGB"), subject)
+            )
+    every = [ok for oks in kept.values() for ok in oks]
+    out = {"subject_kept": float(np.mean(every)), "subject_kept_n": float(len(every))}
+    out.update({f"subject_kept_{p}": float(np.mean(kept[p])) for p in sorted(kept)})
+    return out
 
 
 # ------------------------------------------------------------------------------------- folder
