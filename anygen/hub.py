@@ -24,6 +24,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import types
 import typing
@@ -80,6 +81,24 @@ def card_metadata(name_or_path: str | os.PathLike) -> dict[str, Any]:
     from huggingface_hub.repocard import metadata_load
 
     return metadata_load(card) or {}
+
+
+def write_card_section(card: str, key: str, value: Any, section: str) -> str:
+    """``card`` (a README.md's text) with front matter ``key`` set to ``value`` (one JSON
+    line) and the section between ``<!-- anygen:key -->`` markers replaced by ``section``
+    (appended when the card has none), so that re-running what wrote it replaces it."""
+    line = f"{key}: {json.dumps(value)}"
+    match = re.match(r"---\n(.*?\n)---\n", card, re.S)
+    if match is None:
+        card = f"---\n{line}\n---\n{card}"
+    else:
+        front = [ln for ln in match.group(1).splitlines() if not ln.startswith(f"{key}:")]
+        card = "---\n" + "\n".join([*front, line]) + "\n---\n" + card[match.end() :]
+    begin, end = f"<!-- anygen:{key} -->", f"<!-- /anygen:{key} -->"
+    block = f"{begin}\n{section}\n{end}"
+    if begin in card and end in card:
+        return card[: card.index(begin)] + block + card[card.index(end) + len(end) :]
+    return card.rstrip("\n") + "\n\n" + block + "\n"
 
 
 def bundled_models(kind: str | None = None) -> dict[str, Path]:

@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import shutil
 import textwrap
 from pathlib import Path
@@ -62,7 +61,7 @@ from anygen.eval.suites import (
     choose_setting,
     run_story,
 )
-from anygen.hub import atomic_directory, bundled_models, resolve
+from anygen.hub import atomic_directory, bundled_models, resolve, write_card_section
 from anygen.pipelines import Options, load_generator
 from anygen.pipelines.rerank import select_block
 
@@ -271,23 +270,6 @@ def table(choice: dict, target: str) -> str:
     return f"{wrap(rule, 90)}\n\n" + "\n".join(lines) + f"\n\n{wrap(verdict, 90)}"
 
 
-def write_card(card: str, key: str, choice: dict, section: str) -> str:
-    """``card`` with front matter ``key`` set to ``choice`` and the marked section replaced
-    (appended when absent)."""
-    line = f"{key}: {json.dumps(choice)}"
-    match = re.match(r"---\n(.*?\n)---\n", card, re.S)
-    if match is None:
-        card = f"---\n{line}\n---\n{card}"
-    else:
-        front = [ln for ln in match.group(1).splitlines() if not ln.startswith(f"{key}:")]
-        card = "---\n" + "\n".join([*front, line]) + "\n---\n" + card[match.end() :]
-    begin, end = f"<!-- anygen:{key} -->", f"<!-- /anygen:{key} -->"
-    block = f"{begin}\n{section}\n{end}"
-    if begin in card and end in card:
-        return card[: card.index(begin)] + block + card[card.index(end) + len(end) :]
-    return card.rstrip("\n") + "\n\n" + block + "\n"
-
-
 def write_model(source: Path, target: Path, args: argparse.Namespace, choice: dict) -> None:
     """A copy of the model folder ``source`` at ``target`` with the choice written in."""
     config = json.loads((source / "anygen.json").read_text())
@@ -303,7 +285,7 @@ def write_model(source: Path, target: Path, args: argparse.Namespace, choice: di
     card_path = source / "README.md"
     card = card_path.read_text() if card_path.is_file() else ""
     key = FRONT_MATTER[args.target]
-    card = write_card(card, key, choice, table(choice, args.target))
+    card = write_card_section(card, key, choice, table(choice, args.target))
     with atomic_directory(target, marker="anygen.json") as tmp:
         shutil.copytree(source, tmp, dirs_exist_ok=True)
         (tmp / "anygen.json").write_text(json.dumps(config, indent=2) + "\n")
