@@ -42,7 +42,13 @@ from anygen.data.render import check_size
 from anygen.data.world import PATTERNS
 from anygen.errors import UserInputError
 from anygen.eval.suites import Report
-from anygen.hub import atomic_directory, bundled_models, resolve, write_card_section
+from anygen.hub import (
+    atomic_directory,
+    bundled_models,
+    forget_source_paths,
+    resolve,
+    write_card_section,
+)
 from anygen.tokenizers.vq import reconstruction_errors
 from anygen.training import device_description, training_seconds
 from anygen.training.loop import TrainConfig, read_metrics, train
@@ -202,6 +208,7 @@ def write_model(
         shutil.copytree(source, tmp, dirs_exist_ok=True)
         shutil.rmtree(tmp / "vae")
         copy.deepcopy(vae).to(dtype).save_pretrained(tmp / "vae", safe_serialization=True)
+        forget_source_paths(tmp)  # diffusers writes back the folder the VAE was loaded from
         for name, text in files.items():
             (tmp / name).write_text(text)
 

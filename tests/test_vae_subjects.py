@@ -89,6 +89,7 @@ def test_recipe_changes_the_vae_alone_and_writes_its_card_section(tiny_fp16, tmp
     old, new = _tensors(tiny_fp16 / "vae" / name), _tensors(model / "vae" / name)
     assert old.keys() == new.keys() and all(t.dtype == torch.float16 for t in new.values())
     assert any(not torch.equal(old[k], new[k]) for k in old)
+    assert "_name_or_path" not in json.loads((model / "vae" / "config.json").read_text())
     facts = json.loads((model / "vae_subjects.json").read_text())
     assert facts["steps"] == 2 and facts["reconstruction"]["after"]["subject_kept_n"] == 1
     card = (model / "README.md").read_text()
