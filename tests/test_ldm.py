@@ -473,18 +473,21 @@ def test_loads_a_stable_diffusion_checkpoint_saved_by_diffusers(tmp_path):
     assert np.array_equal(pixels(ours), pixels(ref))
 
 
-def test_reconstruction_suite_scores_an_ldm_models_vae(model, saved):
+def test_reconstruction_suite_scores_an_ldm_models_vae(model, saved, capsys):
     """`anygen eval --suite reconstruction` on an ldm directory: decode(encode(x)) through its
-    VAE (the latent mode), scored on the same held-out scenes as a direct round trip."""
+    VAE (the latent mode), scored on the same held-out scenes as a direct round trip;
+    progress=False draws no progress bar."""
     from anygen.data import shapes
     from anygen.data.datasets import images_to_tensor, tensor_to_images
     from anygen.data.render import render_image
     from anygen.eval.run import evaluate_model
 
-    report = evaluate_model(str(saved), "reconstruction", n=3, batch_size=2, progress=False)
-    assert report.meta["suite"] == "reconstruction" and len(report.records) == 3
+    report = evaluate_model(str(saved), "reconstruction", n=4, batch_size=2, progress=False)
+    assert report.meta["suite"] == "reconstruction" and len(report.records) == 4
+    assert "shapes-eval" not in capsys.readouterr().err
+    assert report.metrics["subject_kept_n"] == 1
     vae = model.components.vae
-    originals = [render_image(shapes.task_sample("t2i", 0, i, "test").scene, 32) for i in range(3)]
+    originals = [render_image(shapes.task_sample("t2i", 0, i, "test").scene, 32) for i in range(4)]
     with torch.no_grad():
         x = images_to_tensor(originals)
         rebuilt = tensor_to_images(vae.decode(vae.encode(x).latent_dist.mode()).sample)

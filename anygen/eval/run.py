@@ -74,7 +74,9 @@ def evaluate_model(
             "is reranked by wrap (anygen.pipelines.rerank.rerank)"
         )
     if suite == "reconstruction":
-        report = _reconstruction(model, n=n, seed=seed, batch_size=batch_size, device=device)
+        report = _reconstruction(
+            model, n=n, seed=seed, batch_size=batch_size, device=device, progress=progress
+        )
         report.meta = {"model": model, "suite": suite, "n": n, "seed": seed}
         return report
     gen = load_generator(model, device=device, dtype=dtype)
@@ -181,7 +183,7 @@ def evaluate_model(
 
 
 def _reconstruction(
-    model: str, *, n: int, seed: int, batch_size: int, device: str | None
+    model: str, *, n: int, seed: int, batch_size: int, device: str | None, progress: bool = True
 ) -> Report:
     """decode(encode(x)) through an image tokenizer, a visual codec (``shapes-emu``'s
     ``visual/``: through its embeddings and diffusion decoder), or the VAE of an ``ldm``
@@ -218,7 +220,9 @@ def _reconstruction(
         def roundtrip(images):
             return tensor_to_images(tok.decode(tok.encode(images_to_tensor(images).to(dev))))
 
-    return run_reconstruction(roundtrip, n=n, seed=seed, batch_size=batch_size, size=size)
+    return run_reconstruction(
+        roundtrip, n=n, seed=seed, batch_size=batch_size, size=size, progress=progress
+    )
 
 
 def codec_roundtrip(codec, seed: int = 0) -> Callable:
