@@ -173,7 +173,8 @@ def section(facts: dict, before: Report, after: Report, t2i: Report | None) -> s
         f"{facts['anchor']}, seed {facts['seed']}, {facts['train_time_s']:.0f} s on "
         f"{facts['device']}). The anchor holds the plain scenes' latents to the old "
         f"encoder's (mean squared drift {facts['final_drift']:.1e} at the end, against a "
-        f"latent variance near 1.9), so the denoiser is unchanged. Reconstruction suite, "
+        f"latent variance near {facts['latent_variance']:g}), so the denoiser is unchanged. "
+        f"Reconstruction suite, "
         f"seed 0 (`anygen eval --model {facts['model']} --suite reconstruction --n "
         f"{len(after.records)}`: {len(after.records):,} held-out scenes, "
         f"{after.metrics['subject_kept_n']:,.0f} subject pictures):",
@@ -280,6 +281,8 @@ def main(argv: list[str]) -> None:
         "device": device_description(),
         "torch": torch.__version__,
         "final_drift": float(rows[-1].get("drift", float("nan"))) if rows else float("nan"),
+        # what the drift compares with: the latents' variance, 1 / scaling_factor ** 2
+        "latent_variance": round(1.0 / float(vae.config.scaling_factor) ** 2, 2),
     }
     out = args.output_dir / "model"
     card = (source / "README.md").read_text() if (source / "README.md").is_file() else ""

@@ -96,12 +96,16 @@ def test_recipe_changes_the_vae_alone_and_writes_its_card_section(tiny_fp16, tmp
     assert "Its story." in card and card.count("<!-- anygen:vae_subjects -->") == 1
     meta = card_metadata(model)
     assert meta["vae_subjects"]["anchor"] == 10.0
+    variance = 1 / json.loads((model / "vae" / "config.json").read_text())["scaling_factor"] ** 2
+    assert meta["vae_subjects"]["latent_variance"] == pytest.approx(variance, abs=0.01)
+    words = " ".join(card.split())  # the section is wrapped at 90 columns
+    assert f"latent variance near {meta['vae_subjects']['latent_variance']:g})" in words
     scored = json.loads((model / "eval.json").read_text())
     assert scored["n"] == 2 and meta["shapes_eval_t2i_overall"] == round(scored["overall"], 3)
     image = LatentDiffusion.from_pretrained(model).generate(
         "a red circle", Options(steps=2, seed=0, progress=False)
     )
-    assert image.images[0].size == (32, 32)  # the tiny preset's size, which the pictures had
+    assert image.images[0].size == (32, 32)  # the tiny preset's size
 
 
 @pytest.mark.parametrize(
