@@ -119,7 +119,9 @@ def finetune(args: argparse.Namespace) -> dict:
     c.text_encoder.requires_grad_(False)
     if args.train_text_encoder:
         params += add_lora(c.text_encoder, args.rank, TEXT_ENCODER_LORA_TARGETS)
-    trainer = SubjectTrainer(c.denoiser, c.text_encoder, c.scheduler, args.prior_weight)
+    trainer = SubjectTrainer(
+        c.denoiser, c.text_encoder, c.scheduler, args.prior_weight, args.snr_gamma
+    )
     data = SubjectPairs(instance, tokenize(c.tokenizer, [prompt])[0], prior, prior_ids)
     config = TrainConfig(
         output_dir=args.output_dir / "train",
@@ -159,6 +161,7 @@ def finetune(args: argparse.Namespace) -> dict:
         "class_images": args.class_images if args.prior_weight > 0 else None,
         "num_class_images": args.num_class_images if args.prior_weight > 0 else 0,
         "seed": args.seed,
+        "snr_gamma": args.snr_gamma,
         "final_loss": result.loss,
         "class_images_s": round(class_s, 1),
         "train_s": round(train_s, 1),

@@ -111,7 +111,9 @@ def finetune(args: argparse.Namespace) -> dict:
 
     instance = encode_images(c.vae, references, size)
     data = SubjectPairs(instance, tokenize(c.tokenizer, [prompt])[0])
-    trainer = SubjectTrainer(c.denoiser, c.text_encoder, c.scheduler, prior_weight=0.0)
+    trainer = SubjectTrainer(
+        c.denoiser, c.text_encoder, c.scheduler, prior_weight=0.0, snr_gamma=args.snr_gamma
+    )
     config = TrainConfig(
         output_dir=args.output_dir / "train",
         max_steps=args.steps,
@@ -151,6 +153,7 @@ def finetune(args: argparse.Namespace) -> dict:
         "batch_size": args.batch_size,
         "learning_rate": args.lr,
         "seed": args.seed,
+        "snr_gamma": args.snr_gamma,
         "final_loss": result.loss,
         "train_s": round(train_s, 1),
         "embedding_file": file.name,

@@ -114,6 +114,7 @@ def dreambooth_text(base, refs, root) -> Path:
         "dreambooth_lora.py",
         *subject_args(base, refs, out, "--lr", "1e-2", "--num-class-images", "2"),
         *("--train-text-encoder", "--class-images", "rendered", "--seed", "1"),
+        *("--snr-gamma", "none"),
     )
     return out
 
@@ -170,6 +171,54 @@ def test_two_loras_combine_with_scales(base, dreambooth, dreambooth_text):
     assert not np.array_equal(mixed, pixels(b.images))
     facts = json.loads((dreambooth_text / "training.json").read_text())
     assert facts["train_text_encoder"] and facts["class_images"] == "rendered"
+    assert facts["snr_gamma"] is None  # --snr-gamma none: the plain loss
+    assert json.loads((dreambooth / "training.json").read_text())["snr_gamma"] == 5.0
+
+
+def test_subject_loss_weighting_follows_snr_gamma(base):
+    """SubjectTrainer's loss is denoiser_loss at its snr_gamma (None: unweighted), for the
+    instance images and the prior alike."""
+    from anygen.models.ldm import denoiser_loss
+    from anygen.training.subjects import SubjectTrainer, sample_latents
+
+    c = load_generator(str(base), dtype="fp32").components
+    moments = torch.rand(16, 8, 4, 4, generator=torch.Generator().manual_seed(0))  # mean, std
+    ids = torch.randint(0, 100, (16, 8), generator=torch.Generator().manual_seed(1))
+    batch = {"instance": moments, "instance_ids": ids}
+
+    def trainer_loss(gamma):
+        torch.manual_seed(2)
+        return SubjectTrainer(c.denoiser, c.text_encoder, c.scheduler, 0.0, gamma)(batch)["loss"]
+
+    def reference(gamma):
+        torch.manual_seed(2)
+        latents = sample_latents(moments)
+        return denoiser_loss(
+            c.denoiser, c.text_encoder, c.scheduler, latents, ids, snr_gamma=gamma
+        )["loss"]
+
+    with torch.no_grad():
+        plain, weighted = trainer_loss(None), trainer_loss(5.0)
+        assert torch.equal(plain, reference(None))
+        assert torch.equal(weighted, reference(5.0))
+        assert not torch.allclose(plain, weighted)
+        prior = dict(batch, prior=moments.flip(0), prior_ids=ids.flip(0))
+        torch.manual_seed(2)
+        both = SubjectTrainer(c.denoiser, c.text_encoder, c.scheduler, 0.5, None)(prior)
+        assert torch.equal(both["instance"], plain)
+        assert torch.allclose(both["loss"], both["instance"] + 0.5 * both["prior"])
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "fast"])
+def test_bad_snr_gamma_is_refused_by_name(base, refs, tmp_path, capsys, value):
+    args = subject_args(base, refs, tmp_path / "out", "--snr-gamma", value)
+    reset_accelerate()
+    with pytest.raises(SystemExit) as exit_:
+        cli(["train", str(RECIPES / "dreambooth_lora.py"), *args])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--snr-gamma" in err and repr(value) in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_class_images_are_reused_for_the_same_request(base, refs, dreambooth, root):

@@ -48,7 +48,27 @@ def subject_recipe_parser(recipe: str, doc: str, token_help: str) -> argparse.Ar
     p.add_argument("--checkpoint-every", type=int, default=None)
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     p.add_argument("--resume", action="store_true", help="continue from OUT/train's checkpoint")
+    p.add_argument(
+        "--snr-gamma",
+        type=snr_gamma,
+        default=5.0,
+        help="Min-SNR weighting of the denoising loss (gamma); 'none': the plain loss, "
+        "whose weight grows at low noise, where a subject's fine detail is drawn",
+    )
     return p
+
+
+def snr_gamma(text: str) -> float | None:
+    """``--snr-gamma``: a positive number, or ``none`` for the unweighted loss."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 (or 'none'), got {text!r}")
+    return value
 
 
 def check_positive(p: argparse.ArgumentParser, args: argparse.Namespace, *names: str) -> None:
@@ -209,11 +229,19 @@ class SubjectTrainer(nn.Module):
     prior preservation, Ruiz et al. 2023). What trains (LoRA adapters, or one embedding
     row) is set on the modules before; the VAE is not here: latents are precomputed."""
 
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module, scheduler, prior_weight: float):
+    def __init__(
+        self,
+        unet: nn.Module,
+        text_encoder: nn.Module,
+        scheduler,
+        prior_weight: float,
+        snr_gamma: float | None = 5.0,
+    ):
         super().__init__()
         self.unet, self.text_encoder = unet, text_encoder
         self.scheduler = scheduler
         self.prior_weight = prior_weight
+        self.snr_gamma = snr_gamma
 
     def forward(self, batch: dict) -> dict:
         inst = denoiser_loss(
@@ -222,6 +250,7 @@ class SubjectTrainer(nn.Module):
             self.scheduler,
             sample_latents(batch["instance"]),
             batch["instance_ids"],
+            snr_gamma=self.snr_gamma,
         )["loss"]
         if "prior" not in batch or not self.prior_weight:
             return {"loss": inst}
@@ -231,6 +260,7 @@ class SubjectTrainer(nn.Module):
             self.scheduler,
             sample_latents(batch["prior"]),
             batch["prior_ids"],
+            snr_gamma=self.snr_gamma,
         )["loss"]
         return {"loss": inst + self.prior_weight * prior, "instance": inst, "prior": prior}
 
