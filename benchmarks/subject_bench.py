@@ -65,18 +65,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="take the suite's first K subjects, held out or not",
     )
-    p.add_argument("--steps", type=int, default=300, help="fine-tuning steps of each recipe")
-    p.add_argument("--db-lr", type=float, default=5e-4)
-    p.add_argument("--ti-lr", type=float, default=5e-3)
-    p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--num-class-images", type=int, default=50)
-    p.add_argument("--prior-weight", type=float, default=1.0)
+    # the recipes' own defaults unless set here
+    p.add_argument("--steps", type=int, help="fine-tuning steps of both recipes")
+    p.add_argument("--db-lr", type=float, help="DreamBooth-LoRA's learning rate")
+    p.add_argument("--ti-lr", type=float, help="textual inversion's learning rate")
+    p.add_argument("--rank", type=int, help="DreamBooth-LoRA's rank")
+    p.add_argument("--num-class-images", type=int)
+    p.add_argument("--prior-weight", type=float)
     p.add_argument("--clip", help="CLIP checkpoint (directory or cached hub id) for CLIP-I/T")
     p.add_argument("--dino", help="DINO checkpoint (Dinov2Model or ViTModel) for DINO")
     args = p.parse_args(argv)
-    if args.k < 1 or args.prompts < 1 or args.steps < 1:
+    if args.k < 1 or args.prompts < 1 or (args.steps is not None and args.steps < 1):
         p.error("--k, --prompts and --steps must be >= 1")
     return args
+
+
+def given(**flags) -> list[str]:
+    """``--flag value`` for each flag set (not None): the others keep the recipe's default."""
+    out = []
+    for name, value in flags.items():
+        if value is not None:
+            out += [f"--{name.replace('_', '-')}", str(value)]
+    return out
 
 
 def pick_subjects(k: int, seed: int, held_out_only: bool) -> list[tuple[int, object]]:
@@ -122,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         dino = DinoSimilarity(args.dino)
     size = load_generator(args.model, dtype="fp32").default_size
 
-    records = []
+    records, finetunes = [], []
     for n, (index, sample) in enumerate(pick_subjects(args.k, args.seed, not args.any_subject)):
         folder = out / "subjects" / f"{n:02d}"
         refs_dir = folder / "refs"
@@ -132,32 +142,25 @@ def main(argv: list[str] | None = None) -> int:
             image.save(refs_dir / f"{j}.png")
         cls = sample.subject.shape
         common = ["--subject-dir", str(refs_dir), "--token", TOKEN, "--class-word", cls]
-        common += ["--model", args.model, "--steps", str(args.steps), "--seed", str(args.seed)]
+        common += ["--model", args.model, "--seed", str(args.seed), *given(steps=args.steps)]
         print(f"subject {n}: {sample.subject.to_dict()} ({len(references)} references)", flush=True)
         db_facts = dreambooth.finetune(
             dreambooth.parse_args(
                 [
                     *common,
                     "--output-dir", str(folder / "dreambooth"),
-                    "--lr", str(args.db_lr),
-                    "--rank", str(args.rank),
-                    "--prior-weight", str(args.prior_weight),
-                    "--num-class-images", str(args.num_class_images),
                     "--class-dir", str(out / "class-images" / cls),
+                    *given(lr=args.db_lr, rank=args.rank, prior_weight=args.prior_weight,
+                           num_class_images=args.num_class_images),
                 ]
             )
         )  # fmt: skip
         ti_facts = inversion.finetune(
             inversion.parse_args(
-                [
-                    *common,
-                    "--output-dir",
-                    str(folder / "textual-inversion"),
-                    "--lr",
-                    str(args.ti_lr),
-                ]
+                [*common, "--output-dir", str(folder / "textual-inversion"), *given(lr=args.ti_lr)]
             )
         )
+        finetunes.append({"subject": n, "dreambooth": db_facts, "textual_inversion": ti_facts})
         generators = {
             ROWS[0]: load_generator(args.model, dtype="fp32"),
             ROWS[1]: load_generator(args.model, dtype="fp32", loras=[str(folder / "dreambooth")]),
@@ -207,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(
         json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "records": records,
-                    "table": table, "time": time.time()}, indent=2) + "\n"
+                    "finetune": finetunes, "table": table, "time": time.time()}, indent=2) + "\n"
     )  # fmt: skip
     print(f"\nwrote {out / 'results.json'}")
     return 0

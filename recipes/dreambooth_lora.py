@@ -42,6 +42,7 @@ from anygen.output import write_text_atomic
 from anygen.pipelines.lora import (
     TEXT_ENCODER_LORA_TARGETS,
     UNET_LORA_TARGETS,
+    UNET_LORA_TARGETS_ALL,
     add_lora,
     save_lora,
 )
@@ -67,6 +68,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "dreambooth_lora.py", __doc__, "the identifier that names the subject"
     )
     p.add_argument("--rank", type=int, default=4, help="LoRA rank")
+    p.add_argument(
+        "--lora-targets",
+        choices=("attention", "all"),
+        default="attention",
+        help="the UNet layers adapted: the attention projections (diffusers' DreamBooth-LoRA), "
+        "or all its block linears and convolutions too",
+    )
     p.add_argument("--train-text-encoder", action="store_true", help="LoRA on the text encoder too")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=4, help="instance images per step")
@@ -115,7 +123,8 @@ def finetune(args: argparse.Namespace) -> dict:
     class_s = time.perf_counter() - started
 
     instance = encode_images(c.vae, references, size)
-    params = add_lora(c.denoiser, args.rank, UNET_LORA_TARGETS)
+    targets = UNET_LORA_TARGETS_ALL if args.lora_targets == "all" else UNET_LORA_TARGETS
+    params = add_lora(c.denoiser, args.rank, targets)
     c.text_encoder.requires_grad_(False)
     if args.train_text_encoder:
         params += add_lora(c.text_encoder, args.rank, TEXT_ENCODER_LORA_TARGETS)
@@ -153,6 +162,7 @@ def finetune(args: argparse.Namespace) -> dict:
         "token": args.token,
         "class_word": args.class_word,
         "rank": args.rank,
+        "lora_targets": args.lora_targets,
         "train_text_encoder": args.train_text_encoder,
         "steps": args.steps,
         "batch_size": args.batch_size,
@@ -183,13 +193,17 @@ def card(facts: dict) -> str:
         if facts["prior_weight"]
         else "no prior preservation"
     )
+    layers = {
+        "attention": "UNet attention projections",
+        "all": "UNet attention projections, block linears and convolutions",
+    }[facts["lora_targets"]]
     front = "\n".join(f"{k}: {json.dumps(v)}" for k, v in facts.items())
     return f"""---
 {front}
 ---
 # DreamBooth-LoRA: `{facts["instance_prompt"]}`
 
-LoRA (rank {facts["rank"]}, UNet attention projections{" and text encoder" if facts["train_text_encoder"] else ""})
+LoRA (rank {facts["rank"]}, {layers}{" and text encoder" if facts["train_text_encoder"] else ""})
 on `{facts["base_model"]}`, trained by `{facts["recipe"]}` from {facts["references"]} reference
 images for {facts["steps"]} steps (batch {facts["batch_size"]}, lr {facts["learning_rate"]},
 seed {facts["seed"]}), {prior}. Training took {facts["train_s"]} s on {facts["device"]}

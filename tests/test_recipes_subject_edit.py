@@ -49,6 +49,21 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def load_recipe_defaults(name: str):
+    """A recipe's parsed defaults (its required flags filled in)."""
+    from anygen.training import load_recipe
+
+    required = ["--subject-dir", "x", "--class-word", "star", "--output-dir", "y"]
+    return load_recipe(RECIPES / name).parse_args(required)
+
+
+def safetensors_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())
+
+
 def pixels(images: list[Image.Image]) -> np.ndarray:
     return np.stack([np.asarray(i) for i in images]).astype(np.int16)
 
@@ -114,7 +129,7 @@ def dreambooth_text(base, refs, root) -> Path:
         "dreambooth_lora.py",
         *subject_args(base, refs, out, "--lr", "1e-2", "--num-class-images", "2"),
         *("--train-text-encoder", "--class-images", "rendered", "--seed", "1"),
-        *("--snr-gamma", "none"),
+        *("--snr-gamma", "none", "--lora-targets", "all"),
     )
     return out
 
@@ -172,6 +187,15 @@ def test_two_loras_combine_with_scales(base, dreambooth, dreambooth_text):
     facts = json.loads((dreambooth_text / "training.json").read_text())
     assert facts["train_text_encoder"] and facts["class_images"] == "rendered"
     assert facts["snr_gamma"] is None  # --snr-gamma none: the plain loss
+    # --lora-targets all: the ResNet convolutions and feed-forward layers carry LoRA too
+    assert (
+        facts["lora_targets"] == "all"
+        and "convolutions" in (dreambooth_text / "README.md").read_text()
+    )
+    keys = safetensors_keys(dreambooth_text / "pytorch_lora_weights.safetensors")
+    assert any(".conv1.lora_A" in k for k in keys) and any(".ff.net.2.lora_B" in k for k in keys)
+    plain = safetensors_keys(dreambooth / "pytorch_lora_weights.safetensors")
+    assert plain and not any(".conv1." in k or ".ff." in k for k in plain)
     assert json.loads((dreambooth / "training.json").read_text())["snr_gamma"] == 5.0
 
 
@@ -569,6 +593,12 @@ def test_subject_bench_prints_a_table(base, encoders, tmp_path, capsys):
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results["records"]) == 3
     assert all(r["identity"] and "clip_t" in r for r in results["records"])
+    (run,) = results["finetune"]  # what each recipe ran with: --steps for both, the rest theirs
+    assert run["dreambooth"]["steps"] == 1 and run["textual_inversion"]["steps"] == 1
+    assert run["dreambooth"]["num_class_images"] == 2
+    defaults = load_recipe_defaults("dreambooth_lora.py")
+    assert run["dreambooth"]["rank"] == defaults.rank
+    assert run["dreambooth"]["learning_rate"] == defaults.lr
 
 
 def test_instruct_edit_refuses_a_corrupt_base_record(tmp_path):

@@ -34,6 +34,14 @@ ADAPTER_PREFIX = "anygen_lora"
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # as diffusers' save_lora_weights
 # The attention projections diffusers' DreamBooth-LoRA script adapts, per model family.
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# ... and, for --lora-targets all, every other linear and convolution of the UNet's blocks
+# (as LoCon adapters do): the transformer blocks' projections and feed-forward layers and
+# the ResNet blocks' convolutions, where a texture the base has never drawn can be learnt.
+UNET_LORA_TARGETS_ALL = (
+    *UNET_LORA_TARGETS,
+    *("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"),
+    *("conv1", "conv2", "conv_shortcut"),
+)
 TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
