@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     # the recipes' own defaults unless set here
     p.add_argument("--steps", type=int, help="fine-tuning steps of both recipes")
+    p.add_argument("--db-steps", type=int, help="DreamBooth-LoRA's steps (over --steps)")
+    p.add_argument("--ti-steps", type=int, help="textual inversion's steps (over --steps)")
     p.add_argument("--db-lr", type=float, help="DreamBooth-LoRA's learning rate")
     p.add_argument("--ti-lr", type=float, help="textual inversion's learning rate")
     p.add_argument("--rank", type=int, help="DreamBooth-LoRA's rank")
@@ -75,8 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clip", help="CLIP checkpoint (directory or cached hub id) for CLIP-I/T")
     p.add_argument("--dino", help="DINO checkpoint (Dinov2Model or ViTModel) for DINO")
     args = p.parse_args(argv)
-    if args.k < 1 or args.prompts < 1 or (args.steps is not None and args.steps < 1):
-        p.error("--k, --prompts and --steps must be >= 1")
+    steps = (args.steps, args.db_steps, args.ti_steps)
+    if args.k < 1 or args.prompts < 1 or any(n is not None and n < 1 for n in steps):
+        p.error("--k, --prompts and the steps must be >= 1")
     return args
 
 
@@ -132,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         dino = DinoSimilarity(args.dino)
     size = load_generator(args.model, dtype="fp32").default_size
 
+    db_steps = args.db_steps if args.db_steps is not None else args.steps
+    ti_steps = args.ti_steps if args.ti_steps is not None else args.steps
     records, finetunes = [], []
     for n, (index, sample) in enumerate(pick_subjects(args.k, args.seed, not args.any_subject)):
         folder = out / "subjects" / f"{n:02d}"
@@ -142,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             image.save(refs_dir / f"{j}.png")
         cls = sample.subject.shape
         common = ["--subject-dir", str(refs_dir), "--token", TOKEN, "--class-word", cls]
-        common += ["--model", args.model, "--seed", str(args.seed), *given(steps=args.steps)]
+        common += ["--model", args.model, "--seed", str(args.seed)]
         print(f"subject {n}: {sample.subject.to_dict()} ({len(references)} references)", flush=True)
         db_facts = dreambooth.finetune(
             dreambooth.parse_args(
@@ -150,14 +155,19 @@ def main(argv: list[str] | None = None) -> int:
                     *common,
                     "--output-dir", str(folder / "dreambooth"),
                     "--class-dir", str(out / "class-images" / cls),
-                    *given(lr=args.db_lr, rank=args.rank, prior_weight=args.prior_weight,
+                    *given(steps=db_steps, lr=args.db_lr, rank=args.rank, prior_weight=args.prior_weight,
                            num_class_images=args.num_class_images),
                 ]
             )
         )  # fmt: skip
         ti_facts = inversion.finetune(
             inversion.parse_args(
-                [*common, "--output-dir", str(folder / "textual-inversion"), *given(lr=args.ti_lr)]
+                [
+                    *common,
+                    "--output-dir",
+                    str(folder / "textual-inversion"),
+                    *given(steps=ti_steps, lr=args.ti_lr),
+                ]
             )
         )
         finetunes.append({"subject": n, "dreambooth": db_facts, "textual_inversion": ti_facts})

@@ -582,6 +582,7 @@ def test_subject_bench_prints_a_table(base, encoders, tmp_path, capsys):
     spec.loader.exec_module(bench)
     reset_accelerate()
     argv = ["--output-dir", str(tmp_path), "--model", str(base), "--k", "1", "--steps", "1"]
+    argv += ["--ti-steps", "2"]
     argv += ["--prompts", "1", "--num-class-images", "2"]
     argv += ["--clip", str(encoders[0]), "--dino", str(encoders[1])]
     assert bench.main(argv) == 0
@@ -593,8 +594,8 @@ def test_subject_bench_prints_a_table(base, encoders, tmp_path, capsys):
     results = json.loads((tmp_path / "results.json").read_text())
     assert len(results["records"]) == 3
     assert all(r["identity"] and "clip_t" in r for r in results["records"])
-    (run,) = results["finetune"]  # what each recipe ran with: --steps for both, the rest theirs
-    assert run["dreambooth"]["steps"] == 1 and run["textual_inversion"]["steps"] == 1
+    (run,) = results["finetune"]  # what each recipe ran with: the steps asked, the rest theirs
+    assert run["dreambooth"]["steps"] == 1 and run["textual_inversion"]["steps"] == 2
     assert run["dreambooth"]["num_class_images"] == 2
     defaults = load_recipe_defaults("dreambooth_lora.py")
     assert run["dreambooth"]["rank"] == defaults.rank
