@@ -83,17 +83,22 @@ def card_metadata(name_or_path: str | os.PathLike) -> dict[str, Any]:
     return metadata_load(card) or {}
 
 
-def write_card_section(card: str, key: str, value: Any, section: str) -> str:
-    """``card`` (a README.md's text) with front matter ``key`` set to ``value`` (one JSON
-    line) and the section between ``<!-- anygen:key -->`` markers replaced by ``section``
-    (appended when the card has none), so that re-running what wrote it replaces it."""
-    line = f"{key}: {json.dumps(value)}"
+def set_front_matter(card: str, key: str, text: str) -> str:
+    """``card`` (a README.md's text) with its front-matter line ``key: text`` replaced, or
+    added (with the front matter itself when the card has none)."""
+    line = f"{key}: {text}"
     match = re.match(r"---\n(.*?\n)---\n", card, re.S)
     if match is None:
-        card = f"---\n{line}\n---\n{card}"
-    else:
-        front = [ln for ln in match.group(1).splitlines() if not ln.startswith(f"{key}:")]
-        card = "---\n" + "\n".join([*front, line]) + "\n---\n" + card[match.end() :]
+        return f"---\n{line}\n---\n{card}"
+    front = [ln for ln in match.group(1).splitlines() if not ln.startswith(f"{key}:")]
+    return "---\n" + "\n".join([*front, line]) + "\n---\n" + card[match.end() :]
+
+
+def write_card_section(card: str, key: str, value: Any, section: str) -> str:
+    """``card`` with front matter ``key`` set to ``value`` (one JSON line) and the section
+    between ``<!-- anygen:key -->`` markers replaced by ``section`` (appended when the card
+    has none), so that re-running what wrote it replaces it."""
+    card = set_front_matter(card, key, json.dumps(value))
     begin, end = f"<!-- anygen:{key} -->", f"<!-- /anygen:{key} -->"
     block = f"{begin}\n{section}\n{end}"
     if begin in card and end in card:

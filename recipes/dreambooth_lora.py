@@ -19,8 +19,9 @@ class ("a small red circle in the top left"), the grammar the base model was tra
 The denoising loss is Min-SNR weighted (gamma 5, as shapes-ldm was trained); --snr-gamma
 none gives the plain loss of diffusers' script. --lora-targets all adapts the UNet's block
 linears and convolutions as well (LoCon-style), room for a texture the base never drew.
-On shapes-ldm's validation subjects neither, nor 1,000 steps at rank 16 and lr 1e-3, beat
-these defaults by the margin set before the study (README, "Subjects and edits").
+On shapes-ldm's validation subjects neither --snr-gamma none nor 1,000 steps at rank 16
+and lr 1e-3 beat these defaults by the margin set before the study, and --lora-targets all
+did worse than the latter on the one subject it was tried on (README, "Subjects and edits").
 
 The result, OUT/pytorch_lora_weights.safetensors (diffusers' LoRA format, with the
 adapter config in its metadata), loads onto the base model with --lora, several at once

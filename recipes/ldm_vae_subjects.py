@@ -47,6 +47,7 @@ from anygen.hub import (
     bundled_models,
     forget_source_paths,
     resolve,
+    set_front_matter,
     write_card_section,
 )
 from anygen.tokenizers.vq import reconstruction_errors
@@ -316,10 +317,3 @@ def main(argv: list[str]) -> None:
     if bundle is not None:
         write_model(out, bundle, result.model.vae, dtype, {})
         log.info("rewrote the bundled %s", bundle)
-
-
-def set_front_matter(card: str, key: str, value: str) -> str:
-    """``card`` with the front-matter line ``key: value`` replaced (or added)."""
-    head, sep, rest = card.partition("\n---\n")
-    lines = [ln for ln in head.splitlines() if not ln.startswith(f"{key}:")]
-    return "\n".join([*lines, f"{key}: {value}"]) + sep + rest

@@ -5,7 +5,7 @@ of its text encoder's input embeddings, the identifier's (Gal et al. 2022), trai
 the denoising loss of the subject's images under the prompt ``the sks circle``. The row
 starts as the class word's embedding (--init-word to choose another word). The learning
 rate is 5e-4: at 5e-3, on shapes-ldm's validation subjects, the row grew to about 4 times
-the mean norm of the model's own rows (twice the largest) and swamped the rest of the
+the mean norm of the model's own rows (up to twice the largest) and swamped the rest of the
 caption (3 of 24 images with the prompt right, against 8 at 5e-4; README, "Subjects and
 edits").
 

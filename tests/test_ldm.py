@@ -530,12 +530,11 @@ def test_bundled_shapes_dit_is_a_seeded_dit_over_shapes_ldms_vae(bundled):
     plain scenes anchored, so the two VAEs still encode a scene alike."""
     from diffusers import PixArtTransformer2DModel
 
+    from anygen.data.datasets import ShapesT2IDataset
     from anygen.hub import card_metadata
 
     dit = load_generator("shapes-dit", device="cpu")
     assert isinstance(dit.components.denoiser, PixArtTransformer2DModel)
-    from anygen.data.datasets import ShapesT2IDataset
-
     scenes = torch.stack([ShapesT2IDataset(8, seed=5, split="test")[i]["image"] for i in range(8)])
     with torch.no_grad():
         ours = dit.components.vae.encode(scenes).latent_dist.mean

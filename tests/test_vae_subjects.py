@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from anygen.errors import UserInputError
-from anygen.hub import card_metadata, write_card_section
+from anygen.hub import card_metadata, set_front_matter, write_card_section
 from anygen.models.ldm import LDM_PRESETS, build_components
 from anygen.pipelines import Options
 from anygen.pipelines.text_to_image import LatentDiffusion
@@ -135,3 +135,7 @@ def test_write_card_section_replaces_what_it_wrote_before():
     assert twice.startswith('---\nname: m\nscore: 1\nextra: {"a": 2}\n---\n# m\n\ntext\n')
     assert twice.count("<!-- anygen:extra -->") == 1 and "second" in twice and "first" not in twice
     assert write_card_section("# bare\n", "k", 1, "s").startswith("---\nk: 1\n---\n# bare")
+    # a plain front-matter line: the old one dropped, the new one last, the others kept
+    card = set_front_matter("---\na: 1\nscore: 0.5\n---\n# t\n", "score", "0.620")
+    assert card == "---\na: 1\nscore: 0.620\n---\n# t\n"
+    assert set_front_matter("# t\n", "score", "1") == "---\nscore: 1\n---\n# t\n"
