@@ -1,4 +1,4 @@
-"""DreamBench-style table of the ldm subject recipes on held-out shapes-world subjects.
+"""DreamBench-style table of the subject recipes on held-out shapes-world subjects.
 
 For K subjects of shapes-eval's subject suite (the samples ``run_subject`` scores, held-out
 identities only by default: a pattern and primary colour never seen together in
@@ -8,22 +8,26 @@ training), this script
 2. fine-tunes the base model on them twice, with ``recipes/dreambooth_lora.py`` and with
    ``recipes/textual_inversion.py`` (identifier ``sks``, class word the subject's shape),
 3. draws P prompts of the subject grammar (the suite's own prompt first) with the base
-   model as it is (the reference row: it has never seen the subject), with the LoRA and
-   with the embedding, same seeds throughout,
+   model as it is (the reference row: it has never seen the subject), with the LoRA, with
+   the embedding, and with each ``--in-context`` model (default: the bundled shapes-emu),
+   which takes the reference images in its sequence and fine-tunes nothing (Emu2-Gen
+   style), same seeds throughout,
 4. judges each image with ``score_subject`` (subject fidelity: the subject's shape, both
    colours and its pattern; prompt fidelity: the rest of the prompt) and, given
    ``--clip``/``--dino`` checkpoints, CLIP-I, CLIP-T and DINO (``anygen.eval.similarity``),
 
 and prints one row per recipe: the fidelities, the embedding similarities, fine-tuning
 seconds per subject on this machine and the size of what a subject costs to keep (LoRA
-or embedding file, KB). Everything lands in OUT/results.json; the fine-tuned files stay
+or embedding file, KB; 0 for the in-context rows, which keep only the references). Everything lands in OUT/results.json; the fine-tuned files stay
 in OUT/subjects/NN/{dreambooth,textual-inversion}.
 
     python benchmarks/subject_bench.py --output-dir runs/subject-bench            # K=3
     python benchmarks/subject_bench.py --output-dir runs/subject-bench --k 5 \\
         --clip openai/clip-vit-base-patch32 --dino facebook/dino-vits16
+    python benchmarks/subject_bench.py --output-dir runs/subject-bench \\
+        --in-context shapes-emu shapes-fusion                  # both fusion models in context
     python benchmarks/subject_bench.py --output-dir /tmp/sb --model TINY_DIR --k 1 \\
-        --steps 2 --prompts 1 --num-class-images 2                                # smoke
+        --steps 2 --prompts 1 --num-class-images 2 --in-context                   # smoke
 
 shapes-ldm is a weak base (its shapes-eval t2i figure is on its card), so absolute figures
 are low; the table is for comparing recipes on the same base, not for absolute quality.
@@ -41,6 +45,7 @@ from pathlib import Path
 
 from anygen.data import shapes
 from anygen.data.render import render_image
+from anygen.errors import UserInputError
 from anygen.eval.judge import score_subject
 from anygen.eval.similarity import without_identifier
 from anygen.pipelines import Options, load_generator
@@ -76,6 +81,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prior-weight", type=float)
     p.add_argument("--clip", help="CLIP checkpoint (directory or cached hub id) for CLIP-I/T")
     p.add_argument("--dino", help="DINO checkpoint (Dinov2Model or ViTModel) for DINO")
+    p.add_argument(
+        "--in-context",
+        nargs="*",
+        default=["shapes-emu"],
+        metavar="MODEL",
+        help="models that take the references in context, one row each (default: shapes-emu; "
+        "none when given no names)",
+    )
     args = p.parse_args(argv)
     steps = (args.steps, args.db_steps, args.ti_steps)
     if args.k < 1 or args.prompts < 1 or any(n is not None and n < 1 for n in steps):
@@ -118,9 +131,28 @@ def subject_prompts(sample, n: int, seed: int, index: int) -> list[str]:
     return prompts
 
 
+def in_context_row(name: str) -> str:
+    return f"in context: {name}"
+
+
+def load_in_context(names: list[str]) -> dict:
+    """{row name: generator} for the models that take subject references in context."""
+    generators = {}
+    for name in names:
+        gen = load_generator(name, dtype="fp32")
+        if not hasattr(gen, "generate_subject"):
+            raise UserInputError(
+                f"--in-context {name}: this model cannot take subject reference images in its "
+                "sequence (no generate_subject); fusion models such as shapes-emu can"
+            )
+        generators[in_context_row(name)] = gen
+    return generators
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    in_context = load_in_context(args.in_context)  # refused before any fine-tuning
     out = args.output_dir
     dreambooth = load_recipe(RECIPES / "dreambooth_lora.py")
     inversion = load_recipe(RECIPES / "textual_inversion.py")
@@ -183,12 +215,22 @@ def main(argv: list[str] | None = None) -> int:
             ROWS[1]: (db_facts["train_s"], db_facts["lora_kb"]),
             ROWS[2]: (ti_facts["train_s"], ti_facts["embedding_kb"]),
         }
+        for row, gen in in_context.items():
+            generators[row] = gen
+            costs[row] = (0.0, 0.0)
         prompts = subject_prompts(sample, args.prompts, args.seed, index)
         for recipe, gen in generators.items():
             images = []
+            shown = references
+            if recipe in in_context and gen.default_size != size:
+                shown = [render_image(s, gen.default_size) for s in sample.references]
             for j, prompt in enumerate(prompts):
-                image = gen.generate(prompt, Options(seed=args.seed + j, progress=False)).images[0]
-                image.save(folder / f"{recipe.split()[0].lower()}-{j}.png")
+                options = Options(seed=args.seed + j, progress=False)
+                if recipe in in_context:
+                    image = gen.generate_subject(shown, prompt, options).images[0]
+                else:
+                    image = gen.generate(prompt, options).images[0]
+                image.save(folder / f"{file_stem(recipe)}-{j}.png")
                 images.append(image)
                 verdict = score_subject(image, prompt, sample.subject)
                 row = {
@@ -205,12 +247,12 @@ def main(argv: list[str] | None = None) -> int:
                     "file_kb": costs[recipe][1],
                 }
                 if clip is not None:
-                    row["clip_i"] = clip.image_similarity([image], references)
+                    row["clip_i"] = clip.image_similarity([image], shown)
                     row["clip_t"] = clip.text_similarity(
                         [image], [without_identifier(prompt, TOKEN)]
                     )
                 if dino is not None:
-                    row["dino"] = dino.image_similarity([image], references)
+                    row["dino"] = dino.image_similarity([image], shown)
                 records.append(row)
         del generators
 
@@ -226,18 +268,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def file_stem(recipe: str) -> str:
+    """``base``, ``dreambooth-lora``, ``textual``, ``in-context-shapes-emu``: image names."""
+    if recipe.startswith("in context: "):
+        return "in-context-" + Path(recipe.removeprefix("in context: ")).name
+    return recipe.split()[0].lower()
+
+
 def summarize(records: list[dict]) -> str:
-    """One row per recipe: means over every (subject, prompt) image; costs per subject."""
+    """One row per recipe, in the order drawn: means over every (subject, prompt) image;
+    costs per subject."""
     columns = ["subject fid.", "prompt fid.", "both"]
     extra = [c for c in ("clip_i", "clip_t", "dino") if any(c in r for r in records)]
     names = {"clip_i": "CLIP-I", "clip_t": "CLIP-T", "dino": "DINO"}
-    header = f"{'recipe':<24}" + "".join(f"{c:>14}" for c in columns + [names[c] for c in extra])
+    width = max([24, *(len(r["recipe"]) + 2 for r in records)])
+    header = f"{'recipe':<{width}}" + "".join(
+        f"{c:>14}" for c in columns + [names[c] for c in extra]
+    )
     header += f"{'finetune s':>12}{'file KB':>10}{'images':>8}"
     lines = [header, "-" * len(header)]
-    for recipe in ROWS:
+    for recipe in dict.fromkeys(r["recipe"] for r in records):
         rows = [r for r in records if r["recipe"] == recipe]
-        if not rows:
-            continue
         values = [
             statistics.mean(float(r[k]) for r in rows) for k in ("subject_ok", "prompt_ok", "ok")
         ]
@@ -246,7 +297,7 @@ def summarize(records: list[dict]) -> str:
         seconds = statistics.mean(s for s, _ in per_subject.values())
         kb = statistics.mean(k for _, k in per_subject.values())
         lines.append(
-            f"{recipe:<24}" + "".join(f"{v:>14.3f}" for v in values)
+            f"{recipe:<{width}}" + "".join(f"{v:>14.3f}" for v in values)
             + f"{seconds:>12.1f}{kb:>10.1f}{len(rows):>8d}"
         )  # fmt: skip
     return "\n".join(lines)

@@ -585,15 +585,29 @@ def test_subject_bench_prints_a_table(base, encoders, tmp_path, capsys):
     argv += ["--ti-steps", "2"]
     argv += ["--prompts", "1", "--num-class-images", "2"]
     argv += ["--clip", str(encoders[0]), "--dino", str(encoders[1])]
+    with pytest.raises(UserInputError, match=f"--in-context {base}: this model cannot take"):
+        bench.main([*argv, "--in-context", str(base)])  # refused before any fine-tuning
+    assert not (tmp_path / "subjects").exists()
+    argv += ["--in-context", "shapes-fusion"]  # in context: the references in its sequence
     assert bench.main(argv) == 0
     reset_accelerate()
     table = capsys.readouterr().out
-    for row in ("base (no fine-tuning)", "DreamBooth-LoRA", "textual inversion"):
+    rows = ("base (no fine-tuning)", "DreamBooth-LoRA", "textual inversion")
+    for row in (*rows, "in context: shapes-fusion"):
         assert row in table
     assert "CLIP-I" in table and "DINO" in table and "file KB" in table
     results = json.loads((tmp_path / "results.json").read_text())
-    assert len(results["records"]) == 3
+    assert [r["recipe"] for r in results["records"]] == [*rows, "in context: shapes-fusion"]
     assert all(r["identity"] and "clip_t" in r for r in results["records"])
+    # the in-context row is the model's own generate_subject on the subject's references
+    drawn = results["records"][-1]
+    assert (drawn["finetune_s"], drawn["file_kb"]) == (0.0, 0.0)
+    ((_, sample),) = bench.pick_subjects(1, 0, True)
+    fusion = load_generator("shapes-fusion", dtype="fp32")  # 64 px; the tiny base draws 32
+    refs = [render_image(s, fusion.default_size) for s in sample.references]
+    expected = fusion.generate_subject(refs, drawn["prompt"], Options(seed=drawn["seed"]))
+    saved = Image.open(tmp_path / "subjects" / "00" / "in-context-shapes-fusion-0.png")
+    assert saved.size == (64, 64) and np.array_equal(pixels([saved]), pixels(expected.images))
     (run,) = results["finetune"]  # what each recipe ran with: the steps asked, the rest theirs
     assert run["dreambooth"]["steps"] == 1 and run["textual_inversion"]["steps"] == 2
     assert run["dreambooth"]["num_class_images"] == 2
