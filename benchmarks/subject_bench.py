@@ -6,7 +6,8 @@ training), this script
 
 1. writes the subject's 3-5 reference images to OUT/subjects/NN/refs,
 2. fine-tunes the base model on them twice, with ``recipes/dreambooth_lora.py`` and with
-   ``recipes/textual_inversion.py`` (identifier ``sks``, class word the subject's shape),
+   ``recipes/textual_inversion.py`` (identifier ``sks``, class word the subject's shape;
+   ``--finetune`` picks which),
 3. draws P prompts of the subject grammar (the suite's own prompt first) with the base
    model as it is (the reference row: it has never seen the subject), with the LoRA, with
    the embedding, and with each ``--in-context`` model (default: the bundled shapes-emu),
@@ -26,6 +27,7 @@ in OUT/subjects/NN/{dreambooth,textual-inversion}.
         --clip openai/clip-vit-base-patch32 --dino facebook/dino-vits16
     python benchmarks/subject_bench.py --output-dir runs/subject-bench \\
         --in-context shapes-emu shapes-fusion                  # both fusion models in context
+    python benchmarks/subject_bench.py --output-dir runs/sb-in-context --finetune  # no fine-tuning
     python benchmarks/subject_bench.py --output-dir /tmp/sb --model TINY_DIR --k 1 \\
         --steps 2 --prompts 1 --num-class-images 2 --in-context                   # smoke
 
@@ -81,6 +83,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prior-weight", type=float)
     p.add_argument("--clip", help="CLIP checkpoint (directory or cached hub id) for CLIP-I/T")
     p.add_argument("--dino", help="DINO checkpoint (Dinov2Model or ViTModel) for DINO")
+    p.add_argument(
+        "--finetune",
+        nargs="*",
+        choices=("dreambooth", "inversion"),
+        default=["dreambooth", "inversion"],
+        help="the fine-tuning recipes to run (default: both; none when given no names: the "
+        "base and in-context rows only)",
+    )
     p.add_argument(
         "--in-context",
         nargs="*",
@@ -181,40 +191,36 @@ def main(argv: list[str] | None = None) -> int:
         common = ["--subject-dir", str(refs_dir), "--token", TOKEN, "--class-word", cls]
         common += ["--model", args.model, "--seed", str(args.seed)]
         print(f"subject {n}: {sample.subject.to_dict()} ({len(references)} references)", flush=True)
-        db_facts = dreambooth.finetune(
-            dreambooth.parse_args(
-                [
-                    *common,
-                    "--output-dir", str(folder / "dreambooth"),
-                    "--class-dir", str(out / "class-images" / cls),
-                    *given(steps=db_steps, lr=args.db_lr, rank=args.rank, prior_weight=args.prior_weight,
-                           num_class_images=args.num_class_images),
-                ]
+        generators = {ROWS[0]: load_generator(args.model, dtype="fp32")}
+        costs = {ROWS[0]: (0.0, 0.0)}
+        facts = {"subject": n}
+        if "dreambooth" in args.finetune:
+            db_dir = folder / "dreambooth"
+            db_facts = dreambooth.finetune(
+                dreambooth.parse_args(
+                    [
+                        *common,
+                        "--output-dir", str(db_dir),
+                        "--class-dir", str(out / "class-images" / cls),
+                        *given(steps=db_steps, lr=args.db_lr, rank=args.rank,
+                               prior_weight=args.prior_weight, num_class_images=args.num_class_images),
+                    ]
+                )
+            )  # fmt: skip
+            facts["dreambooth"] = db_facts
+            generators[ROWS[1]] = load_generator(args.model, dtype="fp32", loras=[str(db_dir)])
+            costs[ROWS[1]] = (db_facts["train_s"], db_facts["lora_kb"])
+        if "inversion" in args.finetune:
+            ti_dir = folder / "textual-inversion"
+            ti_facts = inversion.finetune(
+                inversion.parse_args(
+                    [*common, "--output-dir", str(ti_dir), *given(steps=ti_steps, lr=args.ti_lr)]
+                )
             )
-        )  # fmt: skip
-        ti_facts = inversion.finetune(
-            inversion.parse_args(
-                [
-                    *common,
-                    "--output-dir",
-                    str(folder / "textual-inversion"),
-                    *given(steps=ti_steps, lr=args.ti_lr),
-                ]
-            )
-        )
-        finetunes.append({"subject": n, "dreambooth": db_facts, "textual_inversion": ti_facts})
-        generators = {
-            ROWS[0]: load_generator(args.model, dtype="fp32"),
-            ROWS[1]: load_generator(args.model, dtype="fp32", loras=[str(folder / "dreambooth")]),
-            ROWS[2]: load_generator(
-                args.model, dtype="fp32", embeddings=[str(folder / "textual-inversion")]
-            ),
-        }
-        costs = {
-            ROWS[0]: (0.0, 0.0),
-            ROWS[1]: (db_facts["train_s"], db_facts["lora_kb"]),
-            ROWS[2]: (ti_facts["train_s"], ti_facts["embedding_kb"]),
-        }
+            facts["textual_inversion"] = ti_facts
+            generators[ROWS[2]] = load_generator(args.model, dtype="fp32", embeddings=[str(ti_dir)])
+            costs[ROWS[2]] = (ti_facts["train_s"], ti_facts["embedding_kb"])
+        finetunes.append(facts)
         for row, gen in in_context.items():
             generators[row] = gen
             costs[row] = (0.0, 0.0)

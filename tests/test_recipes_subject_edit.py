@@ -608,12 +608,22 @@ def test_subject_bench_prints_a_table(base, encoders, tmp_path, capsys):
     expected = fusion.generate_subject(refs, drawn["prompt"], Options(seed=drawn["seed"]))
     saved = Image.open(tmp_path / "subjects" / "00" / "in-context-shapes-fusion-0.png")
     assert saved.size == (64, 64) and np.array_equal(pixels([saved]), pixels(expected.images))
+
     (run,) = results["finetune"]  # what each recipe ran with: the steps asked, the rest theirs
     assert run["dreambooth"]["steps"] == 1 and run["textual_inversion"]["steps"] == 2
     assert run["dreambooth"]["num_class_images"] == 2
     defaults = load_recipe_defaults("dreambooth_lora.py")
     assert run["dreambooth"]["rank"] == defaults.rank
     assert run["dreambooth"]["learning_rate"] == defaults.lr
+
+    # --finetune with no names: the base and in-context rows only, the same pictures
+    lean = tmp_path / "lean"
+    assert bench.main([*argv[2:], "--output-dir", str(lean), "--finetune"]) == 0
+    lean_results = json.loads((lean / "results.json").read_text())
+    assert [r["recipe"] for r in lean_results["records"]] == [rows[0], "in context: shapes-fusion"]
+    assert lean_results["finetune"] == [{"subject": 0}] and not (lean / "class-images").exists()
+    again = Image.open(lean / "subjects" / "00" / "in-context-shapes-fusion-0.png")
+    assert np.array_equal(pixels([again]), pixels([saved]))
 
 
 def test_instruct_edit_refuses_a_corrupt_base_record(tmp_path):
