@@ -19,8 +19,9 @@ training), this script
 
 and prints one row per recipe: the fidelities, the embedding similarities, fine-tuning
 seconds per subject on this machine and the size of what a subject costs to keep (LoRA
-or embedding file, KB; 0 for the in-context rows, which keep only the references). Everything lands in OUT/results.json; the fine-tuned files stay
-in OUT/subjects/NN/{dreambooth,textual-inversion}.
+or embedding file, KB; 0 for the in-context rows, which keep only the references).
+Everything lands in OUT/results.json; the fine-tuned files stay in
+OUT/subjects/NN/{dreambooth,textual-inversion}.
 
     python benchmarks/subject_bench.py --output-dir runs/subject-bench            # K=3
     python benchmarks/subject_bench.py --output-dir runs/subject-bench --k 5 \\
@@ -56,6 +57,7 @@ from anygen.training import load_recipe
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TOKEN = "sks"
 ROWS = ("base (no fine-tuning)", "DreamBooth-LoRA", "textual inversion")
+IN_CONTEXT = "in context: "  # then the model's name: one row per --in-context model
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -141,10 +143,6 @@ def subject_prompts(sample, n: int, seed: int, index: int) -> list[str]:
     return prompts
 
 
-def in_context_row(name: str) -> str:
-    return f"in context: {name}"
-
-
 def load_in_context(names: list[str]) -> dict:
     """{row name: generator} for the models that take subject references in context."""
     generators = {}
@@ -155,7 +153,7 @@ def load_in_context(names: list[str]) -> dict:
                 f"--in-context {name}: this model cannot take subject reference images in its "
                 "sequence (no generate_subject); fusion models such as shapes-emu can"
             )
-        generators[in_context_row(name)] = gen
+        generators[IN_CONTEXT + name] = gen
     return generators
 
 
@@ -276,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def file_stem(recipe: str) -> str:
     """``base``, ``dreambooth-lora``, ``textual``, ``in-context-shapes-emu``: image names."""
-    if recipe.startswith("in context: "):
-        return "in-context-" + Path(recipe.removeprefix("in context: ")).name
+    if recipe.startswith(IN_CONTEXT):
+        return "in-context-" + Path(recipe.removeprefix(IN_CONTEXT)).name
     return recipe.split()[0].lower()
 
 
