@@ -60,6 +60,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     if self_rerank:
         _self_rerank_only(args, SELF_RANKED[args.suite])
+    if args.image_guidance is not None and (args.images is not None or args.suite != "edit"):
+        what = "--images" if args.images is not None else f"the {args.suite} suite"
+        raise UserInputError(f"--image-guidance applies to the edit suite, not to {what}")
     if given and (args.images is not None or args.suite == "reconstruction"):
         what = "--images" if args.images is not None else "the reconstruction suite"
         raise UserInputError(f"{', '.join(given)} cannot apply to {what}: nothing is sampled")
@@ -71,7 +74,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from anygen.eval.run import evaluate_model
         from anygen.pipelines import Options
 
-        options = Options(**_sampling_options(args)).validate()
+        options = Options(
+            **_sampling_options(args), image_guidance_scale=args.image_guidance
+        ).validate()
         report = evaluate_model(
             args.model,
             args.suite,
@@ -807,6 +812,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--device", default=None, help=DEVICE_HELP)
     _add_sampling_flags(p)
+    p.add_argument(
+        "--image-guidance",
+        type=float,
+        help="pull towards the source image (edit suite, InstructPix2Pix models)",
+    )
     _add_rerank_flags(p)
     p.add_argument("-o", "--output", type=Path, help="write the report as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
