@@ -60,9 +60,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     if self_rerank:
         _self_rerank_only(args, SELF_RANKED[args.suite])
-    if args.image_guidance is not None and (args.images is not None or args.suite != "edit"):
+    editing = [f"--{f.replace('_', '-')}" for f in EDIT_FLAGS if getattr(args, f) is not None]
+    if editing and (args.images is not None or args.suite != "edit"):
         what = "--images" if args.images is not None else f"the {args.suite} suite"
-        raise UserInputError(f"--image-guidance applies to the edit suite, not to {what}")
+        raise UserInputError(f"{', '.join(editing)} applies to the edit suite, not to {what}")
     if given and (args.images is not None or args.suite == "reconstruction"):
         what = "--images" if args.images is not None else "the reconstruction suite"
         raise UserInputError(f"{', '.join(given)} cannot apply to {what}: nothing is sampled")
@@ -75,7 +76,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from anygen.pipelines import Options
 
         options = Options(
-            **_sampling_options(args), image_guidance_scale=args.image_guidance
+            **_sampling_options(args),
+            strength=args.strength,
+            image_guidance_scale=args.image_guidance,
         ).validate()
         report = evaluate_model(
             args.model,
@@ -539,6 +542,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 SAMPLING_FLAGS = ("steps", "guidance", "scheduler", "temperature", "top_k", "top_p")
+EDIT_FLAGS = ("image_guidance", "strength")  # anygen eval: the edit suite's settings
 
 
 def _add_rerank_flags(p: argparse.ArgumentParser) -> None:
@@ -816,6 +820,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-guidance",
         type=float,
         help="pull towards the source image (edit suite, InstructPix2Pix models)",
+    )
+    p.add_argument(
+        "--strength",
+        type=float,
+        help="share of the image redrawn, (0, 1] (edit suite, img2img by a text-to-image model)",
     )
     _add_rerank_flags(p)
     p.add_argument("-o", "--output", type=Path, help="write the report as JSON here")
