@@ -422,6 +422,8 @@ def test_instruct_edit_recipe_makes_a_diffusers_editor(editor, tmp_path, capsys)
     """The directory is a StableDiffusionInstructPix2PixPipeline with an 8-channel UNet;
     load_generator runs it on the diffusers wrapper with its anygen.json defaults; edits
     are the input's size, deterministic under a seed, and image guidance matters."""
+    from anygen.training import load_recipe
+
     index = json.loads((editor / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionInstructPix2PixPipeline"
     unet_config = json.loads((editor / "unet" / "config.json").read_text())
@@ -431,7 +433,12 @@ def test_instruct_edit_recipe_makes_a_diffusers_editor(editor, tmp_path, capsys)
     assert facts["steps"] == 3 and facts["s_per_step"] > 0 and "shapes_eval_edit_overall" in facts
     assert "seed 0" in (editor / "README.md").read_text()
     selection = facts["sampling_selection"]
-    assert selection["n"] == 2 and len(selection["grid"]) == 6
+    grid = load_recipe(RECIPES / "instruct_edit.py").EDIT_GUIDANCE_GRID
+    assert selection["n"] == 2 and len(grid) == 9  # text 2, 4, 7.5 x image 1.5, 2.5, 3.5
+    scored = [
+        {k: v for k, v in row.items() if k != "validation_overall"} for row in selection["grid"]
+    ]
+    assert scored == list(grid)  # every setting of the grid scored, in order
     defaults = json.loads((editor / "anygen.json").read_text())
     chosen = selection["chosen"]
     assert {k: defaults[k] for k in chosen} == chosen
