@@ -18,3 +18,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def cli_edit_eval(tmp_path):
+    """``check(model, flag, value)``: ``anygen eval --suite edit`` with an editing flag
+    (``--strength``, ``--image-guidance``) at 2 edits and 2 steps gives the records of
+    ``evaluate_model`` called with that option, and its report records the setting."""
+    import json
+
+    from anygen.cli import main as cli
+    from anygen.eval.run import evaluate_model
+    from anygen.pipelines import Options
+
+    def check(model, flag: str, value: float) -> None:
+        field = {"--strength": "strength", "--image-guidance": "image_guidance_scale"}[flag]
+        options = Options(steps=2, **{field: value})
+        direct = evaluate_model(str(model), "edit", n=2, options=options, progress=False)
+        out = tmp_path / "edit.json"
+        argv = ["eval", "--model", str(model), "--suite", "edit", "--n", "2", "--steps", "2"]
+        assert cli([*argv, flag, str(value), "-o", str(out), "--overwrite"]) == 0
+        data = json.loads(out.read_text())
+        assert data["meta"][field] == value
+        assert [r["reasons"] for r in data["records"]] == [list(r.reasons) for r in direct.records]
+
+    return check

@@ -719,20 +719,11 @@ def test_cli_eval_samples_with_the_given_settings(saved, tmp_path, capsys):
     assert "--steps cannot apply to the reconstruction suite" in capsys.readouterr().err
 
 
-def test_cli_eval_edit_suite_takes_the_img2img_strength(saved, tmp_path, capsys):
+def test_cli_eval_edit_suite_takes_the_img2img_strength(saved, tmp_path, capsys, cli_edit_eval):
     """A text-to-image model edits by img2img: --strength reaches it, only in the edit suite."""
-    from anygen.eval.run import evaluate_model
-
-    direct = evaluate_model(
-        str(saved), "edit", n=2, options=Options(steps=2, strength=0.5), progress=False
-    )
-    report = tmp_path / "edit.json"
-    args = ["eval", "--model", str(saved), "--suite", "edit", "--n", "2", "--steps", "2"]
-    assert cli([*args, "--strength", "0.5", "-o", str(report)]) == 0
-    data = json.loads(report.read_text())
-    assert (data["meta"]["strength"], data["meta"]["image_guidance_scale"]) == (0.5, None)
-    assert [r["reasons"] for r in data["records"]] == [list(r.reasons) for r in direct.records]
+    cli_edit_eval(saved, "--strength", 0.5)
     capsys.readouterr()
+    args = ["eval", "--model", str(saved), "--suite", "edit", "--n", "2", "--steps", "2"]
     assert cli([*args, "--strength", "0"]) == 2
     assert "strength must be in (0, 1], got 0.0" in capsys.readouterr().err
     # image guidance belongs to InstructPix2Pix models: the model says so in one line
