@@ -91,8 +91,9 @@ def measure(
         return time.perf_counter() - start, out
 
     modes = (True, False) if reference else (True,)
-    for use_cache in modes:  # warm up each path, so that no timed run pays first-call setup
-        run(use_cache)
+    # warm up each path, so that no timed run pays first-call setup; the warm-up's outputs
+    # are kept to check that the same seeds decode the same span again
+    warm = {use_cache: run(use_cache)[1] for use_cache in modes}
     times = {m: [] for m in modes}
     outs = {}
     for _ in range(repeats):  # interleaved, so drift hits both alike
@@ -123,6 +124,7 @@ def measure(
         "positions_per_s": round(batch * steps / cached, 1),
         "bandwidth_bound_s": round(bound_s, 7),
         "fraction_of_bound": round(bound_s / cached, 5),
+        "deterministic": same(warm[True], outs[True]),
     }
     if reference:
         recomputed = statistics.median(times[False])

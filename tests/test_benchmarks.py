@@ -36,7 +36,7 @@ from benchmarks.common import (
     mfu,
     training_flops_per_token,
 )
-from benchmarks.suite import BENCHMARKS
+from benchmarks.suite import BENCHMARKS, _decode_cases
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -307,6 +307,26 @@ def test_table_lists_every_column():
     assert second.split() == ["2", "-", "-", "yes"]
 
 
+def test_recompute_runs_at_real_size_only_at_batch_1_on_a_gpu():
+    cases = ("kv_cache", "recompute", "cfg_two_passes")
+    gpu = Settings(size="real", device=torch.device("cuda"))
+    assert _decode_cases(gpu, 1, cases) == cases
+    assert _decode_cases(gpu, 16, cases) == ("kv_cache", "cfg_two_passes")
+    assert _decode_cases(Settings(size="real", device=CPU), 1, cases) == (
+        "kv_cache",
+        "cfg_two_passes",
+    )
+    assert _decode_cases(Settings(size="tiny", device=CPU), 16, cases) == cases
+
+
+def test_the_real_continuous_preset_shares_the_1b_backbone():
+    discrete, continuous = FUSION_PRESETS["1b"], FUSION_PRESETS["1b-continuous"]
+    assert continuous.continuous and not discrete.continuous
+    fields = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
+    assert [getattr(continuous, f) for f in fields] == [getattr(discrete, f) for f in fields]
+    assert (continuous.image_tokens, continuous.visual_dim) == (64, 1792)
+
+
 # -----------------------------------------------------------------------------
 # the tiny suite, once, with one timed repeat
 
@@ -354,7 +374,7 @@ def test_tiny_decoding_outputs_identical_and_bounded(tiny_run):
         (p, b) for p in ("tiny", "tiny-continuous") for b in (1, 16)
     }
     for r in ours:
-        assert r["kv_identical"], r
+        assert r["kv_identical"] and r["deterministic"], r
         assert 0 < r["fraction_of_bound"] <= 1
         # rates are rounded to 1 decimal: on a slow or busy machine that is more than 1%
         assert r["positions_per_s"] == pytest.approx(
