@@ -208,23 +208,14 @@ FUSION_PRESETS: dict[str, FusionConfig] = {
         max_position_embeddings=4096,
         rope_theta=500000.0,
     ),
-    # the same backbone with Emu2's visual interface: 64 regressed embeddings of EVA-CLIP's
-    # width (1792) per image, for the continuous path's GPU benchmarks
-    "1b-continuous": FusionConfig(
-        image_mode="continuous",
-        image_tokens=64,
-        visual_dim=1792,
-        text_vocab_size=57344,
-        hidden_size=2048,
-        num_layers=16,
-        num_heads=32,
-        num_kv_heads=8,
-        intermediate_size=8192,
-        qk_norm=True,
-        max_position_embeddings=4096,
-        rope_theta=500000.0,
-    ),
 }
+
+
+# the 1b backbone with Emu2's visual interface: 64 regressed embeddings of EVA-CLIP's width
+# (1792) per image, for the continuous path's GPU benchmarks
+FUSION_PRESETS["1b-continuous"] = dataclasses.replace(
+    FUSION_PRESETS["1b"], image_mode="continuous", image_tokens=64, visual_dim=1792
+)
 
 
 def build_backbone(c: FusionConfig, attn_implementation: str | None = None) -> nn.Module:
