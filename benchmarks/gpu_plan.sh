@@ -27,7 +27,7 @@ if [ -f wheels/site.tar.xz ]; then
 fi
 if [ -d wheels ]; then
     for pkg in diffusers einops; do
-        PYTHONPATH="${PYTHONPATH:-}" $py -c "import $pkg" 2>/dev/null \
+        $py -c "import $pkg" 2>/dev/null \
             || $py -m pip install -q --no-index --find-links wheels "$pkg" \
             || echo "could not install $pkg from wheels/" >&2
     done
