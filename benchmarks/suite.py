@@ -55,12 +55,10 @@ def _pixel_diff(a: list, b: list) -> int:
     )
 
 
-def _decode_cases(s: Settings, batch: int, cases: tuple[str, ...]) -> tuple[str, ...]:
-    """The decoding cases a row measures: all at tiny size; at real size the O(N^2)
-    ``recompute`` only at batch 1 on a GPU."""
-    if s.real and not (s.cuda and batch == 1):
-        return tuple(c for c in cases if c != "recompute")
-    return cases
+def _runs_recompute(s: Settings, batch: int) -> bool:
+    """Whether a decoding row also times the O(N^2) recompute reference: always at tiny
+    size; at real size only at batch 1 on a GPU."""
+    return not s.real or (s.cuda and batch == 1)
 
 
 def _recompute_skipped(s: Settings) -> str:
@@ -197,7 +195,9 @@ def bench_parti(s: Settings, rec: Recorder) -> None:
     tokenizer = load_text_tokenizer("shapes-bpe")
     bandwidth, source = memory_bandwidth(s.device)
     for batch in (1, 16):
-        cases = _decode_cases(s, batch, ("kv_cache", "recompute", "cfg_two_passes"))
+        cases = ("kv_cache", "recompute", "cfg_two_passes")
+        if not _runs_recompute(s, batch):
+            cases = ("kv_cache", "cfg_two_passes")
         texts = (parti_decoding.PROMPTS * batch)[:batch]
         row = parti_decoding.measure(
             model,
@@ -263,7 +263,7 @@ def bench_fusion(s: Settings, rec: Recorder) -> None:
                     s.repeats,
                     s.device,
                     bandwidth,
-                    reference="recompute" in _decode_cases(s, batch, ("kv", "recompute")),
+                    reference=_runs_recompute(s, batch),
                 )
                 rec.row(
                     "fusion",

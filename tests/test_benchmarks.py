@@ -36,7 +36,7 @@ from benchmarks.common import (
     mfu,
     training_flops_per_token,
 )
-from benchmarks.suite import BENCHMARKS, _decode_cases
+from benchmarks.suite import BENCHMARKS, _runs_recompute
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -308,23 +308,10 @@ def test_table_lists_every_column():
 
 
 def test_recompute_runs_at_real_size_only_at_batch_1_on_a_gpu():
-    cases = ("kv_cache", "recompute", "cfg_two_passes")
     gpu = Settings(size="real", device=torch.device("cuda"))
-    assert _decode_cases(gpu, 1, cases) == cases
-    assert _decode_cases(gpu, 16, cases) == ("kv_cache", "cfg_two_passes")
-    assert _decode_cases(Settings(size="real", device=CPU), 1, cases) == (
-        "kv_cache",
-        "cfg_two_passes",
-    )
-    assert _decode_cases(Settings(size="tiny", device=CPU), 16, cases) == cases
-
-
-def test_the_real_continuous_preset_shares_the_1b_backbone():
-    discrete, continuous = FUSION_PRESETS["1b"], FUSION_PRESETS["1b-continuous"]
-    assert continuous.continuous and not discrete.continuous
-    fields = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
-    assert [getattr(continuous, f) for f in fields] == [getattr(discrete, f) for f in fields]
-    assert (continuous.image_tokens, continuous.visual_dim) == (64, 1792)
+    assert _runs_recompute(gpu, 1) and not _runs_recompute(gpu, 16)
+    assert not _runs_recompute(Settings(size="real", device=CPU), 1)
+    assert _runs_recompute(Settings(size="tiny", device=CPU), 16)
 
 
 # -----------------------------------------------------------------------------
