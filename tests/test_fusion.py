@@ -566,6 +566,37 @@ def test_bad_input_is_named(pipe, tmp_path):
         Fusion.from_pretrained(tmp_path / "broken")
 
 
+def test_embed_places_visual_embeddings_and_refuses_what_does_not_fit(transformer):
+    c = transformer.config
+    prompt = image_prompt(c, seed=3)
+    ids = torch.tensor([prompt.ids])
+    x = transformer.embed(ids, prompt.visual)
+    plain = transformer.backbone.get_input_embeddings()(ids)
+    if not c.continuous:
+        assert torch.equal(x, plain)
+        with pytest.raises(UserInputError, match="takes image codes, not embeddings"):
+            transformer.embed(ids, torch.zeros(c.image_tokens, 8))
+        return
+    slots = ids[0] == c.img_id
+    projected = transformer.visual_in(prompt.visual.reshape(-1, c.visual_dim))
+    torch.testing.assert_close(x[0, slots], projected)
+    torch.testing.assert_close(x[0, ~slots], plain[0, ~slots])
+    with pytest.raises(UserInputError, match=f"{c.image_tokens} image placeholder positions but 0"):
+        transformer.embed(ids)
+    with pytest.raises(UserInputError, match=f"but {c.image_tokens - 1} visual embeddings"):
+        transformer.embed(ids, prompt.visual[:, 1:])
+
+
+def test_teacher_forcing_traces_as_one_graph(transformer):
+    """No host sync in the forward pass: torch.compile keeps it one graph (the 1b training
+    benchmark compiles it)."""
+    c = transformer.config
+    prompt = image_prompt(c, text_ids=[7, 8], seed=4)
+    ids = torch.tensor([prompt.ids])
+    explained = torch._dynamo.explain(transformer)(ids, torch.ones_like(ids), prompt.visual)
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
 def test_parts_that_do_not_fit_are_refused(tokenizer):
     c = config("discrete", tokenizer)
     with pytest.raises(CheckpointError, match="codes an image"):

@@ -337,17 +337,20 @@ class FusionTransformer(nn.Module):
         ``visual`` embeddings (M, visual_dim), in order, at the ``img_id`` placeholders."""
         c = self.config
         x = self.backbone.get_input_embeddings()(ids)  # (B, T, D)
-        slots = ids == c.img_id
-        n_slots = int(slots.sum())
-        n_visual = 0 if visual is None else visual.reshape(-1, c.visual_dim).shape[0]
-        if n_slots != n_visual:
-            raise UserInputError(
-                f"the sequence has {n_slots} image placeholder positions but "
-                f"{n_visual} visual embeddings were given"
-            )
-        if n_slots:
-            if not c.continuous:
+        if not c.continuous:
+            if visual is not None:
                 raise UserInputError("a discrete fusion model takes image codes, not embeddings")
+            return x  # no placeholders to fill, so no count: torch.compile keeps one graph
+        slots = ids == c.img_id
+        if not torch.compiler.is_compiling():  # counting syncs with the host: eager only
+            n_slots = int(slots.sum())
+            n_visual = 0 if visual is None else visual.reshape(-1, c.visual_dim).shape[0]
+            if n_slots != n_visual:
+                raise UserInputError(
+                    f"the sequence has {n_slots} image placeholder positions but "
+                    f"{n_visual} visual embeddings were given"
+                )
+        if visual is not None:
             v = self.visual_in(visual.reshape(-1, c.visual_dim).to(x.dtype))  # (M, D)
             x = x.masked_scatter(slots[..., None], v)
         return x
