@@ -229,6 +229,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the transformer (pays off on a GPU)"
+    )
     p.add_argument("--resume", action="store_true")
     p.add_argument(
         "--init-from",
@@ -381,6 +384,7 @@ def main(argv: list[str]) -> None:
             checkpoint_every=args.checkpoint_every,
             keep_last_checkpoints=2,
             mixed_precision=args.mixed_precision,
+            compile=args.compile,
             seed=args.seed,
             resume="latest" if args.resume else None,
         ),

@@ -736,11 +736,14 @@ def test_recipes_train_fusion_models_end_to_end(tmp_path):
     gen = load_generator(str(out / "model"))
     assert gen.generate("a red circle", Options(seed=0)).images[0].size == (64, 64)
 
-    # --init-from continues the saved model under a fresh schedule, with its sampling defaults
+    # --init-from continues the saved model under a fresh schedule, with its sampling
+    # defaults (and here compiled: --compile goes through to the training loop)
     more = tmp_path / "more"
     train("fusion_shapes.py", "--output-dir", str(more), "--init-from", str(out / "model"),
           "--image-tokenizer", str(vq), "--seed", "1", "--steps", "2", "--batch-size", "2",
-          "--select-n", "0", "--eval-n", "0", "--mix", "t2i=0.5,vqa=0.5")  # fmt: skip
+          "--select-n", "0", "--eval-n", "0", "--mix", "t2i=0.5,vqa=0.5", "--compile")  # fmt: skip
+    saved = json.loads((more / "train" / "train_config.json").read_text())
+    assert saved["compile"] is True
     first = json.loads((out / "model" / "training.json").read_text())
     facts = json.loads((more / "model" / "training.json").read_text())
     assert facts["init_from"] == str(out / "model") and facts["preset"] is None

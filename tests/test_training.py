@@ -397,6 +397,40 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+class _Net(nn.Module):
+    # dynamo skips torch's own modules' frames, so a bare nn.Sequential would never compile
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_model(dropout=0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_compiled_training_equals_eager_and_checkpoints_the_same_names(tmp_path):
+    def run(compile: bool):
+        _reset_accelerate()
+        config = TrainConfig(
+            output_dir=tmp_path / f"compile-{compile}", max_steps=3, batch_size=8, compile=compile
+        )
+        return train(_Net(), mse_loss, make_dataset(), config)
+
+    torch._dynamo.reset()
+    eager, compiled = run(False), run(True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
+    for p, q in zip(eager.model.parameters(), compiled.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    names = [set(load_file(r.checkpoint / "model.safetensors")) for r in (eager, compiled)]
+    assert names[0] == names[1] and not any("_orig_mod" in n for n in names[1])
+    assert compiled.model._compiled_call_impl is None  # the returned model runs eagerly
+    _reset_accelerate()  # an eager run resumes the compiled one's checkpoint
+    config = TrainConfig(
+        output_dir=tmp_path / "compile-True", max_steps=5, batch_size=8, resume="latest"
+    )
+    resumed = train(_Net(), mse_loss, make_dataset(), config)
+    assert (resumed.start_step, resumed.step) == (3, 5)
+
+
 def test_ema_follows_the_decay_formula(tmp_path):
     decay, steps = 0.5, 12
     raw_history: list[list[torch.Tensor]] = []
