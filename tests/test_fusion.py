@@ -587,9 +587,12 @@ def test_embed_places_visual_embeddings_and_refuses_what_does_not_fit(transforme
         transformer.embed(ids, prompt.visual[:, 1:])
 
 
-def test_teacher_forcing_traces_as_one_graph(transformer):
+@pytest.mark.parametrize("qk_norm", [False, True])  # True: the Qwen3 backbone, as in 1b
+def test_teacher_forcing_traces_as_one_graph(mode, tokenizer, qk_norm):
     """No host sync in the forward pass: torch.compile keeps it one graph (the 1b training
     benchmark compiles it)."""
+    torch.manual_seed(0)
+    transformer = FusionTransformer(config(mode, tokenizer, qk_norm=qk_norm)).eval()
     c = transformer.config
     prompt = image_prompt(c, text_ids=[7, 8], seed=4)
     ids = torch.tensor([prompt.ids])
