@@ -407,7 +407,7 @@ class _Net(nn.Module):
         return self.net(x)
 
 
-def test_compiled_training_equals_eager_and_checkpoints_the_same_names(tmp_path):
+def test_compiled_training_equals_eager_and_checkpoints_the_same_names(tmp_path, caplog):
     def run(compile: bool):
         _reset_accelerate()
         config = TrainConfig(
@@ -429,6 +429,11 @@ def test_compiled_training_equals_eager_and_checkpoints_the_same_names(tmp_path)
     )
     resumed = train(_Net(), mse_loss, make_dataset(), config)
     assert (resumed.start_step, resumed.step) == (3, 5)
+    assert "compiles nothing" not in caplog.text
+    _reset_accelerate()  # a model of torch's own modules alone would silently stay eager
+    config = TrainConfig(output_dir=tmp_path / "sequential", max_steps=1, compile=True)
+    train(make_model(dropout=0.0), mse_loss, make_dataset(), config)
+    assert "compiles nothing here: Sequential is built only of torch's own" in caplog.text
 
 
 def test_ema_follows_the_decay_formula(tmp_path):

@@ -273,6 +273,12 @@ def train(
         generator=loader_generator,
     )
     if config.compile:
+        if is_main and all(type(m).__module__.startswith("torch.") for m in model.modules()):
+            logger.warning(
+                "compile=True compiles nothing here: %s is built only of torch's own modules, "
+                "whose frames torch.compile skips; wrap it in a module class of your own",
+                type(model).__name__,
+            )
         model.compile()  # in place: parameter names and checkpoints stay the eager model's
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(
         model, optimizer, dataloader, lr_scheduler
