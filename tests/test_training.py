@@ -408,10 +408,10 @@ class _Net(nn.Module):
 
 
 def test_compiled_training_equals_eager_and_checkpoints_the_same_names(tmp_path, caplog):
-    def run(compile: bool):
+    def run(compiled: bool):
         _reset_accelerate()
         config = TrainConfig(
-            output_dir=tmp_path / f"compile-{compile}", max_steps=3, batch_size=8, compile=compile
+            output_dir=tmp_path / f"compile-{compiled}", max_steps=3, batch_size=8, compile=compiled
         )
         return train(_Net(), mse_loss, make_dataset(), config)
 

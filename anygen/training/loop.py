@@ -87,7 +87,8 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"  # "no" | "fp16" (GPU only) | "bf16"
     # torch.compile the model's forward (and so its backward) for the run; the model train()
-    # returns runs eagerly again. Pays off on a GPU (docs/benchmarks.md: MFU 0.316 -> 0.417).
+    # returns runs eagerly again. Pays off on a GPU (docs/benchmarks.md: the 1b training
+    # benchmark's same Module.compile() raised MFU from 0.316 to 0.417), not on a small CPU.
     compile: bool = False
     max_grad_norm: float | None = 1.0  # None: no clipping
     # EMA of the trainable parameters (diffusers' EMAModel, which caps the decay of
