@@ -318,6 +318,38 @@ def test_foreground_weight_reweights_the_reconstruction_terms():
     assert not torch.allclose(plain["l1"], weighted["l1"])
 
 
+def test_foreground_margin_weighs_colour_bled_around_an_object():
+    """A small cross drawn as a filled square: with the object's pixels alone weighted, the
+    colour bled into its notches is cheap; a 3 px margin weighs it like the object."""
+    from anygen.tokenizers.vq import reconstruction_errors
+
+    bg, fg = -0.8, 0.9
+    target = torch.full((1, 3, 16, 16), bg)
+    target[..., 6:10, 3:13] = fg  # the cross's two bars, 4 px wide, 10 px long
+    target[..., 3:13, 6:10] = fg
+    blob = torch.full_like(target, bg)
+    blob[..., 3:13, 3:13] = fg  # the notches filled
+    notches = 4 * 3 * 3  # pixels wrongly coloured
+
+    w = 10.0
+    n_fg = int((target[0, 0] == fg).sum())  # 64 object pixels
+
+    def expected_l1(weighted_pixels: int) -> float:
+        # every wrong pixel is off by |fg - bg| in all 3 channels; weights have mean 1
+        weights = 1 + w * torch.zeros(256).index_fill_(0, torch.arange(weighted_pixels), 1)
+        norm = weights.mean().item()
+        return notches * (1 + w * (weighted_pixels > n_fg)) / norm * abs(fg - bg) / 256
+
+    l1_plain, _ = reconstruction_errors(blob, target, w)
+    l1_margin, _ = reconstruction_errors(blob, target, w, foreground_margin=3)
+    torch.testing.assert_close(l1_plain.item(), expected_l1(n_fg), rtol=1e-5, atol=0)
+    # dilated by 3 px, the plus covers the 16 x 16 canvas but for its corners' 3 x 3 blocks
+    assert l1_margin > 3 * l1_plain
+    torch.testing.assert_close(l1_margin.item(), expected_l1(256 - 36), rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="foreground_margin must be >= 0"):
+        reconstruction_errors(blob, target, w, foreground_margin=-1)
+
+
 def test_decoder_fine_tuning_keeps_every_code(tmp_path):
     """`recipes/vq_shapes.py --decoder-from`: the decoder side learns, the parameters that
     decide the codes (and so every image's codes) stay exactly as they were."""
@@ -341,7 +373,8 @@ def test_decoder_fine_tuning_keeps_every_code(tmp_path):
                 "--eval-n", "0")  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     run = train("--output-dir", str(tuned), "--decoder-from", str(base / "model"), "--steps", "3",
-                "--batch-size", "4", "--lr", "1e-2", "--decoder-layers", "2", "--eval-n", "4")  # fmt: skip
+                "--batch-size", "4", "--lr", "1e-2", "--decoder-layers", "2", "--eval-n", "4",
+                "--foreground-margin", "2")  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
 
     before = VitVQGAN.from_pretrained(base / "model")
@@ -365,6 +398,10 @@ def test_decoder_fine_tuning_keeps_every_code(tmp_path):
                 "--gan-weight", "0.1")  # fmt: skip
     assert run.returncode != 0
     assert "--gan-weight is not supported with --decoder-from" in run.stderr
+    run = train("--output-dir", str(tmp_path / "x"), "--decoder-from", str(base / "model"),
+                "--foreground-margin", "-1")  # fmt: skip
+    assert run.returncode != 0
+    assert "--foreground-margin must be >= 0, got -1" in run.stderr
 
 
 def test_a_grown_decoder_starts_as_the_same_decoder():

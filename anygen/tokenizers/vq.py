@@ -412,6 +412,7 @@ def vq_loss(
     l1_weight: float = 1.0,
     l2_weight: float = 1.0,
     foreground_weight: float = 0.0,
+    foreground_margin: int = 0,
     discriminator: nn.Module | None = None,
     gan_weight: float = 0.1,
     perceptual: nn.Module | None = None,
@@ -425,7 +426,8 @@ def vq_loss(
     normalised to mean 1 per batch). On sparse scenes, where a few small objects lie on a
     flat canvas, the plain mean is dominated by the easy background and small shapes blur;
     on the shapes world w = 10 reaches 2.5 x the held-out exact reconstructions of w = 0
-    after the same 1,000 steps.
+    after the same 1,000 steps. ``foreground_margin`` widens the weighted region by that
+    many pixels around each object (``reconstruction_errors``).
 
     ``discriminator`` and the tokenizer learn from this one loss under one optimizer: the
     generator term sees the discriminator's weights detached (``functional_call``), and the
@@ -434,7 +436,7 @@ def vq_loss(
     anygen ships none, since it can download none.
     """
     recon, indices, quant_loss = tokenizer(images)
-    l1, l2 = reconstruction_errors(recon, images, foreground_weight)
+    l1, l2 = reconstruction_errors(recon, images, foreground_weight, foreground_margin)
     loss = l1_weight * l1 + l2_weight * l2 + quant_loss
     terms = {"l1": l1.detach(), "l2": l2.detach(), "vq": quant_loss.detach()}
     if discriminator is not None:
@@ -457,14 +459,28 @@ def vq_loss(
 
 
 def reconstruction_errors(
-    recon: torch.Tensor, images: torch.Tensor, foreground_weight: float = 0.0
+    recon: torch.Tensor,
+    images: torch.Tensor,
+    foreground_weight: float = 0.0,
+    foreground_margin: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean l1 and l2 errors of ``recon`` against ``images`` (B, C, H, W). With
     ``foreground_weight`` w > 0, pixels that differ from their image's background
-    (``foreground_mask``) weigh 1 + w times the rest, weights normalised to mean 1."""
+    (``foreground_mask``), and those within ``foreground_margin`` pixels of them (a square
+    dilation), weigh 1 + w times the rest, weights normalised to mean 1.
+
+    The margin matters for thin shapes: weighting the object's pixels alone makes colour
+    bled into the background around it (a small cross's notches) w + 1 times cheaper than
+    colour missing from it, so a decoder learns blobs."""
+    if foreground_margin < 0:
+        raise ValueError(f"foreground_margin must be >= 0, got {foreground_margin}")
     if not foreground_weight:
         return F.l1_loss(recon, images), F.mse_loss(recon, images)
-    weight = 1.0 + foreground_weight * foreground_mask(images)  # (B, 1, H, W)
+    mask = foreground_mask(images)  # (B, 1, H, W)
+    if foreground_margin:
+        k = 2 * foreground_margin + 1
+        mask = F.max_pool2d(mask, k, stride=1, padding=foreground_margin)
+    weight = 1.0 + foreground_weight * mask
     weight = weight / weight.mean()
     return (weight * (recon - images).abs()).mean(), (weight * (recon - images) ** 2).mean()
 
