@@ -68,12 +68,21 @@ DRAWN_KINDS = ("t2i", "story", "edit", "subject")
 
 
 class CodecTrainer(nn.Module):
-    def __init__(self, codec: VisualCodec) -> None:
+    def __init__(
+        self, codec: VisualCodec, foreground_weight: float = 0.0, foreground_margin: int = 0
+    ) -> None:
         super().__init__()
         self.codec = codec
+        self.foreground_weight = foreground_weight
+        self.foreground_margin = foreground_margin
 
     def forward(self, images: torch.Tensor, cond: torch.Tensor | None = None) -> dict:
-        return self.codec.loss(images, cond=cond)
+        return self.codec.loss(
+            images,
+            cond=cond,
+            foreground_weight=self.foreground_weight,
+            foreground_margin=self.foreground_margin,
+        )
 
 
 class DrawnPictures(Dataset):
@@ -163,6 +172,20 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--codec-batch-size", type=int, default=32)
     p.add_argument("--codec-lr", type=float, default=4e-4)
     p.add_argument("--codec-eval-n", type=int, default=300, help="held-out scenes (0: skip)")
+    p.add_argument(
+        "--codec-foreground-weight",
+        type=float,
+        default=0.0,
+        help="extra weight of the latent positions over objects in the decoder's denoising "
+        "loss (0: plain mean)",
+    )
+    p.add_argument(
+        "--codec-foreground-margin",
+        type=int,
+        default=0,
+        metavar="PX",
+        help="with --codec-foreground-weight: also weight the positions within PX of an object",
+    )
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--codec-only", action="store_true", help="stop after stage 1")
@@ -207,6 +230,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
             "--regressions-of needs --freeze-encoder and --codec-init-from MODEL/visual: "
             "the transformer regresses the embeddings of the encoder it was trained on"
         )
+    if args.codec_foreground_weight < 0 or args.codec_foreground_margin < 0:
+        p.error("--codec-foreground-weight and --codec-foreground-margin must be >= 0")
     if not 0 <= args.regressed_fraction <= 1:
         p.error(f"--regressed-fraction must be between 0 and 1, got {args.regressed_fraction}")
     return args, rest
@@ -253,7 +278,7 @@ def main(argv: list[str]) -> None:
             images = ShapesT2IDataset(n, seed=args.seed, size=cfg.image_size)
             step = lambda model, batch: model(batch["image"])  # noqa: E731
         result = train(
-            CodecTrainer(codec),
+            CodecTrainer(codec, args.codec_foreground_weight, args.codec_foreground_margin),
             step,
             images,
             TrainConfig(
@@ -285,6 +310,8 @@ def main(argv: list[str]) -> None:
             "vae": None if args.codec_init_from else args.vae,  # else the codec's own
             "codec_init_from": args.codec_init_from,
             "freeze_encoder": args.freeze_encoder,
+            "foreground_weight": args.codec_foreground_weight,
+            "foreground_margin": args.codec_foreground_margin,
             "regressions_of": args.regressions_of,
             "regressed_fraction": args.regressed_fraction if args.regressions_of else None,
             "embeddings": f"{cfg.num_embeddings} x {cfg.visual_dim}",

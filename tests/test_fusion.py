@@ -874,6 +874,12 @@ def test_emu_recipe_freezes_the_encoder_of_a_codec_it_continues_only(capsys):
     with pytest.raises(SystemExit):
         module.parse_args(["--output-dir", "o", "--regressed-fraction", "1.5"])
     assert "--regressed-fraction must be between 0 and 1, got 1.5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        module.parse_args(["--output-dir", "o", "--codec-foreground-margin", "-1"])
+    assert "--codec-foreground-margin must be >= 0" in capsys.readouterr().err
+    args, _ = module.parse_args(["--output-dir", "o", "--codec-foreground-weight", "10"])
+    trainer = module.CodecTrainer(None, args.codec_foreground_weight, args.codec_foreground_margin)
+    assert (trainer.foreground_weight, trainer.foreground_margin) == (10.0, 0)
 
 
 def test_emu_recipe_draws_pictures_documents_end_with_from_what_precedes_them():

@@ -81,6 +81,52 @@ def test_the_decoder_learns_from_given_embeddings_and_the_encoder_then_does_not(
         codec.loss(x, cond=torch.zeros(3, 5, d))
 
 
+@pytest.mark.parametrize("margin", [0, 2])
+def test_the_foreground_weight_weighs_the_latent_positions_over_an_object(monkeypatch, margin):
+    """The weighted denoising loss equals a reference computed from the same noise and
+    prediction: per image, latent positions over the object (or within ``margin`` pixels of
+    it) weigh 1 + w, the rest 1, normalised to mean 1; then Min-SNR-5 over the batch."""
+    torch.manual_seed(0)
+    codec = VisualCodec(CFG).train()
+    x = torch.full((2, 3, CFG.image_size, CFG.image_size), -0.8)
+    x[0, :, 4:8, 20:26] = 0.9  # image 0: an object over latent rows 2-3, columns 10-12
+    x[1, :, 16:18, 2:4] = 0.5  # image 1: over latent row 8, column 1
+    seen = {}
+    unet, add_noise = codec._unet, codec.scheduler.add_noise
+
+    def record_unet(noisy, t, cond):
+        seen["pred"], seen["t"] = unet(noisy, t, cond), t
+        return seen["pred"]
+
+    def record_noise(latents, noise, t):
+        seen["noise"] = noise
+        return add_noise(latents, noise, t)
+
+    monkeypatch.setattr(codec, "_unet", record_unet)
+    monkeypatch.setattr(codec.scheduler, "add_noise", record_noise)
+    w = 4.0
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    out = codec.loss(x, generator=gen(), foreground_weight=w, foreground_margin=margin)
+    plain = codec.loss(x, generator=gen())
+
+    f = CFG.vae_factor  # pixels per latent position, per side
+    mask = torch.zeros(2, 1, 16, 16)
+    for b, (r0, r1, c0, c1) in enumerate([(4, 8, 20, 26), (16, 18, 2, 4)]):
+        r0, c0, r1, c1 = max(r0 - margin, 0), max(c0 - margin, 0), r1 + margin, c1 + margin
+        mask[b, 0, r0 // f : (r1 - 1) // f + 1, c0 // f : (c1 - 1) // f + 1] = 1
+    weights = 1 + w * mask
+    weights = weights / weights.mean(dim=(1, 2, 3), keepdim=True)
+    sq = ((seen["pred"].float() - seen["noise"].float()) ** 2).mean(dim=1, keepdim=True)
+    alphas = codec.scheduler.alphas_cumprod[seen["t"]]
+    snr = alphas / (1 - alphas)
+    want = (snr.clamp(max=5.0) / snr * (weights * sq).mean(dim=(1, 2, 3))).mean()
+    torch.testing.assert_close(out["loss"], want)
+    torch.testing.assert_close(out["mse"], plain["mse"])  # the logged error stays the plain one
+    assert not torch.allclose(out["loss"], plain["loss"])
+    with pytest.raises(ValueError, match="foreground_margin must be >= 0"):
+        codec.loss(x, foreground_weight=w, foreground_margin=-1)
+
+
 def test_save_and_load_round_trip(codec, tmp_path):
     codec.save_pretrained(tmp_path / "visual")
     again = load_visual_codec(tmp_path / "visual")

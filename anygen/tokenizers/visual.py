@@ -52,6 +52,7 @@ from anygen.hub import (
     save_pretrained,
     saved_class_name,
 )
+from anygen.tokenizers.vq import foreground_regions
 
 log = logging.getLogger(__name__)
 
@@ -285,11 +286,18 @@ class VisualCodec(nn.Module):
         generator: torch.Generator | None = None,
         *,
         cond: torch.Tensor | None = None,
+        foreground_weight: float = 0.0,
+        foreground_margin: int = 0,
     ) -> dict[str, torch.Tensor]:
         """Denoising loss of the decoder given the encoder's embeddings of ``images``; both
         learn. ``latents``: the images' scaled VAE latents, when already computed. ``cond``:
         the (B, N, visual_dim) embeddings to render ``images`` from in place of the
-        encoder's (a transformer's regressions of them); the encoder then does not learn."""
+        encoder's (a transformer's regressions of them); the encoder then does not learn.
+
+        ``foreground_weight`` w > 0 weighs the latent positions over an object, or within
+        ``foreground_margin`` pixels of one, 1 + w times the rest (each image's weights
+        normalised to mean 1), as ``anygen.tokenizers.vq.reconstruction_errors`` does in
+        pixels: on a mostly empty canvas the plain mean is mostly background."""
         self._check_images(images)
         c = self.config
         if latents is None:
@@ -310,11 +318,18 @@ class VisualCodec(nn.Module):
         t = torch.randint(0, c.num_train_timesteps, (b,), generator=generator, device=images.device)
         noisy = self.scheduler.add_noise(latents, noise, t)
         pred = self._unet(noisy, t, cond)
-        per = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+        sq = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=1, keepdim=True)
+        plain = sq.mean(dim=(1, 2, 3))  # (B,)
+        per = plain
+        if foreground_weight:
+            mask = foreground_regions(images, foreground_margin)  # (B, 1, H, W)
+            mask = F.adaptive_max_pool2d(mask.float(), sq.shape[-2:])  # latent positions
+            w = 1.0 + foreground_weight * mask
+            per = (w / w.mean(dim=(1, 2, 3), keepdim=True) * sq).mean(dim=(1, 2, 3))
         alphas = self.scheduler.alphas_cumprod.to(latents.device)[t]
         snr = alphas / (1 - alphas)
         weight = snr.clamp(max=5.0) / snr  # Min-SNR-5 (Hang et al. 2023)
-        return {"loss": (weight * per).mean(), "mse": per.mean().detach()}
+        return {"loss": (weight * per).mean(), "mse": plain.mean().detach()}
 
     @torch.no_grad()
     def decode(

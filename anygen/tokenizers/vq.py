@@ -476,11 +476,7 @@ def reconstruction_errors(
         raise ValueError(f"foreground_margin must be >= 0, got {foreground_margin}")
     if not foreground_weight:
         return F.l1_loss(recon, images), F.mse_loss(recon, images)
-    mask = foreground_mask(images)  # (B, 1, H, W)
-    if foreground_margin:
-        k = 2 * foreground_margin + 1
-        mask = F.max_pool2d(mask, k, stride=1, padding=foreground_margin)
-    weight = 1.0 + foreground_weight * mask
+    weight = 1.0 + foreground_weight * foreground_regions(images, foreground_margin)
     weight = weight / weight.mean()
     return (weight * (recon - images).abs()).mean(), (weight * (recon - images) ** 2).mean()
 
@@ -490,6 +486,16 @@ def foreground_mask(images: torch.Tensor, tolerance: float = 2 / 127.5) -> torch
     background, taken as the per-channel median (what a mostly empty canvas is made of)."""
     background = images.flatten(2).median(dim=-1).values[..., None, None]  # (B, C, 1, 1)
     return ((images - background).abs().amax(dim=1, keepdim=True) > tolerance).float()
+
+
+def foreground_regions(images: torch.Tensor, margin: int = 0) -> torch.Tensor:
+    """``foreground_mask`` dilated by ``margin`` pixels (a square dilation): (B, 1, H, W)."""
+    if margin < 0:
+        raise ValueError(f"foreground_margin must be >= 0, got {margin}")
+    mask = foreground_mask(images)
+    if margin:
+        mask = F.max_pool2d(mask, 2 * margin + 1, stride=1, padding=margin)
+    return mask
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
