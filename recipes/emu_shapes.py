@@ -320,8 +320,9 @@ def main(argv: list[str]) -> None:
             "vae": None if args.codec_init_from else args.vae,  # else the codec's own
             "codec_init_from": args.codec_init_from,
             "freeze_encoder": args.freeze_encoder,
-            "foreground_weight": args.codec_foreground_weight,
-            "foreground_margin": args.codec_foreground_margin,
+            # what the trained module weighed its loss by, not only what was asked
+            "foreground_weight": result.model.foreground_weight,
+            "foreground_margin": result.model.foreground_margin,
             "regressions_of": args.regressions_of,
             "regressed_fraction": args.regressed_fraction if args.regressions_of else None,
             "embeddings": f"{cfg.num_embeddings} x {cfg.visual_dim}",

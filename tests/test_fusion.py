@@ -714,6 +714,8 @@ def test_recipes_train_fusion_models_end_to_end(tmp_path):
     import sys
     from pathlib import Path
 
+    from anygen.hub import card_metadata
+
     recipes = Path(__file__).resolve().parents[1] / "recipes"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -797,8 +799,11 @@ def test_recipes_train_fusion_models_end_to_end(tmp_path):
           "--codec-steps", "2", "--codec-batch-size", "2", "--codec-eval-n", "2",
           "--transformer-preset", "tiny-continuous", "--steps", "2", "--batch-size", "2",
           "--select-n", "0", "--eval-n", "2", "--eval-suites", "t2i,subject",
-          "--regression-weight", "28")  # fmt: skip
+          "--regression-weight", "28", "--codec-foreground-weight", "2",
+          "--codec-foreground-margin", "1")  # fmt: skip
     assert "held_out_reconstruction" in (emu / "visual" / "README.md").read_text()
+    codec_facts = card_metadata(emu / "visual")  # the codec trained with its loss weighted
+    assert (codec_facts["foreground_weight"], codec_facts["foreground_margin"]) == (2.0, 1)
     assert json.loads((emu / "model" / "training.json").read_text())["regression_weight"] == 28
     # the codec's card and scores travel with the model that stores the codec
     assert (emu / "model" / "visual" / "README.md").read_text() == (
@@ -877,9 +882,6 @@ def test_emu_recipe_freezes_the_encoder_of_a_codec_it_continues_only(capsys):
     with pytest.raises(SystemExit):
         module.parse_args(["--output-dir", "o", "--codec-foreground-margin", "-1"])
     assert "--codec-foreground-margin must be >= 0" in capsys.readouterr().err
-    args, _ = module.parse_args(["--output-dir", "o", "--codec-foreground-weight", "10"])
-    trainer = module.CodecTrainer(None, args.codec_foreground_weight, args.codec_foreground_margin)
-    assert (trainer.foreground_weight, trainer.foreground_margin) == (10.0, 0)
 
 
 def test_emu_recipe_draws_pictures_documents_end_with_from_what_precedes_them():
