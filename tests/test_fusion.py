@@ -457,6 +457,9 @@ def test_text_to_image_makes_images_of_the_models_size_seeded(pipe):
     other = pipe.generate("a red circle", Options(seed=5, progress=False)).images[0]
     assert not np.array_equal(np.asarray(other), np.asarray(out.images[0]))
     assert out.settings["seeds"] == [0, 1] and out.settings["image_mode"] == pipe.config.image_mode
+    # a picture-only run samples no text, so it records no text temperature
+    assert out.settings["temperature"] == pipe.defaults["temperature"]
+    assert "text_temperature" not in out.settings
 
 
 def test_caption_answer_and_interleaved_generation(pipe):
@@ -479,8 +482,9 @@ def test_caption_answer_and_interleaved_generation(pipe):
         for _, s in pipe.stream(["a red circle", image], Options(seed=3, max_images=1))
         if s is not None
     ]
-    again = pipe.generate(["a red circle", image], Options(seed=3, max_images=1)).segments
-    assert [type(s) for s in streamed] == [type(s) for s in again]
+    again = pipe.generate(["a red circle", image], Options(seed=3, max_images=1))
+    assert [type(s) for s in streamed] == [type(s) for s in again.segments]
+    assert again.settings["text_temperature"] == pipe.defaults["story_temperature"]
 
 
 def test_max_images_bounds_interleaved_generation(pipe, tokenizer):

@@ -279,11 +279,16 @@ class Fusion(TextToImage):
                     f"{label} {value}: {self.name!r} makes {size} x {size} images only"
                 )
 
-    def _settings(self, s: Sampling, opts: Options, seeds: Sequence[int]) -> dict:
+    def _settings(
+        self, s: Sampling, opts: Options, seeds: Sequence[int], *, writes_text: bool = True
+    ) -> dict:
+        """What a run was drawn with; a run that writes only a picture (text to image, an
+        edit, a subject) records no text temperature, since it samples no text."""
+        text = {"text_temperature": s.temperature} if writes_text else {}
         return {
             "guidance_scale": s.guidance_scale,
             "temperature": s.image_temperature,
-            "text_temperature": s.temperature,
+            **text,
             "top_k": s.image_top_k or 0,
             "top_p": s.image_top_p,
             "negative_prompt": opts.negative_prompt,
@@ -356,7 +361,7 @@ class Fusion(TextToImage):
             seed=seeds[0],
             model=self.name,
             timings=timer.timings,
-            settings=self._settings(s, opts, seeds),
+            settings=self._settings(s, opts, seeds, writes_text=False),
         )
 
     def next_pieces(
@@ -388,7 +393,7 @@ class Fusion(TextToImage):
             seed=seed,
             model=self.name,
             timings=timer.timings,
-            settings=self._settings(s, opts, [seed]),
+            settings=self._settings(s, opts, [seed], writes_text=False),
         )
 
     def edit(self, image: Image.Image, instruction: str, options: Options | None = None) -> Output:
