@@ -123,8 +123,9 @@ def test_the_foreground_weight_weighs_the_latent_positions_over_an_object(monkey
     torch.testing.assert_close(out["loss"], want)
     torch.testing.assert_close(out["mse"], plain["mse"])  # the logged error stays the plain one
     assert not torch.allclose(out["loss"], plain["loss"])
-    with pytest.raises(ValueError, match="foreground_margin must be >= 0"):
-        codec.loss(x, foreground_weight=w, foreground_margin=-1)
+    for weight in (w, 0.0):  # refused at any weight, as vq.reconstruction_errors does
+        with pytest.raises(ValueError, match="foreground_margin must be >= 0"):
+            codec.loss(x, foreground_weight=weight, foreground_margin=-1)
 
 
 def test_save_and_load_round_trip(codec, tmp_path):

@@ -298,6 +298,8 @@ class VisualCodec(nn.Module):
         ``foreground_margin`` pixels of one, 1 + w times the rest (each image's weights
         normalised to mean 1), as ``anygen.tokenizers.vq.reconstruction_errors`` does in
         pixels: on a mostly empty canvas the plain mean is mostly background."""
+        if foreground_margin < 0:  # refused at any weight, as reconstruction_errors does
+            raise ValueError(f"foreground_margin must be >= 0, got {foreground_margin}")
         self._check_images(images)
         c = self.config
         if latents is None:
