@@ -888,6 +888,54 @@ def test_emu_recipe_freezes_the_encoder_of_a_codec_it_continues_only(capsys):
     assert "--codec-foreground-margin must be >= 0" in capsys.readouterr().err
 
 
+def test_emu_recipe_teaches_the_encoder_through_a_latent_readout_where_asked(capsys):
+    from pathlib import Path
+
+    import torch.nn.functional as F
+
+    from anygen.data.datasets import images_to_tensor
+    from anygen.training import load_recipe
+
+    module = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "emu_shapes.py")
+    torch.manual_seed(0)
+    codec = VisualCodec(VISUAL_PRESETS["tiny"])
+    images = images_to_tensor([scene_image(codec.image_size, s) for s in range(3)])
+    latents = codec.latents_of(images)
+
+    plain = module.CodecTrainer(codec)
+    assert plain.readout is None
+    torch.manual_seed(1)
+    got = plain(images)
+    torch.manual_seed(1)
+    torch.testing.assert_close(got["loss"], codec.loss(images)["loss"])
+
+    trainer = module.CodecTrainer(codec, readout_weight=0.5)
+    rebuilt = trainer.readout(codec.encoder(images))
+    assert rebuilt.shape == latents.shape  # (3, 4, 16, 16) from a 2 x 2 grid
+    torch.manual_seed(1)
+    got = trainer(images)
+    torch.manual_seed(1)
+    denoising = codec.loss(images)["loss"]
+    readout = F.mse_loss(rebuilt, latents)
+    torch.testing.assert_close(got["readout_mse"], readout.detach())
+    torch.testing.assert_close(got["loss"], denoising + 0.5 * readout)
+    codec.zero_grad()
+    trainer.readout(codec.encoder(images)).square().mean().backward()
+    assert codec.encoder.proj.weight.grad.abs().sum() > 0  # the readout reaches the encoder
+    assert codec.unet.conv_in.weight.grad is None  # and not the decoder
+
+    for bad, message in [
+        (["--codec-readout-weight", "-1"], "--codec-readout-weight must be >= 0, got -1.0"),
+        (
+            ["--codec-readout-weight", "1", "--codec-init-from", "v", "--freeze-encoder"],
+            "--codec-readout-weight teaches the encoder: it cannot go with --freeze-encoder",
+        ),
+    ]:
+        with pytest.raises(SystemExit):
+            module.parse_args(["--output-dir", "o", *bad])
+        assert message in capsys.readouterr().err
+
+
 def test_emu_recipe_draws_pictures_documents_end_with_from_what_precedes_them():
     from pathlib import Path
 
