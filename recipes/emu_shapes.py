@@ -474,6 +474,11 @@ def codec_card(facts: dict, report: Report | None) -> str:
     if facts.get("codec_init_from"):
         trained = "the decoder alone, the encoder frozen" if facts.get("freeze_encoder") else "both"
         how = f"continued from {facts['codec_init_from']} ({trained}) by the denoising loss"
+    if facts.get("readout_weight"):
+        how += (
+            f", plus {facts['readout_weight']:g} x the error of a latent readout (training only)"
+            " that rebuilds the VAE latents from the embeddings"
+        )
     if facts.get("regressions_of"):
         how += (
             f", rendering {facts['regressions_of']}'s regressed embeddings for "

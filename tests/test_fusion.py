@@ -924,6 +924,12 @@ def test_emu_recipe_teaches_the_encoder_through_a_latent_readout_where_asked(cap
     assert codec.encoder.proj.weight.grad.abs().sum() > 0  # the readout reaches the encoder
     assert codec.unet.conv_in.weight.grad is None  # and not the decoder
 
+    facts = {"embeddings": "4 x 8", "steps": 3, "batch_size": 2, "train_time_s": 1.0}
+    facts |= {"device": "cpu", "codec_init_from": "v", "readout_weight": 0.5}
+    card = module.codec_card(facts, None)
+    assert "continued from v (both) by the denoising loss, plus 0.5 x the error of" in card
+    assert "latent readout" not in module.codec_card({**facts, "readout_weight": 0.0}, None)
+
     for bad, message in [
         (["--codec-readout-weight", "-1"], "--codec-readout-weight must be >= 0, got -1.0"),
         (
