@@ -138,17 +138,19 @@ class CodecTrainer(nn.Module):
         self.readout = LatentReadout(codec.config) if readout_weight else None
 
     def forward(self, images: torch.Tensor, cond: torch.Tensor | None = None) -> dict:
+        reads = self.readout is not None and cond is None
         latents = self.codec.latents_of(images)
+        embeddings = self.codec.encoder(images) if reads else None  # one pass serves both
         out = self.codec.loss(
             images,
             latents,
             cond=cond,
+            embeddings=embeddings,
             foreground_weight=self.foreground_weight,
             foreground_margin=self.foreground_margin,
         )
-        if self.readout is not None and cond is None:
-            rebuilt = self.readout(self.codec.encoder(images))
-            readout = F.mse_loss(rebuilt.float(), latents.float())
+        if reads:
+            readout = F.mse_loss(self.readout(embeddings).float(), latents.float())
             out["loss"] = out["loss"] + self.readout_weight * readout
             out["readout_mse"] = readout.detach()
         return out

@@ -81,6 +81,26 @@ def test_the_decoder_learns_from_given_embeddings_and_the_encoder_then_does_not(
         codec.loss(x, cond=torch.zeros(3, 5, d))
 
 
+def test_the_encoders_own_embeddings_given_once_are_learnt_through():
+    torch.manual_seed(0)
+    codec = VisualCodec(CFG).train()
+    x = images()
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    own = codec.loss(x, generator=gen())["loss"]
+    own.backward()
+    reference = codec.encoder.proj.weight.grad.clone()
+    codec.zero_grad()
+    given = codec.loss(x, generator=gen(), embeddings=codec.encoder(x))["loss"]
+    torch.testing.assert_close(given, own)
+    given.backward()
+    torch.testing.assert_close(codec.encoder.proj.weight.grad, reference)  # learnt through
+    n, d = CFG.grid**2, CFG.visual_dim
+    with pytest.raises(ValueError, match="give cond .* or embeddings, not both"):
+        codec.loss(x, cond=torch.zeros(3, n, d), embeddings=torch.zeros(3, n, d))
+    with pytest.raises(ValueError, match=rf"embeddings must be \(3, {n}, {d}\) embeddings"):
+        codec.loss(x, embeddings=torch.zeros(3, 5, d))
+
+
 @pytest.mark.parametrize("margin", [0, 2])
 def test_the_foreground_weight_weighs_the_latent_positions_over_an_object(monkeypatch, margin):
     """The weighted denoising loss equals a reference computed from the same noise and

@@ -286,13 +286,16 @@ class VisualCodec(nn.Module):
         generator: torch.Generator | None = None,
         *,
         cond: torch.Tensor | None = None,
+        embeddings: torch.Tensor | None = None,
         foreground_weight: float = 0.0,
         foreground_margin: int = 0,
     ) -> dict[str, torch.Tensor]:
         """Denoising loss of the decoder given the encoder's embeddings of ``images``; both
-        learn. ``latents``: the images' scaled VAE latents, when already computed. ``cond``:
-        the (B, N, visual_dim) embeddings to render ``images`` from in place of the
-        encoder's (a transformer's regressions of them); the encoder then does not learn.
+        learn. ``latents``: the images' scaled VAE latents, when already computed.
+        ``embeddings``: the encoder's (B, N, visual_dim) embeddings of ``images``, when
+        already computed (the encoder learns through them). ``cond``: embeddings to render
+        ``images`` from in place of the encoder's (a transformer's regressions of them); the
+        encoder then does not learn.
 
         ``foreground_weight`` w > 0 weighs the latent positions over an object, or within
         ``foreground_margin`` pixels of one, 1 + w times the rest (each image's weights
@@ -305,15 +308,20 @@ class VisualCodec(nn.Module):
         if latents is None:
             latents = self.latents_of(images)
         b = images.shape[0]
-        if cond is None:
-            cond = self.encoder(images)  # (B, N, visual_dim)
-        elif tuple(cond.shape) != (b, c.num_embeddings, c.visual_dim):
-            raise ValueError(
-                f"cond must be ({b}, {c.num_embeddings}, {c.visual_dim}) embeddings, "
-                f"got {tuple(cond.shape)}"
-            )
-        else:
+        if cond is not None and embeddings is not None:
+            raise ValueError("give cond (rendered, not learnt through) or embeddings, not both")
+        for name, given in (("cond", cond), ("embeddings", embeddings)):
+            if given is not None and tuple(given.shape) != (b, c.num_embeddings, c.visual_dim):
+                raise ValueError(
+                    f"{name} must be ({b}, {c.num_embeddings}, {c.visual_dim}) embeddings, "
+                    f"got {tuple(given.shape)}"
+                )
+        if cond is not None:
             cond = cond.detach().to(self.unet.dtype)
+        elif embeddings is not None:
+            cond = embeddings
+        else:
+            cond = self.encoder(images)  # (B, N, visual_dim)
         keep = torch.rand(b, 1, 1, generator=generator, device=images.device)
         cond = cond * (keep >= c.condition_dropout).to(cond.dtype)
         noise = torch.randn(latents.shape, generator=generator, device=latents.device)
