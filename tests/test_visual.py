@@ -61,27 +61,9 @@ def test_the_encoder_learns_through_the_decoder_loss():
     assert not codec.vae.training
 
 
-def test_the_decoder_learns_from_given_embeddings_and_the_encoder_then_does_not():
-    torch.manual_seed(0)
-    codec = VisualCodec(CFG).train()
-    x = images()
-    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
-    own = codec.loss(x, generator=gen())["loss"]
-    with torch.no_grad():
-        given = codec.encoder(x)
-    # the encoder's own embeddings, given: the same loss
-    torch.testing.assert_close(codec.loss(x, generator=gen(), cond=given)["loss"], own)
-    other = codec.loss(x, generator=gen(), cond=torch.randn_like(given))["loss"]
-    assert not torch.allclose(other, own)
-    other.backward()
-    assert next(codec.unet.parameters()).grad is not None
-    assert all(p.grad is None for p in codec.encoder.parameters())
-    n, d = CFG.grid**2, CFG.visual_dim
-    with pytest.raises(ValueError, match=rf"cond must be \(3, {n}, {d}\) embeddings, got \(3, 5,"):
-        codec.loss(x, cond=torch.zeros(3, 5, d))
-
-
-def test_the_encoders_own_embeddings_given_once_are_learnt_through():
+def test_given_embeddings_the_encoders_own_are_learnt_through_and_others_are_not():
+    """``embeddings=``: the encoder's own, computed once, learnt through as if the loss had
+    called the encoder; ``cond=``: rendered only, the encoder does not learn."""
     torch.manual_seed(0)
     codec = VisualCodec(CFG).train()
     x = images()
@@ -94,11 +76,23 @@ def test_the_encoders_own_embeddings_given_once_are_learnt_through():
     torch.testing.assert_close(given, own)
     given.backward()
     torch.testing.assert_close(codec.encoder.proj.weight.grad, reference)  # learnt through
+    codec.zero_grad()
+    with torch.no_grad():
+        mine = codec.encoder(x)
+    # the encoder's own embeddings as cond: the same loss
+    torch.testing.assert_close(codec.loss(x, generator=gen(), cond=mine)["loss"], own)
+    other = codec.loss(x, generator=gen(), cond=torch.randn_like(mine))["loss"]
+    assert not torch.allclose(other, own)
+    other.backward()
+    assert next(codec.unet.parameters()).grad is not None
+    assert all(p.grad is None for p in codec.encoder.parameters())
     n, d = CFG.grid**2, CFG.visual_dim
-    with pytest.raises(ValueError, match="give cond .* or embeddings, not both"):
-        codec.loss(x, cond=torch.zeros(3, n, d), embeddings=torch.zeros(3, n, d))
+    with pytest.raises(ValueError, match=rf"cond must be \(3, {n}, {d}\) embeddings, got \(3, 5,"):
+        codec.loss(x, cond=torch.zeros(3, 5, d))
     with pytest.raises(ValueError, match=rf"embeddings must be \(3, {n}, {d}\) embeddings"):
         codec.loss(x, embeddings=torch.zeros(3, 5, d))
+    with pytest.raises(ValueError, match="give cond .* or embeddings, not both"):
+        codec.loss(x, cond=torch.zeros(3, n, d), embeddings=torch.zeros(3, n, d))
 
 
 @pytest.mark.parametrize("margin", [0, 2])
