@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from anygen.training import StepInfo, TrainConfig, train
+from anygen.training import StepInfo, TrainConfig, end_distributed, train
 
 IN_FEATURES = 4
 
@@ -65,16 +65,19 @@ def main(argv: list[str] | None = None) -> None:
         if info.step == args.kill_at_step:
             os._exit(1)
 
-    result = train(make_model(), mse_loss, make_dataset(), config, callbacks=[callback])
-    if args.report_dir is not None:
-        report = {
-            "rank": result.accelerator.process_index,
-            "num_processes": result.accelerator.num_processes,
-            "steps": steps_taken,
-            "params": [p.detach().cpu().flatten().tolist() for p in result.model.parameters()],
-        }
-        path = Path(args.report_dir) / f"rank-{result.accelerator.process_index}.json"
-        path.write_text(json.dumps(report))
+    try:
+        result = train(make_model(), mse_loss, make_dataset(), config, callbacks=[callback])
+        if args.report_dir is not None:
+            report = {
+                "rank": result.accelerator.process_index,
+                "num_processes": result.accelerator.num_processes,
+                "steps": steps_taken,
+                "params": [p.detach().cpu().flatten().tolist() for p in result.model.parameters()],
+            }
+            path = Path(args.report_dir) / f"rank-{result.accelerator.process_index}.json"
+            path.write_text(json.dumps(report))
+    finally:
+        end_distributed()
 
 
 if __name__ == "__main__":

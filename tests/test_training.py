@@ -505,6 +505,31 @@ def test_load_recipe_errors(tmp_path):
         load_recipe(not_python)
 
 
+def test_run_recipe_destroys_the_process_group_when_the_recipe_ends(tmp_path):
+    # A process group left to interpreter teardown can abort a finished gloo run (SIGABRT).
+    import torch.distributed as dist
+
+    recipe = tmp_path / "needs_group.py"
+    recipe.write_text(
+        "import torch, torch.distributed as dist\n"
+        "def main(argv):\n"
+        "    t = torch.ones(2)\n"
+        "    dist.all_reduce(t)\n"
+        "    assert t.tolist() == [1.0, 1.0]\n"
+        "    if argv == ['fail']:\n"
+        "        raise RuntimeError('recipe failed')\n"
+    )
+    for argv, error in [([], None), (["fail"], "recipe failed")]:
+        store = dist.FileStore(str(tmp_path / f"store-{len(argv)}"), 1)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        if error is None:
+            run_recipe(recipe)
+        else:
+            with pytest.raises(RuntimeError, match=error):
+                run_recipe(recipe, argv)
+        assert not dist.is_initialized()
+
+
 def test_example_recipe_learns_and_saves(tmp_path):
     out = tmp_path / "regression"
     run_recipe(REPO_ROOT / "recipes" / "example_regression.py", ["--output-dir", str(out)])

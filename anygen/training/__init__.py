@@ -41,6 +41,7 @@ __all__ = [
     "TrainingDivergedError",
     "caption_forms_arg",
     "device_description",
+    "end_distributed",
     "known_words",
     "part_reference",
     "seconds_per_step",
@@ -282,5 +283,26 @@ def load_recipe(path: str | os.PathLike) -> ModuleType:
 
 
 def run_recipe(path: str | os.PathLike, argv: Sequence[str] = ()) -> None:
-    """Load the recipe at `path` and call its ``main(list(argv))``."""
-    load_recipe(path).main(list(argv))
+    """Load the recipe at `path` and call its ``main(list(argv))``.
+
+    Under ``accelerate launch`` the process group is destroyed when the recipe ends (see
+    `end_distributed`).
+    """
+    try:
+        load_recipe(path).main(list(argv))
+    finally:
+        end_distributed()
+
+
+def end_distributed() -> None:
+    """Destroy the default process group, if one is up, while the interpreter is whole.
+
+    Left to interpreter teardown, gloo's worker threads can still hold work that refers to
+    Python objects, and the process then aborts ("terminate called without an active
+    exception", SIGABRT) after its run has finished and saved everything: rarely, but
+    enough to fail a launch. A no-op in a single process.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
