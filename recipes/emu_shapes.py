@@ -30,6 +30,12 @@ loss alone, the bundled codec's encoder kept colour and place but not shape (a l
 on its embeddings reads shape at 0.67 of 6): the loss reaches the encoder only through what
 the noise hides, and a decoder that draws the likeliest shape loses little by it.
 
+``--codec-init-from DIR --vae MODEL`` continues a codec over MODEL's VAE in place of its own
+(``VisualCodec.with_vae``). The bundled codec's VAE is shapes-ldm's from before its subject
+fine-tune, which rebuilds only 0.900 of validation scenes by itself; shapes-ldm's current
+VAE rebuilds 1.000, and its latents were anchored to the old one's, so a decoder trained
+over the old latents continues over the new ones.
+
 Stage 2 freezes the codec and trains the fusion transformer on the shapes-world document
 mix, regressing the 16 embeddings of every image (l2) beside cross-entropy on text: it is
 ``recipes/fusion_shapes.py --image-mode continuous`` run on this codec.
@@ -61,7 +67,7 @@ from anygen.data.datasets import (
 from anygen.data.documents import check_mix, mixed_document
 from anygen.data.render import render_image
 from anygen.data.world import Scene
-from anygen.errors import UserInputError
+from anygen.errors import CheckpointError, UserInputError
 from anygen.eval.run import codec_roundtrip
 from anygen.eval.suites import Report, run_reconstruction
 from anygen.hub import resolve
@@ -237,7 +243,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     p.add_argument("--output-dir", type=Path, required=True)
     p.add_argument("--preset", choices=sorted(VISUAL_PRESETS), default="shapes")
-    p.add_argument("--vae", default="shapes-ldm", help="the ldm model whose VAE the decoder uses")
+    p.add_argument(
+        "--vae",
+        help="the ldm model whose VAE the decoder works over (default shapes-ldm; with "
+        "--codec-init-from, default that codec's own VAE, and a model named here replaces it)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--codec-steps", type=int, default=3000)
     p.add_argument("--codec-batch-size", type=int, default=32)
@@ -396,7 +406,7 @@ def main(argv: list[str]) -> None:
             "seed": args.seed,
             "steps": args.codec_steps,
             "batch_size": args.codec_batch_size,
-            "vae": None if args.codec_init_from else args.vae,  # else the codec's own
+            "vae": args.vae if args.vae or not args.codec_init_from else None,  # None: own
             "codec_init_from": args.codec_init_from,
             "freeze_encoder": args.freeze_encoder,
             # what the trained module weighed its loss by, not only what was asked
@@ -449,15 +459,27 @@ def regression_step(codec: VisualCodec, regressions: Regressions):
 
 def start_codec(args: argparse.Namespace, cfg) -> VisualCodec:
     """Stage 1's codec: a fresh one over ``--vae``'s frozen VAE, or ``--codec-init-from``'s
-    weights in fp32 (its VAE with it), the encoder frozen with ``--freeze-encoder``."""
+    weights in fp32 (over its own VAE unless ``--vae`` names another), the encoder frozen
+    with ``--freeze-encoder``."""
+    from diffusers import AutoencoderKL
+
+    vae = None
+    if args.vae or not args.codec_init_from:
+        vae = AutoencoderKL.from_pretrained(
+            resolve(args.vae or "shapes-ldm") / "vae", dtype=torch.float32
+        )
     if args.codec_init_from:
         codec = load_visual_codec(args.codec_init_from, dtype=torch.float32)
+        if vae is not None:
+            try:
+                codec = codec.with_vae(vae)
+            except CheckpointError as e:
+                raise UserInputError(
+                    f"--vae {args.vae} cannot replace the VAE of {args.codec_init_from}: {e}"
+                ) from None
         if args.freeze_encoder:
             codec.encoder.requires_grad_(False)
         return codec
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(resolve(args.vae) / "vae", dtype=torch.float32)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     cfg = dataclasses.replace(cfg, vae_factor=factor, latent_channels=vae.config.latent_channels)
     return VisualCodec(cfg, vae=vae)

@@ -42,7 +42,7 @@ from anygen.pipelines import Options, load_generator
 from anygen.pipelines.fusion import Fusion
 from anygen.sampling import guide
 from anygen.tokenizers.text import load_text_tokenizer
-from anygen.tokenizers.visual import VISUAL_PRESETS, VisualCodec
+from anygen.tokenizers.visual import VISUAL_PRESETS, VisualCodec, load_visual_codec
 from anygen.tokenizers.vq import VQ_PRESETS, VitVQGAN
 
 MODES = ("discrete", "continuous", "diffusion")  # diffusion: continuous, diffusion head
@@ -886,6 +886,39 @@ def test_emu_recipe_freezes_the_encoder_of_a_codec_it_continues_only(capsys):
     with pytest.raises(SystemExit):
         module.parse_args(["--output-dir", "o", "--codec-foreground-margin", "-1"])
     assert "--codec-foreground-margin must be >= 0" in capsys.readouterr().err
+
+
+def test_emu_recipe_continues_a_codec_over_the_vae_it_is_given(tmp_path):
+    from pathlib import Path
+
+    from anygen.tokenizers.visual import build_vae
+    from anygen.training import load_recipe
+
+    module = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "emu_shapes.py")
+    cfg = VISUAL_PRESETS["tiny"]
+    torch.manual_seed(0)
+    visual = VisualCodec(cfg).save_pretrained(tmp_path / "visual")
+    torch.manual_seed(1)
+    build_vae(cfg).save_pretrained(tmp_path / "ldm" / "vae")
+    build_vae(dataclasses.replace(cfg, vae_factor=2 * cfg.vae_factor)).save_pretrained(
+        tmp_path / "coarse" / "vae"
+    )
+
+    def start(*extra):
+        args, _ = module.parse_args(["--output-dir", "o", "--codec-init-from", str(visual), *extra])
+        return module.start_codec(args, cfg)
+
+    def vae_weight(codec):
+        return codec.vae.encoder.conv_in.weight
+
+    own, swapped = start(), start("--vae", str(tmp_path / "ldm"))
+    assert torch.equal(vae_weight(own), vae_weight(load_visual_codec(visual)))
+    assert not torch.equal(vae_weight(swapped), vae_weight(own))
+    assert torch.equal(swapped.encoder.proj.weight, own.encoder.proj.weight)
+    assert all(p.requires_grad for p in swapped.unet.parameters())
+    assert not any(p.requires_grad for p in swapped.vae.parameters())
+    with pytest.raises(UserInputError, match=r"--vae .*coarse cannot replace the VAE of .*down"):
+        start("--vae", str(tmp_path / "coarse"))
 
 
 def test_emu_recipe_teaches_the_encoder_through_a_latent_readout_where_asked(capsys):

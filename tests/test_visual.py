@@ -13,6 +13,7 @@ from anygen.tokenizers.visual import (
     VisualCodec,
     VisualConfig,
     build_unet,
+    build_vae,
     load_visual_codec,
 )
 
@@ -153,6 +154,28 @@ def test_save_and_load_round_trip(codec, tmp_path):
     )
     resaved = again.save_pretrained(tmp_path / "resaved")  # no trace of where it came from
     assert str(tmp_path / "visual") not in "".join(f.read_text() for f in resaved.rglob("*.json"))
+
+
+def test_a_codec_over_another_vae_keeps_its_encoder_and_decoder(codec, tmp_path):
+    torch.manual_seed(5)
+    vae = build_vae(CFG).eval()
+    swapped = codec.with_vae(vae)
+    assert swapped.unet is codec.unet and swapped.spatial is codec.spatial
+    assert not swapped.training and swapped.vae is vae
+    x = images()
+    assert torch.equal(swapped.encode(x), codec.encode(x))
+    want = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
+    torch.testing.assert_close(swapped.latents_of(x), want)
+    assert not torch.allclose(swapped.latents_of(x), codec.latents_of(x))
+    g = lambda: [torch.Generator().manual_seed(i) for i in range(3)]  # noqa: E731
+    e = codec.encode(x)
+    assert not torch.allclose(swapped.decode(e, g()), codec.decode(e, g()))
+    again = load_visual_codec(swapped.save_pretrained(tmp_path / "swapped"))
+    torch.testing.assert_close(again.latents_of(x), want)
+    torch.testing.assert_close(again.decode(e, g()), swapped.decode(e, g()), atol=1e-5, rtol=0)
+    coarser = build_vae(dataclasses.replace(CFG, vae_factor=2 * CFG.vae_factor))
+    with pytest.raises(CheckpointError, match=f"downsamples by {2 * CFG.vae_factor}"):
+        codec.with_vae(coarser)
 
 
 def test_bad_inputs_and_mismatched_parts_are_named(codec, tmp_path):

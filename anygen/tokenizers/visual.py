@@ -276,6 +276,18 @@ class VisualCodec(nn.Module):
         return self.unet(x, t, encoder_hidden_states=cond, return_dict=False)[0]
 
     @torch.no_grad()
+    def with_vae(self, vae: nn.Module) -> VisualCodec:
+        """This codec's encoder and decoder (shared, not copied) over another frozen VAE,
+        moved to their device and dtype: for a VAE fine-tuned with its latents kept close to
+        the one the decoder learnt on. A VAE of another shape is refused (CheckpointError)."""
+        codec = VisualCodec(
+            self.config, encoder=self.encoder, unet=self.unet, vae=vae, scheduler=self.scheduler
+        )
+        codec.spatial = self.spatial
+        weight = next(self.unet.parameters())
+        codec.vae.to(device=weight.device, dtype=weight.dtype)
+        return codec.train(self.training)
+
     def latents_of(self, images: torch.Tensor) -> torch.Tensor:
         return self.vae.encode(images.to(self.vae.dtype)).latent_dist.mode() * self.latent_scale
 
