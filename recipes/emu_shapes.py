@@ -313,6 +313,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     # everything else goes to recipes/fusion_shapes.py (stage 2), whose default document
     # mix for this model adds in-context subject documents
     args, rest = p.parse_known_args(argv)
+    if args.vae is None and not args.codec_init_from:
+        args.vae = "shapes-ldm"  # a fresh codec's; a continued one keeps its own
     if args.freeze_encoder and not args.codec_init_from:
         p.error("--freeze-encoder needs --codec-init-from DIR (a trained encoder to keep)")
     if args.regressions_of and not args.freeze_encoder:
@@ -406,7 +408,7 @@ def main(argv: list[str]) -> None:
             "seed": args.seed,
             "steps": args.codec_steps,
             "batch_size": args.codec_batch_size,
-            "vae": args.vae if args.vae or not args.codec_init_from else None,  # None: own
+            "vae": args.vae,  # None: the VAE of the codec it continues
             "codec_init_from": args.codec_init_from,
             "freeze_encoder": args.freeze_encoder,
             # what the trained module weighed its loss by, not only what was asked
@@ -464,10 +466,8 @@ def start_codec(args: argparse.Namespace, cfg) -> VisualCodec:
     from diffusers import AutoencoderKL
 
     vae = None
-    if args.vae or not args.codec_init_from:
-        vae = AutoencoderKL.from_pretrained(
-            resolve(args.vae or "shapes-ldm") / "vae", dtype=torch.float32
-        )
+    if args.vae:
+        vae = AutoencoderKL.from_pretrained(resolve(args.vae) / "vae", dtype=torch.float32)
     if args.codec_init_from:
         codec = load_visual_codec(args.codec_init_from, dtype=torch.float32)
         if vae is not None:

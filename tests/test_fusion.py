@@ -911,6 +911,7 @@ def test_emu_recipe_continues_a_codec_over_the_vae_it_is_given(tmp_path):
     def vae_weight(codec):
         return codec.vae.encoder.conv_in.weight
 
+    assert module.parse_args(["--output-dir", "o"])[0].vae == "shapes-ldm"  # a fresh codec's
     own, swapped = start(), start("--vae", str(tmp_path / "ldm"))
     assert torch.equal(vae_weight(own), vae_weight(load_visual_codec(visual)))
     assert not torch.equal(vae_weight(swapped), vae_weight(own))

@@ -275,7 +275,6 @@ class VisualCodec(nn.Module):
             x = torch.cat([latents, self.spatial(grid.to(latents.dtype))], dim=1)
         return self.unet(x, t, encoder_hidden_states=cond, return_dict=False)[0]
 
-    @torch.no_grad()
     def with_vae(self, vae: nn.Module) -> VisualCodec:
         """This codec's encoder and decoder (shared, not copied) over another frozen VAE,
         moved to their device and dtype: for a VAE fine-tuned with its latents kept close to
@@ -288,6 +287,7 @@ class VisualCodec(nn.Module):
         codec.vae.to(device=weight.device, dtype=weight.dtype)
         return codec.train(self.training)
 
+    @torch.no_grad()
     def latents_of(self, images: torch.Tensor) -> torch.Tensor:
         return self.vae.encode(images.to(self.vae.dtype)).latent_dist.mode() * self.latent_scale
 
