@@ -522,12 +522,16 @@ def test_run_recipe_destroys_the_process_group_when_the_recipe_ends(tmp_path):
     for argv, error in [([], None), (["fail"], "recipe failed")]:
         store = dist.FileStore(str(tmp_path / f"store-{len(argv)}"), 1)
         dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-        if error is None:
-            run_recipe(recipe)
-        else:
-            with pytest.raises(RuntimeError, match=error):
-                run_recipe(recipe, argv)
-        assert not dist.is_initialized()
+        try:
+            if error is None:
+                run_recipe(recipe)
+            else:
+                with pytest.raises(RuntimeError, match=error):
+                    run_recipe(recipe, argv)
+            assert not dist.is_initialized()
+        finally:  # a failure here must not leave the group to the tests after it
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def test_example_recipe_learns_and_saves(tmp_path):
