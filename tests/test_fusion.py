@@ -825,12 +825,16 @@ def test_recipes_train_fusion_models_end_to_end(tmp_path):
     more = tmp_path / "emu-decoder"
     train("emu_shapes.py", "--output-dir", str(more), "--codec-init-from", str(emu / "visual"),
           "--freeze-encoder", "--codec-steps", "2", "--codec-batch-size", "2",
-          "--codec-eval-n", "2", "--codec-only")  # fmt: skip
+          "--codec-eval-n", "2", "--codec-only", "--codec-decode-guidance", "2.5")  # fmt: skip
     before, after = load_visual_codec(emu / "visual"), load_visual_codec(more / "visual")
     for name, equal in (("encoder", True), ("unet", False)):
         a, b = getattr(before, name).state_dict(), getattr(after, name).state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a) is equal, name
-    assert "(the decoder alone, the encoder frozen)" in (more / "visual" / "README.md").read_text()
+    # the tiny preset decodes unguided; the continued codec with the guidance it was given
+    assert (before.config.decode_guidance, after.config.decode_guidance) == (1.0, 2.5)
+    card = (more / "visual" / "README.md").read_text()
+    assert "(the decoder alone, the encoder frozen)" in card
+    assert "It decodes with classifier-free guidance 2.5 of its own" in card
     # ... or taught to render what the model itself regresses for the pictures it draws
     taught = tmp_path / "emu-regressions"
     train("emu_shapes.py", "--output-dir", str(taught), "--codec-init-from",
@@ -969,11 +973,17 @@ def test_emu_recipe_teaches_the_encoder_through_a_latent_readout_where_asked(cap
     facts = {"embeddings": "4 x 8", "steps": 3, "batch_size": 2, "train_time_s": 1.0}
     facts |= {"device": "cpu", "codec_init_from": "v", "readout_weight": 0.5}
     card = module.codec_card(facts, None)
+    assert "It decodes without guidance." in card
     assert "continued from v (both) by the denoising loss, plus 0.5 x the error of" in card
     assert "latent readout" not in module.codec_card({**facts, "readout_weight": 0.0}, None)
 
     for bad, message in [
         (["--codec-readout-weight", "-1"], "--codec-readout-weight must be >= 0, got -1.0"),
+        (["--codec-decode-guidance", "0.5"], "--codec-decode-guidance must be >= 1, got 0.5"),
+        (
+            ["--codec-only", "--codec-guidance", "2"],
+            "unrecognized arguments (--codec-only runs stage 1 alone): --codec-guidance 2",
+        ),
         (
             ["--codec-readout-weight", "1", "--codec-init-from", "v", "--freeze-encoder"],
             "--codec-readout-weight teaches the encoder: it cannot go with --freeze-encoder",
