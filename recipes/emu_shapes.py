@@ -453,6 +453,12 @@ def main(argv: list[str]) -> None:
             (codec_dir / "eval.json").write_text(report.to_json() + "\n")
     else:
         log.info("stage 1 done before: using the visual codec in %s", codec_dir)
+        if args.codec_decode_guidance is not None:
+            log.warning(
+                "--codec-decode-guidance %g does nothing: the codec in %s is already saved",
+                args.codec_decode_guidance,
+                codec_dir,
+            )
     if args.codec_only:
         return
     fusion.main(stage2)

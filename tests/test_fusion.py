@@ -729,6 +729,7 @@ def test_recipes_train_fusion_models_end_to_end(tmp_path):
             capture_output=True, text=True, timeout=600, env=env,
         )  # fmt: skip
         assert run.returncode == 0, run.stderr[-2000:]
+        return run
 
     vq = tmp_path / "vq"
     VitVQGAN(dataclasses.replace(VQ_PRESETS["tiny"], image_size=64)).save_pretrained(vq)
@@ -835,6 +836,11 @@ def test_recipes_train_fusion_models_end_to_end(tmp_path):
     card = (more / "visual" / "README.md").read_text()
     assert "(the decoder alone, the encoder frozen)" in card
     assert "It decodes with classifier-free guidance 2.5 of its own" in card
+    # a codec already saved keeps its guidance, and says so
+    again = train("emu_shapes.py", "--output-dir", str(more), "--codec-init-from",
+                  str(emu / "visual"), "--codec-only", "--codec-decode-guidance", "3")  # fmt: skip
+    assert f"--codec-decode-guidance 3 does nothing: the codec in {more / 'visual'}" in again.stderr
+    assert load_visual_codec(more / "visual").config.decode_guidance == 2.5
     # ... or taught to render what the model itself regresses for the pictures it draws
     taught = tmp_path / "emu-regressions"
     train("emu_shapes.py", "--output-dir", str(taught), "--codec-init-from",
