@@ -40,8 +40,8 @@ over the old latents continues over the new ones.
 (the embeddings against zeros, learnt by condition dropout). It rebuilds more scenes from the
 encoder's embeddings but draws worse from a transformer's regressions, so the default stays 1:
 over shapes-ldm's current VAE, codec r1 rebuilt 250, 290, 318, 335, 340 and 328 of 600
-validation scenes (seeds 1000 and 2000) at 1, 1.5, 2, 3, 4 and 6, while the bundled shapes-emu
-drew 54 of 600 validation prompts right at 4 against 61 at 1.
+validation scenes (seeds 1000 and 2000) at 1, 1.5, 2, 3, 4 and 6, while shapes-emu's run L
+(bundled then) drew 54 of 600 validation prompts right at 4 against 61 at 1.
 
 Stage 2 freezes the codec and trains the fusion transformer on the shapes-world document
 mix, regressing the 16 embeddings of every image (l2) beside cross-entropy on text: it is
