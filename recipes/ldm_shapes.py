@@ -14,6 +14,8 @@ pipeline directory in OUT/model.
     anygen train recipes/ldm_shapes.py ... --bundle   # also write anygen/assets/models/shapes-ldm
     anygen train recipes/ldm_shapes.py --output-dir runs/shapes-dit --preset shapes-dit \\
         --vae-from shapes-ldm --decoder-steps 0 --name shapes-dit   # a DiT over shapes-ldm's VAE
+    anygen train recipes/ldm_shapes.py ... --text-encoder-from shapes-ldm --freeze-text-encoder
+        # ... and over its text encoder, kept fixed (PixArt over a frozen pretrained encoder)
     anygen train recipes/ldm_shapes.py --output-dir runs/ldm-v --init-from shapes-ldm \\
         --prediction-type v_prediction --zero-terminal-snr --snr-floor 1 \\
         --timestep-shift 3   # another schedule; training timesteps shifted to high noise
@@ -160,6 +162,25 @@ class DenoiserTrainer(nn.Module):
         )
 
 
+def donor_text_encoder(source: str, cfg, tokenizer) -> nn.Module:
+    """The text encoder of a saved ldm model, checked to fit ``cfg`` and ``tokenizer``."""
+    donor = LatentDiffusion.from_pretrained(resolve(source), dtype=torch.float32)
+    encoder = donor.components.text_encoder
+    config = encoder.config
+    problems = []
+    if config.hidden_size != cfg.text_hidden:
+        problems.append(f"width {config.hidden_size}, the preset's is {cfg.text_hidden}")
+    if config.vocab_size != len(tokenizer):
+        problems.append(f"{config.vocab_size} tokens, the tokenizer has {len(tokenizer)}")
+    if config.max_position_embeddings < cfg.text_max_length:
+        problems.append(
+            f"{config.max_position_embeddings} positions, the preset reads {cfg.text_max_length}"
+        )
+    if problems:
+        raise UserInputError(f"the text encoder of {source} does not fit: " + "; ".join(problems))
+    return encoder
+
+
 @torch.no_grad()
 def latent_scaling_factor(vae: nn.Module, dataset: Dataset, n: int = 512) -> float:
     """1 / std of the VAE's latents over ``n`` training images (as SD chose 0.18215)."""
@@ -282,6 +303,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "denoiser and text encoder of --preset over it; the VAE stage is skipped",
     )
     p.add_argument(
+        "--text-encoder-from",
+        default=None,
+        help="start the text encoder from a saved ldm model's (it must read --tokenizer and "
+        "have the preset's width), not from random weights; with --vae-from or from scratch",
+    )
+    p.add_argument(
+        "--freeze-text-encoder",
+        action="store_true",
+        help="train the denoiser alone over a fixed text encoder (with --text-encoder-from: "
+        "PixArt's frozen pretrained encoder)",
+    )
+    p.add_argument(
         "--decoder-foreground-weight",
         type=float,
         default=0.0,
@@ -360,6 +393,18 @@ def main(argv: list[str]) -> None:
     out = args.output_dir
     if args.init_from and args.vae_from:
         raise UserInputError("--init-from and --vae-from exclude each other")
+    if args.init_from and args.text_encoder_from:
+        raise UserInputError("--init-from and --text-encoder-from exclude each other")
+    if args.freeze_text_encoder and not (args.text_encoder_from or args.init_from):
+        raise UserInputError(
+            "--freeze-text-encoder would keep a random text encoder: pass --text-encoder-from"
+        )
+    # loaded and checked now, not after the VAE stage has trained
+    text_encoder = (
+        donor_text_encoder(args.text_encoder_from, cfg, tokenizer)
+        if args.text_encoder_from
+        else None
+    )
     started_from = None  # for --init-from: how that model was trained
     if args.vae_from:
         components = build_components(cfg, tokenizer)
@@ -417,6 +462,12 @@ def main(argv: list[str]) -> None:
         components.vae.register_to_config(scaling_factor=scaling)
         log.info("VAE trained; latent scaling factor %.4f", scaling)
 
+    if text_encoder is not None:
+        components.text_encoder = text_encoder
+        log.info("text encoder of %s", args.text_encoder_from)
+    if args.freeze_text_encoder:
+        components.text_encoder.requires_grad_(False)
+
     # Stage 2: the denoiser and the text encoder, with caption dropout for guidance.
     texts = CaptionDropout(
         ShapesT2IDataset(
@@ -456,7 +507,7 @@ def main(argv: list[str]) -> None:
         ),
         collate_fn=collate_text,
         trainable_parameters=list(trainer.denoiser.parameters())
-        + list(trainer.text_encoder.parameters()),
+        + ([] if args.freeze_text_encoder else list(trainer.text_encoder.parameters())),
     )
     components.denoiser = result.model.denoiser
     # a resumed run continues the checkpoint's step under a schedule over --steps
@@ -511,6 +562,8 @@ def main(argv: list[str]) -> None:
         "init_from": args.init_from,
         "started_from": started_from,
         "vae_from": args.vae_from,
+        "text_encoder_from": args.text_encoder_from,
+        "freeze_text_encoder": args.freeze_text_encoder,
         "vae_steps": args.vae_steps,
         "denoiser_steps": args.steps,
         "prediction_type": cfg.prediction_type,
@@ -610,9 +663,12 @@ def model_card(facts: dict, report=None, weights: str = "fp32 weights") -> str:
             "its VAE, denoiser and text encoder)"
         )
     elif facts.get("vae_from"):
-        origin = (
-            f"The VAE is {facts['vae_from']}'s; the denoiser and text encoder were trained "
-            "from scratch over it"
+        origin = f"The VAE is {facts['vae_from']}'s; " + (
+            "the denoiser and text encoder were trained from scratch over it"
+            if not facts.get("text_encoder_from")
+            else f"the text encoder started from {facts['text_encoder_from']}'s"
+            + (" and stayed frozen" if facts.get("freeze_text_encoder") else "")
+            + ", and the denoiser was trained from scratch over them"
         )
     else:
         origin = "Trained from scratch"

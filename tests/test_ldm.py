@@ -665,12 +665,13 @@ def test_recipe_trains_every_stage_and_saves_a_loadable_model(tmp_path):
     assert facts["terminal_fraction"] == 0.5
     assert facts["caption_forms"] == {"position": 3.0, "count": 0.0}
 
-    # a new denoiser over the saved VAE: no VAE stage, no decoder stage with 0 steps,
-    # every VAE weight and the latent scale as saved
+    # a new denoiser over the saved VAE and its frozen text encoder: no VAE stage, no decoder
+    # stage with 0 steps, every VAE and text-encoder weight and the latent scale as saved
     fresh = tmp_path / "fresh"
     args = ["--output-dir", str(fresh), "--preset", "tiny", "--vae-from", str(model), "--steps",
             "2", "--decoder-steps", "0", "--batch-size", "4", "--checkpoint-every", "2",
-            "--select-n", "0", "--eval-n", "0"]  # fmt: skip
+            "--select-n", "0", "--eval-n", "0", "--text-encoder-from", str(model),
+            "--freeze-text-encoder"]  # fmt: skip
     run = subprocess.run(
         [sys.executable, "-m", "anygen", "train", str(recipe), *args],
         capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
@@ -683,6 +684,16 @@ def test_recipe_trains_every_stage_and_saves_a_loadable_model(tmp_path):
     assert new.components.vae.config.scaling_factor == pytest.approx(scale)
     old_vae = loaded.components.vae.state_dict()
     assert all(torch.equal(v, old_vae[k]) for k, v in new.components.vae.state_dict().items())
+    old_text = loaded.components.text_encoder.state_dict()
+    new_text = new.components.text_encoder.state_dict()
+    assert all(torch.equal(v, old_text[k]) for k, v in new_text.items())
+    assert "the text encoder started from" in (fresh / "model" / "README.md").read_text()
+    facts = json.loads((fresh / "model" / "training.json").read_text())
+    assert facts["text_encoder_from"] == str(model) and facts["freeze_text_encoder"] is True
+    old_denoiser = loaded.components.denoiser.state_dict()
+    assert not all(  # the denoiser is new, not the saved one
+        torch.equal(v, old_denoiser[k]) for k, v in new.components.denoiser.state_dict().items()
+    )
     assert (fresh / "denoiser" / "checkpoints" / "step-00000002").is_dir()
 
     # a VAE that does not fit the preset: one clear line, no traceback
@@ -693,6 +704,18 @@ def test_recipe_trains_every_stage_and_saves_a_loadable_model(tmp_path):
     )  # fmt: skip
     assert run.returncode != 0 and "does not fit preset 'shapes'" in run.stderr
     assert "Traceback" not in run.stderr
+    # nor a text encoder: refused before the VAE stage trains; a frozen random one is refused
+    for extra, says in (
+        (["--text-encoder-from", str(model)], "the text encoder of"),
+        (["--freeze-text-encoder"], "would keep a random text encoder"),
+    ):
+        args = ["--output-dir", str(tmp_path / "bad-text"), "--preset", "shapes", *extra]
+        run = subprocess.run(
+            [sys.executable, "-m", "anygen", "train", str(recipe), *args],
+            capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        assert run.returncode != 0 and says in run.stderr, run.stderr[-500:]
+        assert "Traceback" not in run.stderr and not (tmp_path / "bad-text" / "vae").exists()
 
 
 def test_cli_eval_samples_with_the_given_settings(saved, tmp_path, capsys):
