@@ -21,7 +21,8 @@ none gives the plain loss of diffusers' script. --lora-targets all adapts the UN
 linears and convolutions as well (LoCon-style), room for a texture the base never drew.
 On shapes-ldm's validation subjects neither --snr-gamma none nor 1,000 steps at rank 16
 and lr 1e-3 beat these defaults by the margin set before the study, and --lora-targets all
-did worse than the latter on the one subject it was tried on (README, "Subjects and edits").
+did worse than the latter on the one subject it was tried on (docs/results.md,
+"DreamBooth-LoRA's settings").
 
 The result, OUT/pytorch_lora_weights.safetensors (diffusers' LoRA format, with the
 adapter config in its metadata), loads onto the base model with --lora, several at once

@@ -28,10 +28,10 @@ the caption said (``python benchmarks/layout_probe.py`` measures it). ``--zero-t
 ``--snr-floor`` keeps the loss of the noisiest steps from vanishing
 (``denoiser_loss``), and ``--timestep-shift`` trains more of the noisiest steps. Neither a
 2,000-step fine-tune of shapes-ldm onto the first two nor a 1,000-step one onto all three
-made the caption place objects (README, "Where objects land"). ``--terminal-fraction``
+made the caption place objects (docs/results.md, "Where objects land"). ``--terminal-fraction``
 trains part of each batch at the last timestep; from scratch, on position captions alone,
 half a batch there made a fresh UNet place objects as asked (on all caption forms,
-5,000 steps of batch 32 were not enough: README, "Where objects land"). ``--caption-forms``
+5,000 steps of batch 32 were not enough: docs/results.md, "Where objects land"). ``--caption-forms``
 weighs the caption forms: ``position=3`` draws 3 position captions for 1 of each other form,
 and with it the shipped shapes-ldm learnt position words (its card gives the commands).
 A model continued with ``--init-from`` keeps the schedule it was trained on unless told.

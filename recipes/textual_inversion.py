@@ -6,8 +6,8 @@ the denoising loss of the subject's images under the prompt ``the sks circle``. 
 starts as the class word's embedding (--init-word to choose another word). The learning
 rate is 5e-4: at 5e-3, on shapes-ldm's validation subjects, the row grew to about 4 times
 the mean norm of the model's own rows (up to twice the largest) and swamped the rest of the
-caption (3 of 24 images with the prompt right, against 8 at 5e-4; README, "Subjects and
-edits").
+caption (3 of 24 images with the prompt right, against 8 at 5e-4; docs/results.md,
+"Textual inversion's learning rate").
 
 Which row: the shapes-bpe tokenizer already holds ``sks`` as one token (the shapes
 world's subject identifier), which shapes-ldm never saw in training (its captions name no
