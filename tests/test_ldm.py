@@ -523,8 +523,8 @@ def test_bundled_card_records_recipe_and_score():
 
 
 @pytest.mark.skipif("shapes-dit" not in bundled_models("model"), reason="not bundled")
-def test_bundled_shapes_dit_is_a_seeded_dit_over_shapes_ldms_vae(bundled):
-    """shapes-dit: a PixArt DiT trained over shapes-ldm's VAE (`--vae-from shapes-ldm`);
+def test_bundled_shapes_dit_is_a_seeded_dit_over_shapes_ldms_vae_and_text_encoder(bundled):
+    """shapes-dit: a PixArt DiT trained over shapes-ldm's VAE and frozen text encoder;
     its default guidance is the one its card says was chosen on validation prompts.
     shapes-ldm's VAE was fine-tuned since (recipes/ldm_vae_subjects.py) with the latents of
     plain scenes anchored, so the two VAEs still encode a scene alike."""
@@ -546,6 +546,10 @@ def test_bundled_shapes_dit_is_a_seeded_dit_over_shapes_ldms_vae(bundled):
     meta = card_metadata("shapes-dit")
     assert meta["vae_from"] == "shapes-ldm" and meta["preset"] == "shapes-dit"
     assert dit.defaults["guidance_scale"] == meta["sampling_selection"]["chosen"]["guidance_scale"]
+    # its text encoder is shapes-ldm's, kept frozen while the DiT learnt to read it
+    assert meta["text_encoder_from"] == "shapes-ldm" and meta["freeze_text_encoder"] is True
+    ours, base = dit.components.text_encoder.state_dict(), bundled.components.text_encoder
+    assert all(torch.equal(v, ours[k]) for k, v in base.state_dict().items())
 
 
 @pytest.mark.slow
