@@ -1,8 +1,8 @@
 """DreamBooth with LoRA on the ldm path: teach a base model one subject from 3-5 images.
 
-The UNet of the base model (default: the bundled shapes-ldm) gets peft LoRA adapters on
-its attention projections (rank 4, as diffusers' train_dreambooth_lora.py); only they
-train, on the denoising loss of the subject's images under the instance prompt
+The denoiser of the base model (default: the bundled shapes-ldm's UNet; a DiT such as
+shapes-dit's PixArt transformer too) gets peft LoRA adapters on its attention projections
+(rank 4, as diffusers' train_dreambooth_lora.py); only they train, on the denoising loss of the subject's images under the instance prompt
 ``the sks circle`` plus, for prior preservation (Ruiz et al. 2023), the loss of class
 images under their prompts, weighted by --prior-weight (0 turns it off).
 
@@ -80,8 +80,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--lora-targets",
         choices=("attention", "all"),
         default="attention",
-        help="the UNet layers adapted: the attention projections (diffusers' DreamBooth-LoRA), "
-        "or all its block linears and convolutions too",
+        help="the denoiser's layers adapted: the attention projections (diffusers' "
+        "DreamBooth-LoRA), or all its block linears and convolutions too",
     )
     p.add_argument("--train-text-encoder", action="store_true", help="LoRA on the text encoder too")
     p.add_argument("--steps", type=int, default=300)
@@ -105,7 +105,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def finetune(args: argparse.Namespace) -> dict:
     """Train the LoRA and write OUT; returns the facts recorded in OUT/training.json."""
-    base = load_base_model(args.model, need_unet=True)
+    base = load_base_model(args.model)
     c = base.components
     check_words(args.token, args.class_word, base.known_words, args.model)
     size = base.default_size
@@ -159,8 +159,8 @@ def finetune(args: argparse.Namespace) -> dict:
     train_s = time.perf_counter() - train_start
     if not result.is_main_process:
         return {}
-    unet, text_encoder = result.model.unet, result.model.text_encoder
-    file = save_lora(args.output_dir, unet, text_encoder if args.train_text_encoder else None)
+    denoiser, text_encoder = result.model.denoiser, result.model.text_encoder
+    file = save_lora(args.output_dir, denoiser, text_encoder if args.train_text_encoder else None)
     facts = {
         "recipe": "recipes/dreambooth_lora.py",
         "base_model": args.model,
@@ -171,6 +171,7 @@ def finetune(args: argparse.Namespace) -> dict:
         "class_word": args.class_word,
         "rank": args.rank,
         "lora_targets": args.lora_targets,
+        "denoiser": type(c.denoiser).__name__,
         "train_text_encoder": args.train_text_encoder,
         "steps": args.steps,
         "batch_size": args.batch_size,
@@ -201,9 +202,10 @@ def card(facts: dict) -> str:
         if facts["prior_weight"]
         else "no prior preservation"
     )
+    kind = "DiT" if facts["denoiser"].startswith("PixArt") else "UNet"
     layers = {
-        "attention": "UNet attention projections",
-        "all": "UNet attention projections, block linears and convolutions",
+        "attention": f"{kind} attention projections",
+        "all": f"{kind} attention projections, block linears and convolutions",
     }[facts["lora_targets"]]
     front = "\n".join(f"{k}: {json.dumps(v)}" for k, v in facts.items())
     return f"""---

@@ -183,8 +183,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
-    base = load_base_model(args.model, need_unet=True)
+    base = load_base_model(args.model)
     c = base.components
+    if type(c.denoiser).__name__ != "UNet2DConditionModel":
+        raise UserInputError(
+            f"{args.model} denoises with a {type(c.denoiser).__name__}; the editor widens a "
+            "UNet's inputs (diffusers' InstructPix2Pix pipeline takes a UNet)"
+        )
     size = base.default_size
     fingerprint = base_fingerprint(c.vae, c.tokenizer)
     check_base(args.output_dir / "train", args.model, fingerprint, resume=args.resume)

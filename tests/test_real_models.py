@@ -514,10 +514,11 @@ def test_lora_refusals(saved, tmp_path, lora_file):
         },
         str(other),
     )
-    # through a pipeline (anygen's own for Stable Diffusion folders, diffusers' for SDXL)
-    # and onto one model (diffusers loads nothing and raises nothing there)
+    # through a pipeline (anygen's own for Stable Diffusion folders, diffusers' for SDXL):
+    # refused by the denoiser it names; onto one model (diffusers loads nothing and raises
+    # nothing there): refused because no adapter came of it
     for folder in (path, str(saved("sdxl"))):
-        with pytest.raises(CheckpointError, match="none of its weights names a part"):
+        with pytest.raises(CheckpointError, match="adapts a transformer, which this pipeline"):
             load_generator(folder, device="cpu", loras=[str(other)])
     unet = load_generator(path, device="cpu").components.denoiser
     with pytest.raises(CheckpointError, match="none of its weights names a part"):

@@ -199,6 +199,119 @@ def test_two_loras_combine_with_scales(base, dreambooth, dreambooth_text):
     assert json.loads((dreambooth / "training.json").read_text())["snr_gamma"] == 5.0
 
 
+@pytest.fixture(scope="module")
+def dit_base(root) -> Path:
+    """A tiny random ldm whose denoiser is a PixArt DiT, saved as a directory."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(LDM_PRESETS["tiny"], denoiser="dit")
+    components = build_components(cfg, load_text_tokenizer("shapes-bpe"))
+    words = json.loads(SHAPES_LDM.read_text())["known_words"]
+    defaults = {"steps": 2, "guidance_scale": 3.0, "known_words": words}
+    LatentDiffusion(components, name="tiny-dit", defaults=defaults).save_pretrained(root / "dit")
+    return root / "dit"
+
+
+@pytest.fixture(scope="module")
+def dit_dreambooth(dit_base, refs, root) -> Path:
+    out = root / "db-dit"
+    run_recipe(
+        "dreambooth_lora.py",
+        *subject_args(dit_base, refs, out, "--lr", "1e-2", "--num-class-images", "2"),
+        "--train-text-encoder",
+    )
+    return out
+
+
+def test_dreambooth_lora_on_a_dit_loads_where_diffusers_has_no_loader(
+    dit_base, dit_dreambooth, dreambooth, base
+):
+    """DreamBooth-LoRA adapts a PixArt DiT too: the file holds ``transformer.`` and
+    ``text_encoder.`` keys (diffusers' SD3 layout); ``--lora`` loads it onto PixArt's
+    pipeline, which diffusers gives no LoRA loader, with scales; a UNet's LoRA and a DiT's
+    are refused by each other's models by name."""
+    keys = safetensors_keys(dit_dreambooth / "pytorch_lora_weights.safetensors")
+    assert {k.split(".")[0] for k in keys} == {"transformer", "text_encoder"}
+    assert any(".attn2.to_k.lora_A." in k for k in keys)
+    facts = json.loads((dit_dreambooth / "training.json").read_text())
+    assert facts["denoiser"] == "PixArtTransformer2DModel"
+    assert "DiT attention projections" in (dit_dreambooth / "README.md").read_text()
+
+    opts = Options(seed=0, **OPTS)
+    plain = pixels(load_generator(str(dit_base)).generate(PROMPT, opts).images)
+    full = pixels(
+        load_generator(str(dit_base), loras=[str(dit_dreambooth)]).generate(PROMPT, opts).images
+    )
+    zero = load_generator(str(dit_base), loras=[f"{dit_dreambooth}:0"]).generate(PROMPT, opts)
+    assert np.array_equal(plain, pixels(zero.images))
+    assert not np.array_equal(plain, full)
+    # a second adapter at scale 0 leaves the first one's picture as it was
+    pair = load_generator(str(dit_base), loras=[str(dit_dreambooth), f"{dit_dreambooth}:0"])
+    assert np.array_equal(pixels(pair.generate(PROMPT, opts).images), full)
+
+    with pytest.raises(CheckpointError, match="starts? with none of transformer"):
+        load_generator(str(dit_base), loras=[str(dreambooth)])
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_generator(str(base), loras=[str(dit_dreambooth)])
+
+
+def test_peft_loaded_dit_lora_equals_the_merged_weights(dit_base, dit_dreambooth, root):
+    """Loaded through peft at scale s, each adapted projection computes W + s (alpha / r)
+    B A: the transformer's output equals that of a copy whose weights were merged by hand
+    from the file."""
+    import copy
+
+    from safetensors import safe_open
+
+    from anygen.pipelines.lora import load_loras
+
+    scale = 0.7
+    model = load_generator(str(dit_base), dtype="fp32").components.denoiser.eval()
+    merged = copy.deepcopy(model)
+    file = dit_dreambooth / "pytorch_lora_weights.safetensors"
+    with safe_open(str(file), "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    factor = scale * meta["transformer.lora_alpha"] / meta["transformer.r"]
+    with torch.no_grad():
+        for key, down in state.items():
+            if key.startswith("transformer.") and key.endswith(".lora_A.weight"):
+                name = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
+                up = state[key.replace("lora_A", "lora_B")]
+                merged.get_submodule(name).weight += factor * (up @ down)
+    assert load_loras(model, [f"{file}:{scale}"]) == ["anygen_lora0"]
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    text = torch.randn(2, 6, model.config.caption_channels, generator=g)
+    t = torch.tensor([10, 500])
+    plain = load_generator(str(dit_base), dtype="fp32").components.denoiser.eval()
+    with torch.no_grad():
+        ours, want, before = (
+            m(x, encoder_hidden_states=text, timestep=t, return_dict=False)[0]
+            for m in (model, merged, plain)
+        )
+    assert torch.allclose(ours, want, atol=1e-5)
+    assert not torch.allclose(ours, before, atol=1e-4)  # the adapter changes the output
+
+    # a file without diffusers' metadata (peft's own save_file): the config is inferred
+    # from the weights, alpha = rank, which is what the recipe trained with
+    from safetensors.torch import save_file
+
+    assert meta["transformer.lora_alpha"] == meta["transformer.r"]
+    bare = root / "bare.safetensors"
+    save_file(state, str(bare))
+    other = load_generator(str(dit_base), dtype="fp32").components.denoiser.eval()
+    load_loras(other, [f"{bare}:{scale}"])
+    with torch.no_grad():
+        again = other(x, encoder_hidden_states=text, timestep=t, return_dict=False)[0]
+    assert torch.equal(again, ours)
+    save_file({"transformer.proj_out.weight": torch.zeros(4, 4)}, str(bare))
+    with pytest.raises(CheckpointError, match="bare.safetensors does not fit.*no lora_A"):
+        load_loras(other, [str(bare)])
+
+
 def test_subject_loss_weighting_follows_snr_gamma(base):
     """SubjectTrainer's loss is denoiser_loss at its snr_gamma (None: unweighted), for the
     instance images and the prior alike."""
@@ -302,6 +415,19 @@ def test_textual_inversion_learns_only_the_identifier_row(base, inversion, tmp_p
     assert cli([*argv, "--seed", "0", "--steps", "2", "-o", str(out)]) == 0
     expected = taught.generate(PROMPT, opts).images
     assert np.array_equal(pixels([Image.open(out).convert("RGB")]), pixels(expected))
+
+
+def test_textual_inversion_on_a_dit(dit_base, refs, root):
+    """Textual inversion needs nothing of the denoiser: on a PixArt DiT base the learnt row
+    loads with ``--embedding`` and changes only prompts that name the identifier."""
+    out = root / "ti-dit"
+    run_recipe("textual_inversion.py", *subject_args(dit_base, refs, out, "--lr", "5e-2"))
+    plain = load_generator(str(dit_base))
+    taught = load_generator(str(dit_base), embeddings=[str(out)])
+    opts = Options(seed=0, **OPTS)
+    for prompt, changes in ((PROMPT, True), ("a red circle above a blue square", False)):
+        a, b = plain.generate(prompt, opts), taught.generate(prompt, opts)
+        assert np.array_equal(pixels(a.images), pixels(b.images)) != changes, prompt
 
 
 def test_textual_inversion_with_a_new_token_loads_in_diffusers_too(base, refs, root):
@@ -643,6 +769,16 @@ def test_subject_bench_prints_a_table(base, encoders, tmp_path, capsys):
     assert lean_results["finetune"] == [{"subject": 0}] and not (lean / "class-images").exists()
     again = Image.open(lean / "subjects" / "00" / "in-context-shapes-fusion-0.png")
     assert np.array_equal(pixels([again]), pixels([saved]))
+
+
+def test_instruct_edit_refuses_a_dit_base_in_one_line(dit_base, tmp_path, capsys):
+    out = tmp_path / "edit"
+    reset_accelerate()
+    argv = ["train", str(RECIPES / "instruct_edit.py"), "--model", str(dit_base)]
+    assert cli([*argv, "--output-dir", str(out), "--steps", "1"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "denoises with a PixArtTransformer2DModel" in err[-1] and "UNet" in err[-1]
+    assert not any("Traceback" in line for line in err) and not (out / "model").exists()
 
 
 def test_instruct_edit_refuses_a_corrupt_base_record(tmp_path):

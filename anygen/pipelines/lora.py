@@ -10,9 +10,12 @@ exactly as without the adapter.
 single diffusers model (a UNet or transformer, with ``load_lora_adapter``), so that
 training recipes (DreamBooth, textual inversion) can reuse it on what they train.
 
-``add_lora`` and ``save_lora`` are the training side: peft adapters on a UNet (and
-optionally a CLIP text encoder), saved as diffusers' ``pytorch_lora_weights.safetensors``
+``add_lora`` and ``save_lora`` are the training side: peft adapters on a UNet or a DiT
+(and optionally a CLIP text encoder), saved as diffusers' ``pytorch_lora_weights.safetensors``
 with each adapter's config in the file's metadata (so its alpha comes back on loading).
+
+diffusers has no LoRA loader for PixArt's pipelines and transformer; ``load_loras`` loads
+into those through peft itself (``inject_adapter_in_model``), the same files and scales.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import logging
 import math
 import os
 import uuid
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,14 +123,19 @@ def load_loras(target, specs: Sequence[LoraSpec | str]) -> list[str]:
         raise UserInputError("--lora needs the peft package: pip install peft") from None
     is_pipeline = hasattr(target, "load_lora_weights")
     if not is_pipeline and not hasattr(target, "load_lora_adapter"):
-        raise UserInputError(
-            f"{type(target).__name__} does not take diffusers LoRA weights; --lora works "
-            "with diffusers pipelines (Stable Diffusion, SDXL, SD3, Flux, ...)"
-        )
+        models = _peft_models(target)
+        if not models:
+            raise UserInputError(
+                f"{type(target).__name__} does not take diffusers LoRA weights; --lora works "
+                "with diffusers pipelines (Stable Diffusion, SDXL, SD3, Flux, PixArt, ...)"
+            )
+        return _load_with_peft(models, specs)
     names = []
     for i, spec in enumerate(specs):
         file = _lora_file(spec)
         name = f"{ADAPTER_PREFIX}{i}"
+        if is_pipeline:
+            _check_components(file, target)
         try:
             if is_pipeline:
                 target.load_lora_weights(
@@ -152,6 +161,155 @@ def load_loras(target, specs: Sequence[LoraSpec | str]) -> list[str]:
         names.append(name)
         log.info("loaded LoRA %s as %s (scale %g)", file, name, spec.scale)
     target.set_adapters(names, [s.scale for s in specs])
+    return names
+
+
+# The pipeline components a LoRA file's keys may name (its first key part), in the order
+# diffusers' own loaders take them.
+LORA_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
+
+
+def _check_components(file: Path, pipe) -> None:
+    """Refuse a file with weights for a denoiser the pipeline lacks (a DiT's LoRA on a
+    UNet pipeline): diffusers would load its text-encoder part and drop the rest silently."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(os.fspath(file), framework="pt") as f:
+            prefixes = {key.split(".", 1)[0] for key in f.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"LoRA {file} is not a readable safetensors file: {e}") from None
+    components = getattr(pipe, "components", None) or {}
+    missing = sorted(p for p in prefixes & {"unet", "transformer"} if components.get(p) is None)
+    if missing:
+        raise CheckpointError(
+            f"LoRA {file} does not fit {type(pipe).__name__}: it adapts a {missing[0]}, which "
+            "this pipeline does not have (a LoRA made for another model family?)"
+        )
+
+
+def _peft_models(target) -> dict:
+    """The models of ``target`` that ``_load_with_peft`` loads LoRA weights into, by key
+    prefix: a pipeline's components (PixArt's pipelines, which diffusers gives no LoRA
+    loader), or one diffusers model without ``load_lora_adapter`` (PixArt's transformer)."""
+    import torch.nn as nn
+
+    if isinstance(target, nn.Module):
+        return {_model_prefix(target): target}
+    components = getattr(target, "components", None)
+    if not isinstance(components, dict):
+        return {}
+    models = {k: components.get(k) for k in LORA_COMPONENTS}
+    models = {k: m for k, m in models.items() if isinstance(m, nn.Module)}
+    return models if {"unet", "transformer"} & models.keys() else {}
+
+
+def _read_lora_file(file: Path) -> tuple[dict, dict]:
+    """The tensors of a LoRA safetensors file and its adapter configs (diffusers writes
+    them in the file's metadata as ``lora_adapter_metadata``, keys ``PREFIX.FIELD``)."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(os.fspath(file), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+            raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"LoRA {file} is not a readable safetensors file: {e}") from None
+    try:
+        meta = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        raise CheckpointError(f"LoRA {file}: its adapter metadata is not JSON") from None
+    return state, meta if isinstance(meta, dict) else {}
+
+
+def _lora_config(state: dict, meta: dict):
+    """The peft ``LoraConfig`` of one model's part of a LoRA file: from the file's metadata
+    where it has one, else inferred from the weights (each module's rank from its
+    ``lora_B`` rows, alpha equal to the rank: scale 1, as diffusers infers it too)."""
+    import dataclasses
+
+    from peft import LoraConfig
+
+    if meta:
+        fields = {f.name for f in dataclasses.fields(LoraConfig)}
+        return LoraConfig(**{k: v for k, v in meta.items() if k in fields})
+    ranks = {
+        key.removesuffix(".lora_B.weight"): value.shape[1]
+        for key, value in state.items()
+        if key.endswith(".lora_B.weight") and value.ndim > 1
+    }
+    if not ranks:
+        raise ValueError("it holds no lora_A / lora_B weight pairs")
+    rank = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common
+    return LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=sorted(ranks),
+        rank_pattern={f"^{k}$": r for k, r in ranks.items() if r != rank},
+        alpha_pattern={f"^{k}$": r for k, r in ranks.items() if r != rank},
+    )
+
+
+def _load_with_peft(models: dict, specs: Sequence[LoraSpec]) -> list[str]:
+    """``load_loras`` through peft itself, for models diffusers has no LoRA loader for:
+    each file's ``PREFIX.`` keys are injected into the model of that prefix as adapter
+    ``anygen_loraI``, then the adapters are activated together with their scales."""
+    from diffusers.utils import convert_state_dict_to_peft
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    names = []
+    for i, spec in enumerate(specs):
+        file = _lora_file(spec)
+        name = f"{ADAPTER_PREFIX}{i}"
+        state, meta = _read_lora_file(file)
+        unclaimed = set(state)
+        for prefix, model in models.items():
+            part = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(f"{prefix}.")}
+            if not part:
+                continue
+            unclaimed -= {f"{prefix}.{k}" for k in part}
+            part_meta = {
+                k[len(prefix) + 1 :]: v for k, v in meta.items() if k.startswith(f"{prefix}.")
+            }
+            try:
+                if not any("lora" in k for k in part):
+                    raise ValueError("it holds no lora_A / lora_B weight pairs")
+                if not any(".lora_A." in k for k in part):  # diffusers' older key names
+                    part = convert_state_dict_to_peft(part)
+                with warnings.catch_warnings():  # a second adapter is what is asked for
+                    warnings.filterwarnings("ignore", "Already found a `peft_config`")
+                    config = _lora_config(part, part_meta)
+                    inject_adapter_in_model(config, model, adapter_name=name)
+                result = set_peft_model_state_dict(model, part, adapter_name=name)
+            except (ValueError, KeyError, RuntimeError, TypeError) as e:
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise CheckpointError(
+                    f"LoRA {file} does not fit {type(model).__name__}: {first}"
+                ) from None
+            unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+            if unexpected:
+                raise CheckpointError(
+                    f"LoRA {file} does not fit {type(model).__name__}: {len(unexpected)} of its"
+                    f" weights name no part of it, e.g. {unexpected[0]}"
+                )
+        if unclaimed == set(state):
+            raise CheckpointError(
+                f"LoRA {file} does not fit this model: its keys start with none of "
+                f"{', '.join(p + '.' for p in models)} (a LoRA made for another model family?)"
+            )
+        if unclaimed:
+            log.warning("LoRA %s: %d weights for no model here ignored", file, len(unclaimed))
+        names.append(name)
+        log.info("loaded LoRA %s as %s (scale %g)", file, name, spec.scale)
+    for model in models.values():
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.set_adapter(names, inference_mode=True)  # loaded, not to train
+                for name, spec in zip(names, specs, strict=True):
+                    module.set_scale(name, spec.scale)
     return names
 
 
@@ -186,43 +344,67 @@ def add_lora(model, rank: int, targets: Sequence[str], *, alpha: float | None = 
         init_lora_weights="gaussian",
         target_modules=list(targets),
     )
-    model.add_adapter(config)
+    if hasattr(model, "add_adapter"):  # diffusers' and transformers' peft integrations
+        model.add_adapter(config)
+    else:  # a diffusers model without one (PixArt's transformer): peft itself
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(config, model, adapter_name="default")
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def save_lora(directory: str | os.PathLike, unet, text_encoder=None) -> Path:
-    """Write the LoRA adapters of ``unet`` (and ``text_encoder``, if it has one) to
-    ``directory/pytorch_lora_weights.safetensors`` in diffusers' format, through a
-    temporary name renamed into place. ``load_loras`` and diffusers' ``load_lora_weights``
-    read it back."""
-    from diffusers import StableDiffusionPipeline
+def save_lora(directory: str | os.PathLike, denoiser, text_encoder=None) -> Path:
+    """Write the LoRA adapters of ``denoiser`` (a UNet or a DiT; and ``text_encoder``, if
+    it has one) to ``directory/pytorch_lora_weights.safetensors`` in diffusers' format,
+    through a temporary name renamed into place: a UNet's as diffusers' Stable Diffusion
+    DreamBooth-LoRA script writes them (``unet.`` keys), a transformer's as its SD3 script
+    does (``transformer.`` keys, peft names), each adapter's config in the metadata.
+    ``load_loras`` and diffusers' ``load_lora_weights`` read it back."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
+
+    is_unet = _model_prefix(denoiser) == "unet"
 
     def layers_and_metadata(model) -> tuple[dict | None, dict | None]:
         if model is None or not getattr(model, "peft_config", None):
             return None, None
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+        layers = get_peft_model_state_dict(model)
+        if is_unet:
+            layers = convert_state_dict_to_diffusers(layers)
         return layers, model.peft_config["default"].to_dict()
 
-    unet_layers, unet_meta = layers_and_metadata(unet)
-    if unet_layers is None:
-        raise UserInputError("save_lora: the UNet has no LoRA adapter (add_lora first)")
+    denoiser_layers, denoiser_meta = layers_and_metadata(denoiser)
+    if denoiser_layers is None:
+        raise UserInputError(
+            f"save_lora: the {type(denoiser).__name__} has no LoRA adapter (add_lora first)"
+        )
     text_layers, text_meta = layers_and_metadata(text_encoder)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tmp_name = f".tmp-{uuid.uuid4().hex[:8]}-{LORA_WEIGHTS_NAME}"
     target = directory / LORA_WEIGHTS_NAME
+    common = {
+        "weight_name": tmp_name,
+        "safe_serialization": True,
+        "text_encoder_lora_layers": text_layers,
+        "text_encoder_lora_adapter_metadata": text_meta,
+    }
     try:
-        StableDiffusionPipeline.save_lora_weights(
-            directory,
-            unet_lora_layers=unet_layers,
-            text_encoder_lora_layers=text_layers,
-            weight_name=tmp_name,
-            safe_serialization=True,
-            unet_lora_adapter_metadata=unet_meta,
-            text_encoder_lora_adapter_metadata=text_meta,
-        )
+        if is_unet:
+            StableDiffusionPipeline.save_lora_weights(
+                directory,
+                unet_lora_layers=denoiser_layers,
+                unet_lora_adapter_metadata=denoiser_meta,
+                **common,
+            )
+        else:
+            StableDiffusion3Pipeline.save_lora_weights(
+                directory,
+                transformer_lora_layers=denoiser_layers,
+                transformer_lora_adapter_metadata=denoiser_meta,
+                **common,
+            )
         default_file_modes(directory / tmp_name)
         os.replace(directory / tmp_name, target)
     finally:

@@ -78,10 +78,9 @@ def check_positive(p: argparse.ArgumentParser, args: argparse.Namespace, *names:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
 
 
-def load_base_model(name: str, *, need_unet: bool = False):
-    """The base ``LatentDiffusion`` to fine-tune, in fp32 on the best device."""
-    from diffusers import UNet2DConditionModel
-
+def load_base_model(name: str):
+    """The base ``LatentDiffusion`` to fine-tune (its denoiser a UNet or a PixArt DiT), in
+    fp32 on the best device."""
     from anygen.pipelines import load_generator
     from anygen.pipelines.text_to_image import LatentDiffusion
 
@@ -90,11 +89,6 @@ def load_base_model(name: str, *, need_unet: bool = False):
         raise UserInputError(
             f"{name} is a {getattr(model, 'family', type(model).__name__)} model; the subject "
             "recipes fine-tune an ldm (Stable-Diffusion-family) model"
-        )
-    if need_unet and not isinstance(model.components.denoiser, UNet2DConditionModel):
-        raise UserInputError(
-            f"{name} denoises with a {type(model.components.denoiser).__name__}; "
-            "DreamBooth-LoRA here adapts a UNet"
         )
     return model
 
@@ -231,21 +225,21 @@ class SubjectTrainer(nn.Module):
 
     def __init__(
         self,
-        unet: nn.Module,
+        denoiser: nn.Module,
         text_encoder: nn.Module,
         scheduler,
         prior_weight: float,
         snr_gamma: float | None = 5.0,
     ):
         super().__init__()
-        self.unet, self.text_encoder = unet, text_encoder
+        self.denoiser, self.text_encoder = denoiser, text_encoder
         self.scheduler = scheduler
         self.prior_weight = prior_weight
         self.snr_gamma = snr_gamma
 
     def forward(self, batch: dict) -> dict:
         inst = denoiser_loss(
-            self.unet,
+            self.denoiser,
             self.text_encoder,
             self.scheduler,
             sample_latents(batch["instance"]),
@@ -255,7 +249,7 @@ class SubjectTrainer(nn.Module):
         if "prior" not in batch or not self.prior_weight:
             return {"loss": inst}
         prior = denoiser_loss(
-            self.unet,
+            self.denoiser,
             self.text_encoder,
             self.scheduler,
             sample_latents(batch["prior"]),
