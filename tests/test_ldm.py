@@ -524,8 +524,9 @@ def test_bundled_card_records_recipe_and_score():
 
 @pytest.mark.skipif("shapes-dit" not in bundled_models("model"), reason="not bundled")
 def test_bundled_shapes_dit_is_a_seeded_dit_over_shapes_ldms_vae_and_text_encoder(bundled):
-    """shapes-dit: a PixArt DiT trained over shapes-ldm's VAE and frozen text encoder;
-    its default guidance is the one its card says was chosen on validation prompts.
+    """shapes-dit: a PixArt DiT trained over shapes-ldm's VAE and frozen text encoder, then
+    continued; its default guidance is the one its card says was chosen last on validation
+    prompts.
     shapes-ldm's VAE was fine-tuned since (recipes/ldm_vae_subjects.py) with the latents of
     plain scenes anchored, so the two VAEs still encode a scene alike."""
     from diffusers import PixArtTransformer2DModel
@@ -544,10 +545,17 @@ def test_bundled_shapes_dit_is_a_seeded_dit_over_shapes_ldms_vae_and_text_encode
     b = dit.generate("a red circle", Options(seed=3, steps=4, progress=False))
     assert a.images[0].size == (64, 64) and np.array_equal(pixels(a.images), pixels(b.images))
     meta = card_metadata("shapes-dit")
-    assert meta["vae_from"] == "shapes-ldm" and meta["preset"] == "shapes-dit"
-    assert dit.defaults["guidance_scale"] == meta["sampling_selection"]["chosen"]["guidance_scale"]
+    # continued from the shapes-dit trained over shapes-ldm's VAE and text encoder
+    first = meta["started_from"]["argv"]
+    assert meta["init_from"] == "shapes-dit" and meta["preset"] == "shapes-dit"
+    assert first[first.index("--vae-from") + 1] == "shapes-ldm"
+    assert first[first.index("--text-encoder-from") + 1] == "shapes-ldm"
+    # the defaults are the last choice made on validation prompts
+    chosen = (meta.get("sampling_reselection") or {}).get("chosen")
+    chosen = chosen or meta["sampling_selection"]["chosen"]
+    assert dit.defaults["guidance_scale"] == chosen["guidance_scale"]
     # its text encoder is shapes-ldm's, kept frozen while the DiT learnt to read it
-    assert meta["text_encoder_from"] == "shapes-ldm" and meta["freeze_text_encoder"] is True
+    assert meta["freeze_text_encoder"] is True and "--freeze-text-encoder" in first
     ours, base = dit.components.text_encoder.state_dict(), bundled.components.text_encoder
     assert all(torch.equal(v, ours[k]) for k, v in base.state_dict().items())
 
