@@ -240,9 +240,11 @@ def test_dreambooth_lora_on_a_dit_loads_where_diffusers_has_no_loader(
 
     opts = Options(seed=0, **OPTS)
     plain = pixels(load_generator(str(dit_base)).generate(PROMPT, opts).images)
-    full = pixels(
-        load_generator(str(dit_base), loras=[str(dit_dreambooth)]).generate(PROMPT, opts).images
-    )
+    loaded = load_generator(str(dit_base), loras=[str(dit_dreambooth)])
+    full = pixels(loaded.generate(PROMPT, opts).images)
+    # both parts of the file were loaded: the transformer's and the text encoder's
+    for part in (loaded.components.denoiser, loaded.components.text_encoder):
+        assert "anygen_lora0" in part.peft_config, type(part).__name__
     zero = load_generator(str(dit_base), loras=[f"{dit_dreambooth}:0"]).generate(PROMPT, opts)
     assert np.array_equal(plain, pixels(zero.images))
     assert not np.array_equal(plain, full)
