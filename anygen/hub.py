@@ -98,12 +98,45 @@ def write_card_section(card: str, key: str, value: Any, section: str) -> str:
     """``card`` with front matter ``key`` set to ``value`` (one JSON line) and the section
     between ``<!-- anygen:key -->`` markers replaced by ``section`` (appended when the card
     has none), so that re-running what wrote it replaces it."""
-    card = set_front_matter(card, key, json.dumps(value))
+    return put_card_block(set_front_matter(card, key, json.dumps(value)), key, section)
+
+
+def put_card_block(card: str, key: str, text: str) -> str:
+    """``card`` with the block between its ``<!-- anygen:key -->`` markers replaced by
+    ``text``, or the block appended where the card has none."""
     begin, end = f"<!-- anygen:{key} -->", f"<!-- /anygen:{key} -->"
-    block = f"{begin}\n{section}\n{end}"
-    if begin in card and end in card:
-        return card[: card.index(begin)] + block + card[card.index(end) + len(end) :]
+    block = f"{begin}\n{text}\n{end}"
+    if card_block(card, key) is not None:
+        start = card.index(begin)
+        stop = card.index(end, start)
+        return card[:start] + block + card[stop + len(end) :]
     return card.rstrip("\n") + "\n\n" + block + "\n"
+
+
+HISTORY = "history"
+"""The card block (``<!-- anygen:history -->`` ... ``<!-- /anygen:history -->``) that people
+write by hand: how a bundled model came to be, the models it replaced; ``keep_history``
+carries it into the card of the model that replaces it."""
+
+
+def card_block(card: str, key: str) -> str | None:
+    """The text between ``card``'s ``<!-- anygen:key -->`` markers, or None without them."""
+    begin, end = f"<!-- anygen:{key} -->", f"<!-- /anygen:{key} -->"
+    start = card.find(begin)
+    stop = card.find(end, start + len(begin)) if start >= 0 else -1
+    if stop < 0:
+        return None
+    return card[start + len(begin) : stop].strip("\n")
+
+
+def keep_history(card: str, folder: str | os.PathLike) -> str:
+    """``card`` (the new card of the model about to be written to ``folder``) with the
+    history block of the card already in ``folder``, so that re-bundling a model keeps
+    what was written by hand about it: in place of ``card``'s own block, else appended.
+    ``card`` unchanged where ``folder`` has no card or its card no history."""
+    old = Path(folder) / CARD_NAME
+    history = card_block(old.read_text(encoding="utf-8"), HISTORY) if old.is_file() else None
+    return card if history is None else put_card_block(card, HISTORY, history)
 
 
 def bundled_models(kind: str | None = None) -> dict[str, Path]:

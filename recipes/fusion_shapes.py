@@ -72,7 +72,7 @@ from anygen.eval.suites import (
     run_t2i,
     select_t2i_settings,
 )
-from anygen.hub import resolve
+from anygen.hub import keep_history, resolve
 from anygen.models.fusion import (
     FUSION_PRESETS,
     VISUAL_HEADS,
@@ -448,6 +448,7 @@ def main(argv: list[str]) -> None:
     write_codec_card(codec_card, args.output_dir / "model")
     log.info("saved %s", args.output_dir / "model")
     if args.bundle:
+        card = keep_history(card, ASSETS / args.name)
         pipe.save_pretrained(
             ASSETS / args.name, card=card, dtype=torch.float16, extra_files=files, **refs
         )

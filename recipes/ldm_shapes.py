@@ -54,7 +54,7 @@ from torch.utils.data import Dataset
 from anygen.data.datasets import ShapesT2IDataset, collate
 from anygen.errors import UserInputError
 from anygen.eval.suites import SELECT_N, run_t2i, select_t2i_settings
-from anygen.hub import resolve
+from anygen.hub import keep_history, resolve
 from anygen.models.ldm import (
     LDM_PRESETS,
     LdmComponents,
@@ -611,6 +611,7 @@ def main(argv: list[str]) -> None:
     log.info("saved %s (%.0f s)", out / "model", wall)
     if args.bundle:
         bundle = BUNDLED_MODELS / args.name
+        card = keep_history(card, bundle)
         model.save_pretrained(bundle, card=card, dtype=torch.float16, extra_files=files)
         log.info("bundled fp16 weights in %s", bundle)
 

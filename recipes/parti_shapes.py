@@ -39,7 +39,7 @@ from anygen.eval.suites import (
     run_t2i,
     select_t2i_settings,
 )
-from anygen.hub import resolve
+from anygen.hub import keep_history, resolve
 from anygen.models.parti import PARTI_PRESETS, PartiTransformer, parti_loss, tokenize_prompts
 from anygen.pipelines import Options
 from anygen.pipelines.parti import Parti
@@ -260,6 +260,7 @@ def main(argv: list[str]) -> None:
     pipe.save_pretrained(args.output_dir / "model", card=card, extra_files=files, **refs)
     log.info("saved %s", args.output_dir / "model")
     if args.bundle:
+        card = keep_history(card, BUNDLE_DIR)
         pipe.save_pretrained(BUNDLE_DIR, card=card, dtype=torch.float16, extra_files=files, **refs)
         log.info("bundled fp16 weights in %s", BUNDLE_DIR)
 

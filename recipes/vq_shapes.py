@@ -59,7 +59,7 @@ from torch import nn
 from anygen.data.datasets import ShapesT2IDataset, collate, images_to_tensor, tensor_to_images
 from anygen.errors import UserInputError
 from anygen.eval.suites import Report, run_reconstruction
-from anygen.hub import card_metadata
+from anygen.hub import card_metadata, keep_history
 from anygen.tokenizers.vq import (
     VQ_PRESETS,
     PatchDiscriminator,
@@ -315,7 +315,9 @@ def main(argv: list[str]) -> None:
     if report is not None:
         (out / "model" / "eval.json").write_text(report.to_json() + "\n")
     if args.bundle:
-        tokenizer.save_pretrained(BUNDLE_DIR, dtype=torch.float16, card=card)
+        tokenizer.save_pretrained(
+            BUNDLE_DIR, dtype=torch.float16, card=keep_history(card, BUNDLE_DIR)
+        )
         log.info("bundled fp16 weights in %s", BUNDLE_DIR)
 
 

@@ -489,3 +489,39 @@ def test_loaders_name_a_folder_without_a_readable_config(tmp_path):
     (pipe / "anygen.json").write_bytes(b'{"family": "caf\xe9"}')
     with pytest.raises(CheckpointError, match="anygen.json is not valid JSON"):
         load_generator(str(pipe), device="cpu")
+
+
+def test_rebundling_keeps_the_hand_written_history_and_drops_generated_blocks(tmp_path):
+    """A recipe's ``--bundle`` writes a new card; ``keep_history`` carries the old card's
+    hand-written history block into it, once, and nothing else of the old card."""
+    old = (
+        "---\nscore: 0.5\n---\n# m\n\nold scores\n\n<!-- anygen:history -->\n## How it came"
+        "\n\nrun A, then B.\n<!-- /anygen:history -->\n\n<!-- anygen:sampling_reselection -->"
+        "\nguidance 2.0 (chosen for the old weights)\n<!-- /anygen:sampling_reselection -->\n"
+    )
+    (tmp_path / "README.md").write_text(old)
+    new = "---\nscore: 0.7\n---\n# m\n\nnew scores\n"
+    card = hub.keep_history(new, tmp_path)
+    assert (
+        card
+        == new
+        + "\n<!-- anygen:history -->\n## How it came\n\nrun A, then B.\n<!-- /anygen:history -->\n"
+    )
+    assert "old scores" not in card and "sampling_reselection" not in card
+    # a card that has its own block gets the old text in its place, not a second block
+    again = hub.keep_history(card.replace("run A, then B.", "stale"), tmp_path)
+    assert again == card and again.count("<!-- anygen:history -->") == 1
+    assert hub.card_block(card, "history") == "## How it came\n\nrun A, then B."
+    # no card, or a card without the block (or with a begin marker only): unchanged
+    assert hub.keep_history(new, tmp_path / "nothing-here") == new
+    (tmp_path / "README.md").write_text("# m\n<!-- anygen:history -->\nno end marker\n")
+    assert hub.keep_history(new, tmp_path) == new
+
+
+@pytest.mark.parametrize("name", ["shapes-dit", "shapes-emu"])
+def test_bundled_cards_mark_their_history_for_the_next_bundle(name):
+    card = (bundled_models("model")[name] / "README.md").read_text()
+    history = hub.card_block(card, "history")
+    assert history is not None and history.startswith("## ")
+    assert card.count("<!-- anygen:history -->") == card.count("<!-- /anygen:history -->") == 1
+    assert "<!-- anygen:" not in history  # no generated block would be carried with it
