@@ -1,7 +1,8 @@
 """Instruction editing, InstructPix2Pix-style (Brooks et al. 2023), on the ldm path.
 
-The editor is the base model (default: the bundled shapes-ldm) with its UNet widened
-from 4 to 8 input channels: the noisy latents of the edited image, then the latents of
+The editor is the base model (default: the bundled shapes-ldm; ``--model shapes-dit`` for a
+DiT) with its denoiser widened from 4 to 8 input channels (a UNet's first convolution, a
+DiT's patch embedding: ``widen_denoiser_inputs``): the noisy latents of the edited image, then the latents of
 the source image (the VAE posterior's mode, unscaled, exactly as diffusers'
 ``StableDiffusionInstructPix2PixPipeline`` feeds them). The new channels' weights start
 at zero, so training starts from the text-to-image model unchanged. It trains on
@@ -20,7 +21,10 @@ frozen and out of its checkpoints), and --resume refuses another base.
 The result, OUT/model, is a diffusers ``StableDiffusionInstructPix2PixPipeline``
 directory (plus anygen.json with its default settings and README.md with the recipe,
 seed, steps, time, device and its shapes-eval edit score), which ``anygen edit`` and
-``anygen eval --suite edit`` load as they load any InstructPix2Pix checkpoint.
+``anygen eval --suite edit`` load as they load any InstructPix2Pix checkpoint. diffusers
+has no InstructPix2Pix pipeline for a DiT, so a DiT editor is saved as a
+``PixArtAlphaPipeline`` directory (its transformer takes 8 channels) that anygen's
+``LatentDiffusion.instruct_edit`` samples, step for step as diffusers' pipeline does a UNet.
 
     anygen train recipes/instruct_edit.py --output-dir runs/shapes-edit
     anygen train recipes/instruct_edit.py --output-dir runs/shapes-edit --resume  # continue
@@ -39,13 +43,14 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers import PixArtTransformer2DModel
 from torch import nn
 from torch.utils.data import Dataset
 
 from anygen.data.datasets import ShapesEditDataset, collate
 from anygen.errors import UserInputError
-from anygen.hub import atomic_directory, forget_source_paths
-from anygen.models.ldm import denoiser_loss, make_sampler, tokenize, widen_unet_inputs
+from anygen.hub import atomic_directory, forget_source_paths, read_json_object
+from anygen.models.ldm import denoiser_loss, make_sampler, tokenize, widen_denoiser_inputs
 from anygen.output import write_text_atomic
 from anygen.pipelines import Options, load_generator
 from anygen.pipelines.text_to_image import ANYGEN_FILE
@@ -95,11 +100,11 @@ class ConditioningDropout(Dataset):
 
 
 class EditTrainer(nn.Module):
-    """UNet (8 input channels) + text encoder over latents of a frozen VAE."""
+    """Denoiser (UNet or DiT, 8 input channels) + text encoder over latents of a frozen VAE."""
 
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module, vae: nn.Module, scheduler):
+    def __init__(self, denoiser: nn.Module, text_encoder: nn.Module, vae: nn.Module, scheduler):
         super().__init__()
-        self.unet, self.text_encoder = unet, text_encoder
+        self.denoiser, self.text_encoder = denoiser, text_encoder
         self.vae = vae.requires_grad_(False).eval()
         self.scheduler = scheduler
 
@@ -111,7 +116,7 @@ class EditTrainer(nn.Module):
             source = self.vae.encode(batch["source"]).latent_dist.mode()  # (B, 4, h, w)
             source = source * batch["keep_image"].to(source.dtype)[:, None, None, None]
         return denoiser_loss(
-            self.unet,
+            self.denoiser,
             self.text_encoder,
             self.scheduler,
             target,
@@ -185,16 +190,11 @@ def main(argv: list[str]) -> None:
     args = parse_args(argv)
     base = load_base_model(args.model)
     c = base.components
-    if type(c.denoiser).__name__ != "UNet2DConditionModel":
-        raise UserInputError(
-            f"{args.model} denoises with a {type(c.denoiser).__name__}; the editor widens a "
-            "UNet's inputs (diffusers' InstructPix2Pix pipeline takes a UNet)"
-        )
     size = base.default_size
     fingerprint = base_fingerprint(c.vae, c.tokenizer)
     check_base(args.output_dir / "train", args.model, fingerprint, resume=args.resume)
     torch.manual_seed(args.seed)
-    widen_unet_inputs(c.denoiser, c.vae.config.latent_channels)
+    widen_denoiser_inputs(c.denoiser, c.vae.config.latent_channels)
     c.text_encoder.requires_grad_(not args.freeze_text_encoder)
     c.denoiser.requires_grad_(True)
     trainer = EditTrainer(c.denoiser, c.text_encoder, c.vae, c.scheduler)
@@ -251,6 +251,7 @@ def main(argv: list[str]) -> None:
         "argv": argv,
         "base_model": args.model,
         "base_fingerprint": fingerprint,
+        "denoiser": "DiT" if isinstance(c.denoiser, PixArtTransformer2DModel) else "UNet",
         "seed": args.seed,
         "steps": args.steps,
         "batch_size": args.batch_size,
@@ -277,7 +278,8 @@ def main(argv: list[str]) -> None:
         selection = select_guidance(load_generator(str(model_dir), dtype="fp32"), args, size)
         facts["sampling_selection"] = selection
         defaults.update(selection["chosen"])
-        write_text_atomic(model_dir / ANYGEN_FILE, editor_settings(defaults))
+        family = read_json_object(model_dir / ANYGEN_FILE)["family"]
+        write_text_atomic(model_dir / ANYGEN_FILE, editor_settings(defaults, family))
     report = None
     if args.eval_n:
         from anygen.eval.suites import run_edit
@@ -355,15 +357,31 @@ def check_base(train_dir: Path, model: str, fingerprint: str, *, resume: bool) -
 
 
 def save_editor(trainer: EditTrainer, tokenizer, sampler, directory: Path, defaults: dict) -> Path:
-    """Write the editor as a diffusers StableDiffusionInstructPix2PixPipeline directory
-    with anygen.json (its defaults), atomically."""
+    """Write the editor atomically, with anygen.json (its defaults): a UNet editor as a
+    diffusers ``StableDiffusionInstructPix2PixPipeline`` directory; a DiT editor (diffusers
+    has no InstructPix2Pix pipeline for PixArt) as a ``PixArtAlphaPipeline`` directory with
+    an 8-channel transformer, which anygen's ``LatentDiffusion`` edits with
+    (``instruct_edit``)."""
+    if isinstance(trainer.denoiser, PixArtTransformer2DModel):
+        from anygen.models.ldm import LdmComponents
+        from anygen.pipelines.text_to_image import LatentDiffusion
+
+        parts = LdmComponents(
+            vae=trainer.vae,
+            denoiser=trainer.denoiser,
+            text_encoder=trainer.text_encoder,
+            tokenizer=tokenizer,
+            scheduler=sampler,
+        )
+        editor = LatentDiffusion(parts, name=directory.name, defaults=defaults)
+        return editor.save_pretrained(directory)
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
     pipe = StableDiffusionInstructPix2PixPipeline(
         vae=trainer.vae,
         text_encoder=trainer.text_encoder,
         tokenizer=tokenizer,
-        unet=trainer.unet,
+        unet=trainer.denoiser,
         scheduler=sampler,
         safety_checker=None,
         feature_extractor=None,
@@ -372,13 +390,15 @@ def save_editor(trainer: EditTrainer, tokenizer, sampler, directory: Path, defau
     with atomic_directory(directory, marker="model_index.json") as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         forget_source_paths(tmp)
-        (tmp / ANYGEN_FILE).write_text(editor_settings(defaults))
+        (tmp / ANYGEN_FILE).write_text(editor_settings(defaults, "diffusers"))
     return directory
 
 
-def editor_settings(defaults: dict) -> str:
-    """The editor's anygen.json: what load_generator reads as its defaults."""
-    return json.dumps({"family": "diffusers", "task": "edit", **defaults}, indent=2) + "\n"
+def editor_settings(defaults: dict, family: str) -> str:
+    """The editor's anygen.json: what load_generator reads as its defaults ("diffusers":
+    run by diffusers' InstructPix2Pix pipeline; "ldm": by anygen's ``LatentDiffusion``)."""
+    task = {"task": "edit"} if family == "diffusers" else {}
+    return json.dumps({"family": family, **task, **defaults}, indent=2) + "\n"
 
 
 def card(facts: dict, report=None) -> str:
@@ -403,12 +423,19 @@ def card(facts: dict, report=None) -> str:
             f"(shapes-eval edit, seed {sel['seed']}; the scores above use seed 0):\n\n"
             f"| guidance | image guidance | validation overall |\n|---|---|---|\n{rows}\n"
         )
+    denoiser = facts.get("denoiser", "UNet")
+    what = (
+        "A diffusers `StableDiffusionInstructPix2PixPipeline`"
+        if denoiser == "UNet"
+        else "A diffusers `PixArtAlphaPipeline` directory that anygen edits with (diffusers"
+        " has no InstructPix2Pix pipeline for a DiT)"
+    )
     return f"""---
 {front}
 ---
 # Instruction editor (InstructPix2Pix-style) from {facts["base_model"]}
 
-A diffusers `StableDiffusionInstructPix2PixPipeline`: the UNet of `{facts["base_model"]}`
+{what}: the {denoiser} of `{facts["base_model"]}`
 widened to 8 input channels (zero-initialised), trained by `{facts["recipe"]}` on
 shapes-world edit triples (train split) for {facts["steps"]} steps (batch
 {facts["batch_size"]}, lr {facts["learning_rate"]}, seed {facts["seed"]}, text encoder

@@ -23,8 +23,9 @@ from anygen.cli import main as cli
 from anygen.data import shapes
 from anygen.data.render import render_image
 from anygen.errors import CheckpointError, UserInputError
-from anygen.models.ldm import LDM_PRESETS, build_components, widen_unet_inputs
+from anygen.models.ldm import LDM_PRESETS, build_components, widen_denoiser_inputs
 from anygen.pipelines import Options, load_generator
+from anygen.pipelines.base import make_generator
 from anygen.pipelines.text_to_image import LatentDiffusion
 from anygen.tokenizers.text import load_text_tokenizer
 
@@ -513,12 +514,12 @@ def test_widened_unet_computes_what_the_original_did():
     x, states = torch.randn(2, 4, 16, 16), torch.randn(2, 24, 32)
     with torch.no_grad():
         before = unet(x, 10, encoder_hidden_states=states).sample
-        widen_unet_inputs(unet, 4)
+        widen_denoiser_inputs(unet, 4)
         after = unet(torch.cat([x, torch.randn(2, 4, 16, 16)], 1), 10, states).sample
     assert unet.config.in_channels == 8 and unet.conv_in.in_channels == 8
     assert torch.allclose(before, after, atol=1e-6)
     with pytest.raises(UserInputError, match="extra_channels"):
-        widen_unet_inputs(unet, 0)
+        widen_denoiser_inputs(unet, 0)
 
 
 def test_conditioning_dropout_shares():
@@ -773,14 +774,132 @@ def test_subject_bench_prints_a_table(base, encoders, tmp_path, capsys):
     assert np.array_equal(pixels([again]), pixels([saved]))
 
 
-def test_instruct_edit_refuses_a_dit_base_in_one_line(dit_base, tmp_path, capsys):
-    out = tmp_path / "edit"
-    reset_accelerate()
-    argv = ["train", str(RECIPES / "instruct_edit.py"), "--model", str(dit_base)]
-    assert cli([*argv, "--output-dir", str(out), "--steps", "1"]) != 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert "denoises with a PixArtTransformer2DModel" in err[-1] and "UNet" in err[-1]
-    assert not any("Traceback" in line for line in err) and not (out / "model").exists()
+def test_widened_dit_computes_what_the_original_did():
+    """A DiT's patch embedding takes the extra channels with zero weights; its output keeps
+    the latent channels, also when its config left out_channels to follow in_channels."""
+    import dataclasses
+
+    from diffusers import PixArtTransformer2DModel
+
+    from anygen.models.ldm import denoise, reads_source_image
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(LDM_PRESETS["tiny"], denoiser="dit")
+    dit = build_components(cfg, load_text_tokenizer("shapes-bpe")).denoiser.eval()
+    x, states = torch.randn(2, 4, 16, 16), torch.randn(2, 24, 32)
+    with torch.no_grad():
+        before = denoise(dit, x, 10, states)
+        widen_denoiser_inputs(dit, 4)
+        after = denoise(dit, torch.cat([x, torch.randn(2, 4, 16, 16)], 1), 10, states)
+    assert after.shape == (2, 4, 16, 16) and torch.allclose(before, after, atol=1e-6)
+    assert dit.config.in_channels == 8 and dit.config.out_channels == 4
+    assert reads_source_image(dit, 4) and not reads_source_image(dit, 8)
+    # a config without out_channels: widening must not let the output follow the input
+    loose = PixArtTransformer2DModel.from_config(
+        {**dit.config, "in_channels": 4, "out_channels": None}
+    )
+    widen_denoiser_inputs(loose, 4)
+    assert PixArtTransformer2DModel.from_config(loose.config).out_channels == 4
+    with pytest.raises(UserInputError, match="cannot widen the inputs of a Linear"):
+        widen_denoiser_inputs(torch.nn.Linear(2, 2), 4)
+
+
+def test_instruct_edit_loop_equals_diffusers_instruct_pix2pix(tmp_path):
+    """anygen's InstructPix2Pix loop (which a DiT editor runs) gives diffusers'
+    StableDiffusionInstructPix2PixPipeline's pixels on the same UNet editor, seed and
+    scheduler, with and without guidance and with a negative prompt."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    torch.manual_seed(0)
+    components = build_components(LDM_PRESETS["tiny"], load_text_tokenizer("shapes-bpe"))
+    widen_denoiser_inputs(components.denoiser, 4)
+    with torch.no_grad():  # the source must matter: random weights on its channels
+        components.denoiser.conv_in.weight[:, 4:].normal_(0, 0.1)
+    ours = LatentDiffusion(components, name="tiny-edit", defaults={"scheduler": "dpm++"})
+    scene = shapes.sample_edit(shapes.sample_rng(0, "test-edit", 0), "test")
+    source = render_image(scene.source, 32)
+    cases = [
+        dict(guidance_scale=4.0, image_guidance_scale=2.5),
+        dict(guidance_scale=4.0, image_guidance_scale=1.5, negative_prompt="a blue star"),
+        dict(guidance_scale=1.0, image_guidance_scale=1.5),  # no guidance: one row
+    ]
+    pipe = StableDiffusionInstructPix2PixPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        unet=components.denoiser,
+        scheduler=ours.sampler("dpm++"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    for case in cases:
+        got = ours.edit(source, scene.instruction, Options(seed=5, num_images=2, **OPTS, **case))
+        want = pipe(
+            prompt=[scene.instruction] * 2,
+            image=[source] * 2,
+            num_inference_steps=2,
+            generator=[make_generator(5), make_generator(6)],
+            output_type="np",
+            **{k: ([v] * 2 if k == "negative_prompt" else v) for k, v in case.items()},
+        ).images  # (2, 32, 32, 3) in [0, 1]
+        assert got.settings["seeds"] == [5, 6]
+        assert np.abs(pixels(got.images) / 255.0 - want).max() < 2 / 255, case
+
+
+@pytest.fixture(scope="module")
+def dit_editor(dit_base, root) -> Path:
+    out = root / "edit-dit"
+    run_recipe(
+        "instruct_edit.py",
+        *("--model", str(dit_base), "--output-dir", str(out), "--steps", "3"),
+        *("--batch-size", "4", "--lr", "1e-2", "--eval-n", "1", "--sample-steps", "2"),
+        *("--select-n", "1"),
+    )
+    return out / "model"
+
+
+def test_instruct_edit_recipe_on_a_dit(dit_editor, tmp_path, capsys):
+    """A DiT editor is a PixArt pipeline directory with an 8-channel transformer that
+    anygen edits with (diffusers has no InstructPix2Pix pipeline for PixArt): loaded by
+    load_generator, it edits deterministically, image guidance matters, --strength and
+    text-to-image are refused in one line, and `anygen edit` writes the same pixels."""
+    index = json.loads((dit_editor / "model_index.json").read_text())
+    assert index["_class_name"] == "PixArtAlphaPipeline"
+    config = json.loads((dit_editor / "transformer" / "config.json").read_text())
+    assert (config["in_channels"], config["out_channels"]) == (8, 4)
+    facts = json.loads((dit_editor / "training.json").read_text())
+    assert facts["denoiser"] == "DiT" and "shapes_eval_edit_overall" in facts
+    assert "PixArtAlphaPipeline" in (dit_editor / "README.md").read_text()
+    defaults = json.loads((dit_editor / "anygen.json").read_text())
+    chosen = facts["sampling_selection"]["chosen"]
+    assert defaults["family"] == "ldm" and {k: defaults[k] for k in chosen} == chosen
+
+    gen = load_generator(str(dit_editor))
+    assert type(gen).__name__ == "LatentDiffusion" and gen.edits_by_instruction
+    scene = shapes.sample_edit(shapes.sample_rng(0, "test-edit", 1), "test")
+    source = render_image(scene.source, 32)
+    opts = dict(OPTS, seed=3)
+    a = gen.edit(source, scene.instruction, Options(**opts))
+    b = gen.edit(source, scene.instruction, Options(**opts))
+    c = gen.edit(source, scene.instruction, Options(image_guidance_scale=9.0, **opts))
+    assert a.images[0].size == (32, 32) and a.settings["instruction"] == scene.instruction
+    assert a.settings["image_guidance_scale"] == chosen["image_guidance_scale"]
+    assert np.array_equal(pixels(a.images), pixels(b.images))
+    assert not np.array_equal(pixels(a.images), pixels(c.images))
+    with pytest.raises(UserInputError, match="strength means nothing to the instruction editor"):
+        gen.edit(source, scene.instruction, Options(strength=0.5, **opts))
+    with pytest.raises(UserInputError, match="is an instruction editor .*`anygen edit IMAGE"):
+        gen.generate("a red circle", Options(**OPTS))
+    with pytest.raises(UserInputError, match="not a multiple of 4"):
+        gen.edit(source.resize((30, 30)), scene.instruction, Options(**opts))
+
+    image, out = tmp_path / "source.png", tmp_path / "edited.png"
+    source.save(image)
+    argv = ["edit", str(image), scene.instruction, "--model", str(dit_editor), "--seed", "3"]
+    assert cli([*argv, "--steps", "2", "-o", str(out)]) == 0
+    assert np.array_equal(pixels([Image.open(out).convert("RGB")]), pixels(a.images))
 
 
 def test_instruct_edit_refuses_a_corrupt_base_record(tmp_path):

@@ -246,17 +246,29 @@ def build_components(cfg: LdmConfig, tokenizer) -> LdmComponents:
     )
 
 
-def widen_unet_inputs(unet: UNet2DConditionModel, extra_channels: int) -> UNet2DConditionModel:
-    """Give ``unet`` ``extra_channels`` more input channels, in place, with zero weights.
+def widen_denoiser_inputs(denoiser: torch.nn.Module, extra_channels: int) -> torch.nn.Module:
+    """Give ``denoiser`` (a UNet or a PixArt DiT) ``extra_channels`` more input channels, in
+    place, with zero weights.
 
     InstructPix2Pix (Brooks et al. 2023) starts its editing UNet from a text-to-image one
     this way: the source image's latents enter as extra channels whose weights are zero, so
-    the widened UNet computes exactly what the original did until training teaches it to
-    look at them. The bias is kept too (diffusers' training script draws a new one).
+    the widened denoiser computes exactly what the original did until training teaches it
+    to look at them. The bias is kept too (diffusers' training script draws a new one). A
+    UNet's first convolution is widened; a DiT's is its patch embedding's projection, and
+    its output keeps the latent channels it had.
     """
     if extra_channels < 1:
         raise UserInputError(f"extra_channels must be >= 1, got {extra_channels}")
-    old = unet.conv_in
+    if isinstance(denoiser, PixArtTransformer2DModel):
+        owner, attr = denoiser.pos_embed, "proj"
+    elif isinstance(getattr(denoiser, "conv_in", None), torch.nn.Conv2d):
+        owner, attr = denoiser, "conv_in"
+    else:
+        raise UserInputError(
+            f"cannot widen the inputs of a {type(denoiser).__name__}: a UNet2DConditionModel "
+            "or a PixArtTransformer2DModel is needed"
+        )
+    old = getattr(owner, attr)
     new = torch.nn.Conv2d(
         old.in_channels + extra_channels,
         old.out_channels,
@@ -270,9 +282,17 @@ def widen_unet_inputs(unet: UNet2DConditionModel, extra_channels: int) -> UNet2D
         new.weight.zero_()
         new.weight[:, : old.in_channels].copy_(old.weight)  # (out, in + extra, k, k)
         new.bias.copy_(old.bias)
-    unet.conv_in = new
-    unet.register_to_config(in_channels=new.in_channels)
-    return unet
+    setattr(owner, attr, new)
+    if isinstance(denoiser, PixArtTransformer2DModel):  # out_channels None would follow in_
+        denoiser.register_to_config(out_channels=denoiser.out_channels)
+    denoiser.register_to_config(in_channels=new.in_channels)
+    return denoiser
+
+
+def reads_source_image(denoiser: torch.nn.Module, latent_channels: int) -> bool:
+    """Whether ``denoiser`` is an InstructPix2Pix one: it takes more channels than the
+    latents it denoises (the source image's latents, ``widen_denoiser_inputs``)."""
+    return int(denoiser.config.in_channels) > latent_channels
 
 
 def make_sampler(name: str, training_scheduler) -> object:
@@ -408,7 +428,7 @@ def denoiser_loss(
     (``sample_timesteps``).
     Captions dropped for classifier-free guidance are the empty caption, tokenised like
     any other: the recipe decides which rows are dropped. ``image_latents`` (B, C', h, w),
-    for an InstructPix2Pix denoiser (``widen_unet_inputs``), are concatenated to the noisy
+    for an InstructPix2Pix denoiser (``widen_denoiser_inputs``), are concatenated to the noisy
     latents along channels, as diffusers' ``StableDiffusionInstructPix2PixPipeline`` does.
     """
     # fp32 noising: under bf16 autocast the latents arrive in bf16, and diffusers' add_noise

@@ -21,7 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from tqdm.auto import tqdm
 
-from anygen.data.datasets import tensor_to_images
+from anygen.data.datasets import images_to_tensor, tensor_to_images
 from anygen.errors import CheckpointError, ModelNotFoundError, UserInputError, load_errors
 from anygen.hub import PICKLE_SUFFIXES, atomic_directory, forget_source_paths, read_json_object
 from anygen.models.ldm import (
@@ -30,6 +30,7 @@ from anygen.models.ldm import (
     LdmComponents,
     denoise,
     make_sampler,
+    reads_source_image,
     tokenize,
 )
 from anygen.pipelines.base import (  # ANYGEN_FILE: beside model_index.json, anygen's defaults
@@ -147,6 +148,11 @@ class LatentDiffusion(TextToImage):
             "use --steps, --scheduler and --guidance",
         )
         opts.refuse(EDIT_SETTINGS, "is an editing setting (anygen edit)")
+        if self.edits_by_instruction:
+            raise UserInputError(
+                f"{self.name} is an instruction editor (its denoiser reads a source image): "
+                "use `anygen edit IMAGE INSTRUCTION`"
+            )
         timer = Timer()
         steps = opts.steps if opts.steps is not None else self.defaults["steps"]
         guidance = (
@@ -175,37 +181,20 @@ class LatentDiffusion(TextToImage):
             height // self.vae_factor,
             width // self.vae_factor,
         )
-        gen = generators  # one generator per row
-        latents = randn_tensor(shape, generator=gen, device=self.device, dtype=self.dtype)
-        scheduler.set_timesteps(steps, device=self.device)
-        latents = latents * scheduler.init_noise_sigma
-        # Schedulers that add noise of their own (DDPM, DDIM with eta, SDE solvers) take
-        # the generator, as diffusers' pipelines pass it.
-        step_params = inspect.signature(scheduler.step).parameters
-        step_kwargs = {"generator": gen} if "generator" in step_params else {}
-        if "eta" in step_params:
-            step_kwargs["eta"] = 0.0
 
-        timesteps = scheduler.timesteps
+        def predict(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            model_in = torch.cat([latents] * 2) if do_cfg else latents
+            model_in = scheduler.scale_model_input(model_in, t)
+            pred = denoise(c.denoiser, model_in, t, states)  # noise or v
+            if do_cfg:
+                pred_uncond, pred_text = pred.chunk(2)
+                pred = pred_uncond + guidance * (pred_text - pred_uncond)
+            return pred
+
         with timer("denoise"):
-            for i, t in enumerate(
-                tqdm(
-                    timesteps, desc=f"{self.name} denoising", disable=not opts.progress, leave=False
-                )
-            ):
-                model_in = torch.cat([latents] * 2) if do_cfg else latents
-                model_in = scheduler.scale_model_input(model_in, t)
-                pred = denoise(c.denoiser, model_in, t, states)  # noise or v
-                if do_cfg:
-                    pred_uncond, pred_text = pred.chunk(2)
-                    pred = pred_uncond + guidance * (pred_text - pred_uncond)
-                latents = scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
-                if opts.callback is not None:
-                    opts.callback(i + 1, len(timesteps), {"latents": latents, "timestep": t})
-
+            latents = self._denoise(shape, generators, scheduler, steps, predict, opts)
         with timer("decode"):
-            images = c.vae.decode(latents / c.vae.config.scaling_factor, return_dict=False)[0]
-            images = tensor_to_images(images)
+            images = self._decode(latents)
         settings = {
             "steps": steps,
             "guidance_scale": guidance,
@@ -216,7 +205,49 @@ class LatentDiffusion(TextToImage):
         }
         return images, settings, timer.timings
 
+    def _denoise(
+        self,
+        shape: tuple[int, ...],
+        generators: list[torch.Generator],
+        scheduler,
+        steps: int,
+        predict,
+        opts: Options,
+    ) -> torch.Tensor:
+        """The sampling loop of diffusers' pipelines: noise of ``shape`` (one generator per
+        row) denoised over ``steps`` by ``predict(latents, t) -> noise or v``."""
+        latents = randn_tensor(shape, generator=generators, device=self.device, dtype=self.dtype)
+        scheduler.set_timesteps(steps, device=self.device)
+        latents = latents * scheduler.init_noise_sigma
+        # Schedulers that add noise of their own (DDPM, DDIM with eta, SDE solvers) take
+        # the generator, as diffusers' pipelines pass it.
+        step_params = inspect.signature(scheduler.step).parameters
+        step_kwargs = {"generator": generators} if "generator" in step_params else {}
+        if "eta" in step_params:
+            step_kwargs["eta"] = 0.0
+        timesteps = scheduler.timesteps
+        bar = tqdm(timesteps, desc=f"{self.name} denoising", disable=not opts.progress, leave=False)
+        for i, t in enumerate(bar):
+            pred = predict(latents, t)
+            latents = scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
+            if opts.callback is not None:
+                opts.callback(i + 1, len(timesteps), {"latents": latents, "timestep": t})
+        return latents
+
+    def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        vae = self.components.vae
+        return tensor_to_images(
+            vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        )
+
     # ------------------------------------------------------------------ runtime, editing
+
+    @property
+    def edits_by_instruction(self) -> bool:
+        """An InstructPix2Pix model: its denoiser (UNet or DiT) reads the source image's
+        latents as extra input channels (``recipes/instruct_edit.py`` trains one)."""
+        c = self.components
+        return reads_source_image(c.denoiser, c.vae.config.latent_channels)
 
     def apply_runtime(self, runtime: Runtime) -> None:
         """LoRA adapters, VAE tiling/slicing, attention backend and CPU offload, applied to
@@ -225,14 +256,102 @@ class LatentDiffusion(TextToImage):
         configure_pipeline(self.to_diffusers(), runtime, self.device)
 
     def edit(self, image: Image.Image, instruction: str, options: Options | None = None) -> Output:
-        """Image to image (SDEdit) with diffusers' img2img pipeline over these components:
-        ``options.strength`` sets how much of the image is redrawn (default 0.8)."""
+        """Edit ``image`` by ``instruction``. An instruction editor (``edits_by_instruction``)
+        follows it, InstructPix2Pix's way (``instruct_edit``); a text-to-image model redraws
+        the image towards the instruction read as a caption (SDEdit, with diffusers'
+        img2img pipeline over these components): ``options.strength`` sets how much of it
+        is redrawn (default 0.8)."""
         from anygen.pipelines.diffusers_t2i import image_to_image_pipeline, run_edit
 
         opts = (options or Options()).validate()
+        if self.edits_by_instruction:
+            return self.instruct_edit(image, instruction, opts)
         if self._edit_pipe is None:
             self._edit_pipe = image_to_image_pipeline(self.to_diffusers(), self.name)
         return run_edit(self, self._edit_pipe, image, instruction, opts)
+
+    @torch.no_grad()
+    def instruct_edit(self, image: Image.Image, instruction: str, opts: Options) -> Output:
+        """InstructPix2Pix sampling, step for step as diffusers'
+        ``StableDiffusionInstructPix2PixPipeline`` (whose UNet-only loop this also runs for
+        a DiT): the source's latents (the VAE posterior's mode, unscaled) beside the noisy
+        latents, and three rows per image, (instruction, source), (negative, source) and
+        (negative, no source), combined as uncond + g (text - image) + g_I (image - uncond)."""
+        from anygen.pipelines.base import check_prompt, resolve_seed
+        from anygen.pipelines.diffusers_t2i import prepare_edit_image
+
+        c = self.components
+        check_prompt(instruction)
+        opts.refuse(TOKEN_SETTINGS, f"means nothing to {self.name!r}: it samples no tokens")
+        opts.refuse(
+            ("strength",),
+            f"means nothing to the instruction editor {self.name!r}: it redraws the whole "
+            "image, held to the source by --image-guidance",
+        )
+        steps = opts.steps if opts.steps is not None else self.defaults["steps"]
+        guidance = (
+            opts.guidance_scale
+            if opts.guidance_scale is not None
+            else self.defaults["guidance_scale"]
+        )
+        image_guidance = (
+            opts.image_guidance_scale
+            if opts.image_guidance_scale is not None
+            else self.defaults.get("image_guidance_scale", 1.5)
+        )
+        check_negative_guidance(opts.negative_prompt, guidance)
+        scheduler_name = opts.scheduler or self.defaults["scheduler"]
+        scheduler = self.sampler(scheduler_name)
+        patch = int(getattr(c.denoiser.config, "patch_size", None) or 1)
+        image = prepare_edit_image(image, opts, self.vae_factor * patch)
+        self.check_size(image.width, image.height)
+        seed = resolve_seed(opts.seed)
+        seeds = [seed + i for i in range(opts.num_images)]
+        b = len(seeds)
+        do_cfg = guidance > 1.0 and image_guidance >= 1.0  # as diffusers decides
+        timer = Timer()
+        with timer("text"):
+            states = self.encode_text([instruction] * b)  # (B, L, D)
+            if do_cfg:
+                negative = self.encode_text([opts.negative_prompt or ""] * b)
+                states = torch.cat([states, negative, negative])  # (3B, L, D)
+        with timer("source"):
+            pixels = images_to_tensor([image]).to(self.device, self.dtype)  # (1, 3, H, W)
+            source = c.vae.encode(pixels).latent_dist.mode().expand(b, -1, -1, -1)
+            if do_cfg:
+                source = torch.cat([source, source, torch.zeros_like(source)])  # (3B, C, h, w)
+
+        def predict(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            model_in = torch.cat([latents] * 3) if do_cfg else latents
+            model_in = torch.cat([scheduler.scale_model_input(model_in, t), source], dim=1)
+            pred = denoise(c.denoiser, model_in, t, states)
+            if do_cfg:
+                text, image_only, uncond = pred.chunk(3)
+                pred = (
+                    uncond + guidance * (text - image_only) + image_guidance * (image_only - uncond)
+                )
+            return pred
+
+        shape = (b, c.vae.config.latent_channels, *source.shape[-2:])
+        generators = [make_generator(s, self.device) for s in seeds]
+        with timer("denoise"):
+            latents = self._denoise(shape, generators, scheduler, steps, predict, opts)
+        with timer("decode"):
+            images = self._decode(latents)
+        settings = {
+            "steps": steps,
+            "guidance_scale": guidance,
+            "image_guidance_scale": image_guidance,
+            "scheduler": scheduler_name,
+            "width": image.width,
+            "height": image.height,
+            "negative_prompt": opts.negative_prompt,
+            "seeds": seeds,
+            "instruction": instruction,
+        }
+        return Output(
+            segments=images, seed=seed, model=self.name, timings=timer.timings, settings=settings
+        )
 
     # ------------------------------------------------------------------ save / load
 
