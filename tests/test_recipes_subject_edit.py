@@ -535,16 +535,20 @@ def test_conditioning_dropout_shares():
         assert 0.035 < share.mean() < 0.065
 
 
-@pytest.fixture(scope="module")
-def editor(base, root) -> Path:
-    out = root / "edit"
+def train_editor(base: Path, out: Path, select_n: int) -> Path:
+    """A 3-step editor from ``base`` whose defaults are chosen on ``select_n`` edits."""
     run_recipe(
         "instruct_edit.py",
         *("--model", str(base), "--output-dir", str(out), "--steps", "3"),
         *("--batch-size", "4", "--lr", "1e-2", "--eval-n", "1", "--sample-steps", "2"),
-        *("--select-n", "2"),
+        *("--select-n", str(select_n)),
     )
     return out / "model"
+
+
+@pytest.fixture(scope="module")
+def editor(base, root) -> Path:
+    return train_editor(base, root / "edit", select_n=2)
 
 
 def test_instruct_edit_recipe_makes_a_diffusers_editor(editor, tmp_path, capsys):
@@ -850,14 +854,7 @@ def test_instruct_edit_loop_equals_diffusers_instruct_pix2pix(tmp_path):
 
 @pytest.fixture(scope="module")
 def dit_editor(dit_base, root) -> Path:
-    out = root / "edit-dit"
-    run_recipe(
-        "instruct_edit.py",
-        *("--model", str(dit_base), "--output-dir", str(out), "--steps", "3"),
-        *("--batch-size", "4", "--lr", "1e-2", "--eval-n", "1", "--sample-steps", "2"),
-        *("--select-n", "1"),
-    )
-    return out / "model"
+    return train_editor(dit_base, root / "edit-dit", select_n=1)
 
 
 def test_instruct_edit_recipe_on_a_dit(dit_editor, tmp_path, capsys):

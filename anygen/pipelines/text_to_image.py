@@ -154,14 +154,7 @@ class LatentDiffusion(TextToImage):
                 "use `anygen edit IMAGE INSTRUCTION`"
             )
         timer = Timer()
-        steps = opts.steps if opts.steps is not None else self.defaults["steps"]
-        guidance = (
-            opts.guidance_scale
-            if opts.guidance_scale is not None
-            else self.defaults["guidance_scale"]
-        )
-        check_negative_guidance(opts.negative_prompt, guidance)
-        scheduler_name = opts.scheduler or self.defaults["scheduler"]
+        steps, guidance, scheduler_name = self._settings(opts)
         width = opts.width or self.default_size
         height = opts.height or self.default_size
         self.check_size(width, height)
@@ -191,10 +184,7 @@ class LatentDiffusion(TextToImage):
                 pred = pred_uncond + guidance * (pred_text - pred_uncond)
             return pred
 
-        with timer("denoise"):
-            latents = self._denoise(shape, generators, scheduler, steps, predict, opts)
-        with timer("decode"):
-            images = self._decode(latents)
+        images = self._draw(shape, generators, scheduler, steps, predict, opts, timer)
         settings = {
             "steps": steps,
             "guidance_scale": guidance,
@@ -205,7 +195,18 @@ class LatentDiffusion(TextToImage):
         }
         return images, settings, timer.timings
 
-    def _denoise(
+    def _settings(self, opts: Options) -> tuple[int, float, str]:
+        """Steps, guidance and scheduler name: the options', else this model's defaults."""
+        steps = opts.steps if opts.steps is not None else self.defaults["steps"]
+        guidance = (
+            opts.guidance_scale
+            if opts.guidance_scale is not None
+            else self.defaults["guidance_scale"]
+        )
+        check_negative_guidance(opts.negative_prompt, guidance)
+        return steps, guidance, opts.scheduler or self.defaults["scheduler"]
+
+    def _draw(
         self,
         shape: tuple[int, ...],
         generators: list[torch.Generator],
@@ -213,32 +214,35 @@ class LatentDiffusion(TextToImage):
         steps: int,
         predict,
         opts: Options,
-    ) -> torch.Tensor:
-        """The sampling loop of diffusers' pipelines: noise of ``shape`` (one generator per
-        row) denoised over ``steps`` by ``predict(latents, t) -> noise or v``."""
-        latents = randn_tensor(shape, generator=generators, device=self.device, dtype=self.dtype)
-        scheduler.set_timesteps(steps, device=self.device)
-        latents = latents * scheduler.init_noise_sigma
-        # Schedulers that add noise of their own (DDPM, DDIM with eta, SDE solvers) take
-        # the generator, as diffusers' pipelines pass it.
-        step_params = inspect.signature(scheduler.step).parameters
-        step_kwargs = {"generator": generators} if "generator" in step_params else {}
-        if "eta" in step_params:
-            step_kwargs["eta"] = 0.0
-        timesteps = scheduler.timesteps
-        bar = tqdm(timesteps, desc=f"{self.name} denoising", disable=not opts.progress, leave=False)
-        for i, t in enumerate(bar):
-            pred = predict(latents, t)
-            latents = scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
-            if opts.callback is not None:
-                opts.callback(i + 1, len(timesteps), {"latents": latents, "timestep": t})
-        return latents
-
-    def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        vae = self.components.vae
-        return tensor_to_images(
-            vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
-        )
+        timer: Timer,
+    ) -> list[Image.Image]:
+        """The sampling loop of diffusers' pipelines, then the VAE: noise of ``shape`` (one
+        generator per row) denoised over ``steps`` by ``predict(latents, t) -> noise or v``."""
+        with timer("denoise"):
+            latents = randn_tensor(
+                shape, generator=generators, device=self.device, dtype=self.dtype
+            )
+            scheduler.set_timesteps(steps, device=self.device)
+            latents = latents * scheduler.init_noise_sigma
+            # Schedulers that add noise of their own (DDPM, DDIM with eta, SDE solvers) take
+            # the generator, as diffusers' pipelines pass it.
+            step_params = inspect.signature(scheduler.step).parameters
+            step_kwargs = {"generator": generators} if "generator" in step_params else {}
+            if "eta" in step_params:
+                step_kwargs["eta"] = 0.0
+            timesteps = scheduler.timesteps
+            bar = tqdm(
+                timesteps, desc=f"{self.name} denoising", disable=not opts.progress, leave=False
+            )
+            for i, t in enumerate(bar):
+                pred = predict(latents, t)
+                latents = scheduler.step(pred, t, latents, **step_kwargs, return_dict=False)[0]
+                if opts.callback is not None:
+                    opts.callback(i + 1, len(timesteps), {"latents": latents, "timestep": t})
+        with timer("decode"):
+            vae = self.components.vae
+            images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+            return tensor_to_images(images)
 
     # ------------------------------------------------------------------ runtime, editing
 
@@ -288,19 +292,12 @@ class LatentDiffusion(TextToImage):
             f"means nothing to the instruction editor {self.name!r}: it redraws the whole "
             "image, held to the source by --image-guidance",
         )
-        steps = opts.steps if opts.steps is not None else self.defaults["steps"]
-        guidance = (
-            opts.guidance_scale
-            if opts.guidance_scale is not None
-            else self.defaults["guidance_scale"]
-        )
+        steps, guidance, scheduler_name = self._settings(opts)
         image_guidance = (
             opts.image_guidance_scale
             if opts.image_guidance_scale is not None
             else self.defaults.get("image_guidance_scale", 1.5)
         )
-        check_negative_guidance(opts.negative_prompt, guidance)
-        scheduler_name = opts.scheduler or self.defaults["scheduler"]
         scheduler = self.sampler(scheduler_name)
         patch = int(getattr(c.denoiser.config, "patch_size", None) or 1)
         image = prepare_edit_image(image, opts, self.vae_factor * patch)
@@ -334,10 +331,7 @@ class LatentDiffusion(TextToImage):
 
         shape = (b, c.vae.config.latent_channels, *source.shape[-2:])
         generators = [make_generator(s, self.device) for s in seeds]
-        with timer("denoise"):
-            latents = self._denoise(shape, generators, scheduler, steps, predict, opts)
-        with timer("decode"):
-            images = self._decode(latents)
+        images = self._draw(shape, generators, scheduler, steps, predict, opts, timer)
         settings = {
             "steps": steps,
             "guidance_scale": guidance,
