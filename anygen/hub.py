@@ -134,8 +134,17 @@ def keep_history(card: str, folder: str | os.PathLike) -> str:
     history block of the card already in ``folder``, so that re-bundling a model keeps
     what was written by hand about it: in place of ``card``'s own block, else appended.
     ``card`` unchanged where ``folder`` has no card or its card no history."""
+    return with_history(card, history_of(folder))
+
+
+def history_of(folder: str | os.PathLike) -> str | None:
+    """The history block of the card in ``folder``; None without a card or a block."""
     old = Path(folder) / CARD_NAME
-    history = card_block(old.read_text(encoding="utf-8"), HISTORY) if old.is_file() else None
+    return card_block(old.read_text(encoding="utf-8"), HISTORY) if old.is_file() else None
+
+
+def with_history(card: str, history: str | None) -> str:
+    """``card`` with ``history`` as its history block (``card`` itself for None)."""
     return card if history is None else put_card_block(card, HISTORY, history)
 
 

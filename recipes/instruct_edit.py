@@ -35,6 +35,7 @@ has no InstructPix2Pix pipeline for a DiT, so a DiT editor is saved as a
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import logging
@@ -49,7 +50,13 @@ from torch.utils.data import Dataset
 
 from anygen.data.datasets import ShapesEditDataset, collate
 from anygen.errors import UserInputError
-from anygen.hub import atomic_directory, forget_source_paths, read_json_object
+from anygen.hub import (
+    atomic_directory,
+    forget_source_paths,
+    history_of,
+    read_json_object,
+    with_history,
+)
 from anygen.models.ldm import denoiser_loss, make_sampler, tokenize, widen_denoiser_inputs
 from anygen.output import write_text_atomic
 from anygen.pipelines import Options, load_generator
@@ -65,6 +72,7 @@ from anygen.training.checkpoint import latest_checkpoint
 from anygen.training.subjects import load_base_model
 
 log = logging.getLogger("recipes.instruct_edit")
+BUNDLED_MODELS = Path(__file__).resolve().parents[1] / "anygen" / "assets" / "models"
 BASE_FILE = "base.json"  # in OUT/train: the base a run started from
 
 # Text guidance x image guidance, the grid from which the editor's defaults are chosen on
@@ -165,6 +173,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--sample-steps", type=int, default=20, help="default sampling steps")
     p.add_argument("--eval-n", type=int, default=50, help="shapes-eval edit samples (0: skip)")
+    p.add_argument(
+        "--bundle",
+        action="store_true",
+        help=f"also write fp16 weights to {BUNDLED_MODELS}/NAME (and score those)",
+    )
+    p.add_argument("--name", default="shapes-edit", help="the bundled name (with --bundle)")
     args = p.parse_args(argv)
     if args.select_n < 0 or args.eval_n < 0:  # checked now, not after the training
         p.error("--select-n and --eval-n must be >= 0")
@@ -188,6 +202,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
+    if args.bundle:
+        check_bundle_target(BUNDLED_MODELS / args.name)
     base = load_base_model(args.model)
     c = base.components
     size = base.default_size
@@ -273,18 +289,25 @@ def main(argv: list[str]) -> None:
         "known_words": base.defaults.get("known_words") or [],
     }
     model_dir = args.output_dir / "model"
-    save_editor(result.model, c.tokenizer, make_sampler("dpm++", c.scheduler), model_dir, defaults)
+    sampler = make_sampler("dpm++", c.scheduler)
+    save_editor(result.model, c.tokenizer, sampler, model_dir, defaults)
     if args.select_n:
         selection = select_guidance(load_generator(str(model_dir), dtype="fp32"), args, size)
         facts["sampling_selection"] = selection
         defaults.update(selection["chosen"])
-        family = read_json_object(model_dir / ANYGEN_FILE)["family"]
-        write_text_atomic(model_dir / ANYGEN_FILE, editor_settings(defaults, family))
+        save_editor(result.model, c.tokenizer, sampler, model_dir, defaults)
+    # the bundled weights are fp16: score the editor as it will be shipped
+    shipped, history = model_dir, None
+    if args.bundle:
+        shipped = BUNDLED_MODELS / args.name
+        history = history_of(shipped)
+        save_editor(result.model, c.tokenizer, sampler, shipped, defaults, torch.float16)
+        facts["bundled_as"] = args.name
     report = None
     if args.eval_n:
         from anygen.eval.suites import run_edit
 
-        editor = load_generator(str(model_dir), dtype="fp32")
+        editor = load_generator(str(shipped), dtype="fp32")
         report = run_edit(
             lambda image, instruction, s: editor.edit(
                 image, instruction, Options(seed=s, progress=False)
@@ -293,13 +316,21 @@ def main(argv: list[str]) -> None:
             seed=0,
             size=size,
         )
-        report.meta = {"model": str(model_dir), "suite": "edit", "n": args.eval_n, "seed": 0}
+        name = args.name if args.bundle else str(model_dir)
+        report.meta = {"model": name, "suite": "edit", "n": args.eval_n, "seed": 0}
         log.info("shapes-eval edit:\n%s", report.table())
         facts["shapes_eval_edit_overall"] = round(report.overall, 4)
-        write_text_atomic(model_dir / "eval.json", report.to_json() + "\n")
-    write_text_atomic(model_dir / "training.json", json.dumps(facts, indent=2) + "\n")
-    write_text_atomic(model_dir / "README.md", card(facts, report))
+    for folder in dict.fromkeys((model_dir, shipped)):
+        if report is not None:
+            write_text_atomic(folder / "eval.json", report.to_json() + "\n")
+        write_text_atomic(folder / "training.json", json.dumps(facts, indent=2) + "\n")
+        text = card(facts, report)
+        write_text_atomic(
+            folder / "README.md", with_history(text, history) if folder == shipped else text
+        )
     log.info("saved %s (%.0f s of training, %.2f s/step)", model_dir, train_s, facts["s_per_step"])
+    if args.bundle:
+        log.info("bundled fp16 weights in %s", shipped)
 
 
 def select_guidance(editor, args: argparse.Namespace, size: int) -> dict:
@@ -356,12 +387,19 @@ def check_base(train_dir: Path, model: str, fingerprint: str, *, resume: bool) -
         write_text_atomic(path, json.dumps({"model": model, "fingerprint": fingerprint}) + "\n")
 
 
-def save_editor(trainer: EditTrainer, tokenizer, sampler, directory: Path, defaults: dict) -> Path:
+def save_editor(
+    trainer: EditTrainer,
+    tokenizer,
+    sampler,
+    directory: Path,
+    defaults: dict,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Write the editor atomically, with anygen.json (its defaults): a UNet editor as a
     diffusers ``StableDiffusionInstructPix2PixPipeline`` directory; a DiT editor (diffusers
     has no InstructPix2Pix pipeline for PixArt) as a ``PixArtAlphaPipeline`` directory with
     an 8-channel transformer, which anygen's ``LatentDiffusion`` edits with
-    (``instruct_edit``)."""
+    (``instruct_edit``). ``dtype`` (fp16 for a bundle) converts a copy."""
     if isinstance(trainer.denoiser, PixArtTransformer2DModel):
         from anygen.models.ldm import LdmComponents
         from anygen.pipelines.text_to_image import LatentDiffusion
@@ -374,7 +412,7 @@ def save_editor(trainer: EditTrainer, tokenizer, sampler, directory: Path, defau
             scheduler=sampler,
         )
         editor = LatentDiffusion(parts, name=directory.name, defaults=defaults)
-        return editor.save_pretrained(directory)
+        return editor.save_pretrained(directory, dtype=dtype)
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
     pipe = StableDiffusionInstructPix2PixPipeline(
@@ -387,11 +425,27 @@ def save_editor(trainer: EditTrainer, tokenizer, sampler, directory: Path, defau
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    if dtype is not None:
+        pipe = copy.deepcopy(pipe).to(dtype=dtype)
     with atomic_directory(directory, marker="model_index.json") as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         forget_source_paths(tmp)
         (tmp / ANYGEN_FILE).write_text(editor_settings(defaults, "diffusers"))
     return directory
+
+
+def check_bundle_target(folder: Path) -> None:
+    """Refuse to bundle over a bundled model that is not an instruction editor."""
+    settings = folder / ANYGEN_FILE
+    if folder.exists() and not (
+        (folder / "model_index.json").is_file()
+        and settings.is_file()
+        and "image_guidance_scale" in read_json_object(settings)
+    ):
+        raise UserInputError(
+            f"--bundle would replace {folder}, which is not an instruction editor: choose "
+            "another --name"
+        )
 
 
 def editor_settings(defaults: dict, family: str) -> str:

@@ -899,6 +899,58 @@ def test_instruct_edit_recipe_on_a_dit(dit_editor, tmp_path, capsys):
     assert np.array_equal(pixels([Image.open(out).convert("RGB")]), pixels(a.images))
 
 
+def test_instruct_edit_bundles_fp16_weights_and_keeps_the_cards_history(
+    dit_editor, dit_base, tmp_path
+):
+    """``--bundle`` writes the editor's fp16 weights under the bundled models, scores that
+    copy, keeps the hand-written history of the card it replaces, and refuses to replace a
+    bundled model that is not an instruction editor, before training anything."""
+    import shutil
+
+    from safetensors import safe_open
+
+    from anygen.training import load_recipe
+
+    recipe = load_recipe(RECIPES / "instruct_edit.py")
+    recipe.BUNDLED_MODELS = tmp_path / "assets"
+    old = recipe.BUNDLED_MODELS / "shapes-edit"
+    old.mkdir(parents=True)
+    (old / "anygen.json").write_text('{"family": "ldm", "image_guidance_scale": 1.5}')
+    (old / "model_index.json").write_text("{}")
+    history = "<!-- anygen:history -->\n## Before\n\nan older editor.\n<!-- /anygen:history -->"
+    (old / "README.md").write_text(f"# shapes-edit\n\n{history}\n")
+    run = tmp_path / "run"
+    shutil.copytree(dit_editor.parent, run)  # a finished run: --resume trains nothing
+    argv = ["--model", str(dit_base), "--output-dir", str(run), "--resume", "--batch-size", "4"]
+    argv += ["--steps", "3", "--lr", "1e-2", "--select-n", "0", "--eval-n", "1"]
+    argv += ["--sample-steps", "2"]
+    reset_accelerate()
+    recipe.main([*argv, "--bundle"])
+    reset_accelerate()
+    card = (old / "README.md").read_text()
+    assert history in card and "# Instruction editor" in card
+    assert history not in (run / "model" / "README.md").read_text()
+    weights = old / "transformer" / "diffusion_pytorch_model.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        assert f.get_tensor("pos_embed.proj.weight").dtype == torch.float16
+    assert json.loads((old / "eval.json").read_text())["meta"]["model"] == "shapes-edit"
+    facts = json.loads((old / "training.json").read_text())
+    assert facts["bundled_as"] == "shapes-edit" and "shapes_eval_edit_overall" in facts
+    scene = shapes.sample_edit(shapes.sample_rng(0, "test-edit", 2), "test")
+    edited = load_generator(str(old)).edit(
+        render_image(scene.source, 32), scene.instruction, Options(seed=0, **OPTS)
+    )
+    assert edited.images[0].size == (32, 32)
+
+    (recipe.BUNDLED_MODELS / "shapes-ldm").mkdir()
+    (recipe.BUNDLED_MODELS / "shapes-ldm" / "anygen.json").write_text('{"family": "ldm"}')
+    with pytest.raises(UserInputError, match="shapes-ldm, which is not an instruction editor"):
+        recipe.main(
+            [*argv, "--output-dir", str(tmp_path / "new"), "--bundle", "--name", "shapes-ldm"]
+        )
+    assert not (tmp_path / "new").exists()
+
+
 def test_instruct_edit_refuses_a_corrupt_base_record(tmp_path):
     from anygen.training import load_recipe
 
