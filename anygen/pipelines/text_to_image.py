@@ -5,7 +5,9 @@ transformer, a CLIP text encoder, a scheduler) and runs the denoising loop of
 diffusers' Stable Diffusion pipeline step for step: classifier-free guidance with the
 unconditional and conditional rows in one batch, the scheduler's own
 ``scale_model_input``/``step``, the VAE's scaling factor. It saves as a diffusers
-pipeline directory and loads any Stable-Diffusion-family directory or hub id.
+pipeline directory and loads any Stable-Diffusion-family directory or hub id. An
+InstructPix2Pix denoiser (UNet or DiT, its inputs widened to take the source image's
+latents) edits by instruction with the loop of diffusers' InstructPix2Pix pipeline.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ from anygen.pipelines.base import (  # ANYGEN_FILE: beside model_index.json, any
     Timer,
     check_batch,
     check_negative_guidance,
+    check_prompt,
     make_generator,
+    resolve_seed,
 )
 from anygen.pipelines.runtime import Runtime, auto_attention, configure_pipeline
 
@@ -281,7 +285,6 @@ class LatentDiffusion(TextToImage):
         a DiT): the source's latents (the VAE posterior's mode, unscaled) beside the noisy
         latents, and three rows per image, (instruction, source), (negative, source) and
         (negative, no source), combined as uncond + g (text - image) + g_I (image - uncond)."""
-        from anygen.pipelines.base import check_prompt, resolve_seed
         from anygen.pipelines.diffusers_t2i import prepare_edit_image
 
         c = self.components
