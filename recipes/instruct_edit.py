@@ -456,15 +456,23 @@ def editor_settings(defaults: dict, family: str) -> str:
 
 
 def card(facts: dict, report=None) -> str:
-    front = "\n".join(f"{k}: {json.dumps(v)}" for k, v in facts.items())
+    summary = f"instruction editor (InstructPix2Pix) from {facts['base_model']}, shapes world"
+    front = "\n".join(
+        [
+            *([f"name: {facts['bundled_as']}"] if "bundled_as" in facts else []),
+            f"summary: {json.dumps(summary)}",
+            *(f"{k}: {json.dumps(v)}" for k, v in facts.items()),
+        ]
+    )
+    this = facts.get("bundled_as", "THIS_FOLDER")
     if report is not None:
         scores = (
             f"shapes-eval, edit suite, {len(report.records)} test-split edits, seed 0 "
-            f"(`anygen eval --model THIS_FOLDER --suite edit --n {len(report.records)}`), "
+            f"(`anygen eval --model {this} --suite edit --n {len(report.records)}`), "
             f"default settings:\n\n```\n{report.table()}\n```\n"
         )
     else:
-        scores = "Not scored yet: `anygen eval --model THIS_FOLDER --suite edit --n 100`.\n"
+        scores = f"Not scored yet: `anygen eval --model {this} --suite edit --n 100`.\n"
     if "sampling_selection" in facts:
         sel = facts["sampling_selection"]
         rows = "\n".join(
@@ -496,6 +504,6 @@ shapes-world edit triples (train split) for {facts["steps"]} steps (batch
 {"trained" if facts["text_encoder_trained"] else "frozen"}) in {facts["train_s"]} s
 ({facts["s_per_step"]} s/step) on {facts["device"]}.
 
-    anygen edit scene.png "make the red circle blue" --model THIS_FOLDER --seed 0 -o out.png
+    anygen edit scene.png "make the red circle blue" --model {this} --seed 0 -o out.png
 
 {scores}"""

@@ -909,6 +909,7 @@ def test_instruct_edit_bundles_fp16_weights_and_keeps_the_cards_history(
 
     from safetensors import safe_open
 
+    from anygen.hub import card_metadata
     from anygen.training import load_recipe
 
     recipe = load_recipe(RECIPES / "instruct_edit.py")
@@ -929,6 +930,8 @@ def test_instruct_edit_bundles_fp16_weights_and_keeps_the_cards_history(
     reset_accelerate()
     card = (old / "README.md").read_text()
     assert history in card and "# Instruction editor" in card
+    assert card_metadata(old)["name"] == "shapes-edit" and "--model shapes-edit" in card
+    assert card_metadata(old)["summary"].startswith("instruction editor (InstructPix2Pix)")
     assert history not in (run / "model" / "README.md").read_text()
     weights = old / "transformer" / "diffusion_pytorch_model.safetensors"
     with safe_open(str(weights), "pt") as f:
