@@ -765,15 +765,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "edit",
         help="edit an image by an instruction",
-        description="Edit an image: a fusion model (the default, shapes-fusion) or an "
-        "InstructPix2Pix model follows the instruction ('make the red circle blue'); a "
+        description="Edit an image: an InstructPix2Pix model (the default, shapes-edit) or "
+        "a fusion model follows the instruction ('make the red circle blue'); a "
         "text-to-image diffusion model redraws the image towards it as a prompt (img2img, "
         "--strength).",
     )
     p.add_argument("image", help="image file to edit")
     p.add_argument("instruction", help="the instruction, or the prompt for img2img")
     p.add_argument("-o", "--output", type=Path, required=True, help="output .png")
-    p.add_argument("--model", help=READER_HELP)
+    p.add_argument("--model", help=_model_help("shapes-edit"))
     p.add_argument("--seed", type=int, help="random seed (default: a fresh one, recorded)")
     p.add_argument("--guidance", type=float, help="text guidance scale")
     p.add_argument(

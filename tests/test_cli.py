@@ -176,9 +176,9 @@ def test_caption_and_ask_default_to_the_bundled_model_that_reads_images(
 
 
 def test_edit_defaults_to_the_model_that_edits_by_instruction(no_user_default, tmp_path, capsys):
-    """shapes-fusion edits by instruction; shapes-ldm's img2img reads the instruction as a
-    caption, so `anygen edit` without --model takes shapes-fusion, and img2img's settings
-    are one-line errors there rather than silently ignored."""
+    """shapes-edit follows instructions (shapes-ldm's img2img reads them as a caption), so
+    `anygen edit` without --model takes it; img2img's --strength is a one-line error there
+    rather than silently ignored, and its settings are recorded in the PNG."""
     from PIL import Image
 
     from anygen.data import render_image, sample_rng, sample_scene
@@ -189,17 +189,18 @@ def test_edit_defaults_to_the_model_that_edits_by_instruction(no_user_default, t
     assert cli([*argv, "--strength", "0.5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith(
-        "strength means nothing to 'shapes-fusion': it edits by "
-        "instruction, writing the whole picture anew; leave it out"
+        "strength means nothing to the instruction editor 'shapes-edit': it redraws the "
+        "whole image, held to the source by --image-guidance"
     )
     assert not out.exists()
-    assert cli([*argv, "--json"]) == 0
+    assert cli([*argv, "--steps", "4", "--image-guidance", "2.0", "--json"]) == 0
     captured = capsys.readouterr()
-    assert captured.err.strip() == "anygen: model shapes-fusion"
+    assert captured.err.strip() == "anygen: model shapes-edit"
     record = json.loads(captured.out)
-    assert record["model"] == "shapes-fusion" and record["seed"] == 0
+    assert record["model"] == "shapes-edit" and record["seed"] == 0
     with Image.open(out) as im:
-        assert im.size == (64, 64) and im.text["model"] == "shapes-fusion"
+        assert im.size == (64, 64) and im.text["model"] == "shapes-edit"
+        assert json.loads(im.text["anygen"])["image_guidance_scale"] == 2.0
 
 
 @pytest.mark.parametrize(
@@ -234,12 +235,17 @@ def test_models_marks_each_commands_default(no_user_default, tmp_path, monkeypat
         lines = capsys.readouterr().out.splitlines()
         return {line.split()[0]: line.split("(default")[1] for line in lines if "(default" in line}
 
-    assert marks() == {"shapes-fusion": ": caption, ask, story, edit)", "shapes-ldm": ": generate)"}
+    assert marks() == {
+        "shapes-fusion": ": caption, ask, story)",
+        "shapes-edit": ": edit)",
+        "shapes-ldm": ": generate)",
+    }
     config = tmp_path / "config" / "anygen" / "config.toml"
     config.parent.mkdir(parents=True)
     config.write_text('[models]\ngenerate = "shapes-parti"\ncaption = "llava-hf/llava-1.5-7b-hf"\n')
     assert marks() == {
-        "shapes-fusion": ": ask, story, edit)",
+        "shapes-fusion": ": ask, story)",
+        "shapes-edit": ": edit)",
         "shapes-parti": ": generate)",
         "llava-hf/llava-1.5-7b-hf": ": caption)",  # a hub id is listed as the user's own
     }
