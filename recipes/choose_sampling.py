@@ -28,6 +28,14 @@ recipe chose, when re-choosing defaults already re-chosen), which stay if nothin
 A setting the model has no default for is left out of the grid unless given, so for a
 diffusion model (shapes-ldm) the grid is its guidance scales (``--guidance 1.5,2.5,3``).
 
+``--target edit`` chooses an editor's text and image guidance (``--guidance``,
+``--image-guidance``; default the training recipe's grid with image guidance 5 added) on
+validation edits (shapes-eval edit, ``--select-n`` edits per seed, default 100), as
+shapes-edit's pair was re-chosen off the recipe's grid:
+
+    anygen train recipes/choose_sampling.py --model shapes-edit --target edit \\
+        --guidance 3,4,5.5 --image-guidance 3.5,5 --output-dir runs/edit-guidance --bundle
+
 ``--target story`` chooses a fusion model's ``story_temperature`` (the temperature its
 story events are written at) on validation stories (shapes-eval story, ``--select-n``
 stories per seed, default 100), counting the scenes whose picture matches the state
@@ -38,7 +46,7 @@ reached, over ``--story-temperature`` (default 0, 0.5, 1):
 
 The result is OUT/choice.json and OUT/model, a copy of the model with the settings written
 into its ``anygen.json`` and its card (front matter ``rerank_selection`` or
-``sampling_reselection`` or ``story_selection``, and a table between ``<!-- anygen:KEY -->``
+``sampling_reselection``, ``edit_reselection`` or ``story_selection``, and a table between ``<!-- anygen:KEY -->``
 markers, appended
 when the card has none); ``--bundle`` also replaces the bundled model of that name. A block
 is removed when no setting beats the plain defaults by the margin.
@@ -58,6 +66,7 @@ from anygen.eval.suites import (
     CODE_SAMPLING_GRID_FINE,
     SELECT_N,
     choose_by_rule,
+    choose_edit_setting,
     choose_setting,
     run_story,
 )
@@ -73,11 +82,20 @@ FRONT_MATTER = {
     "rerank": "rerank_selection",
     "defaults": "sampling_reselection",
     "story": "story_selection",
+    "edit": "edit_reselection",
 }
-HEADERS = {"guidance_scale": "guidance", "temperature": "temperature", "top_p": "top_p"}
+HEADERS = {
+    "guidance_scale": "guidance",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "image_guidance_scale": "image guidance",
+}
 STORY_HEADERS = {"story_temperature": "story temperature"}
 STORY_TEMPERATURES = (0.0, 0.5, 1.0)
 STORY_N = 100  # validation stories per seed
+EDIT_N = 100  # validation edits per seed
+# the instruction-edit recipe's grid (EDIT_GUIDANCE_GRID) with image guidance 5 added
+EDIT_GRID = {"guidance_scale": (2.0, 4.0, 7.5), "image_guidance_scale": (1.5, 2.5, 3.5, 5.0)}
 
 
 def floats(text: str) -> tuple[float, ...]:
@@ -125,13 +143,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--model", required=True, help="a bundled name, a model directory or hub id")
     p.add_argument("--output-dir", type=Path, required=True)
-    p.add_argument("--target", choices=("rerank", "defaults", "story"), default="rerank")
+    p.add_argument("--target", choices=("rerank", "defaults", "story", "edit"), default="rerank")
     p.add_argument("--reranker", help="the model scoring candidates (default: the model)")
     p.add_argument("--candidates", type=int, default=8, help="K of best of K (--target rerank)")
     p.add_argument("--by", default="caption", help="the reranker's score (caption or pmi)")
     p.add_argument("--guidance", type=floats, help="guidance scales of the grid")
     p.add_argument("--temperature", type=floats, help="temperatures of the grid")
     p.add_argument("--top-p", type=floats, help="top-p values of the grid")
+    p.add_argument(
+        "--image-guidance", type=floats, help="image guidance scales of the grid (--target edit)"
+    )
     p.add_argument(
         "--story-temperature",
         type=floats,
@@ -152,7 +173,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--select-n",
         type=int,
-        help=f"prompts (stories) per validation seed (default {SELECT_N}; {STORY_N} stories)",
+        help=f"prompts (stories, edits) per validation seed (default {SELECT_N}; {STORY_N} "
+        f"stories; {EDIT_N} edits)",
     )
     p.add_argument("--seeds", type=ints, default=(1000, 2000), help="validation prompt sets")
     p.add_argument("--margin", type=int, default=6, help="prompts a setting must win by")
@@ -162,10 +184,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if any(s == 0 for s in args.seeds):
         p.error("--seeds must not include 0, the reported evaluation's prompt set")
-    if args.plain is not None and args.target != "defaults":
+    if args.plain is not None and args.target not in ("defaults", "edit"):
         p.error(
-            "--plain applies to --target defaults (a rerank block is compared with the "
-            "model's own defaults)"
+            "--plain applies to --target defaults and edit (a rerank block is compared with "
+            "the model's own defaults)"
         )
     unknown = sorted(set(args.plain or {}) - set(HEADERS))
     if unknown:
@@ -176,12 +198,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     given = [flag for flag, value in code_flags.items() if value is not None]
     if args.target == "story" and given:
         p.error(f"{', '.join(given)} apply to the rerank and defaults targets, not to story")
+    if args.target == "edit":
+        wrong = [f for f in given if f != "--guidance"]
+        if wrong:
+            p.error(f"{', '.join(wrong)}: not for --target edit (an editor samples no tokens)")
+    elif args.image_guidance is not None:
+        p.error("--image-guidance applies to --target edit")
     if args.target != "story" and args.story_temperature is not None:
         p.error("--story-temperature applies to --target story")
     if any(t < 0 for t in args.story_temperature or ()):
         p.error("--story-temperature values must be at least 0")
     if args.select_n is None:
-        args.select_n = STORY_N if args.target == "story" else SELECT_N
+        args.select_n = {"story": STORY_N, "edit": EDIT_N}.get(args.target, SELECT_N)
     if args.select_n < 1 or args.candidates < 1 or args.margin < 0:
         p.error("--select-n and --candidates must be at least 1, --margin at least 0")
     return args
@@ -193,6 +221,12 @@ def grid_of(args: argparse.Namespace, defaults: dict) -> list[dict]:
     unless given."""
     if args.target == "story":
         return [{"story_temperature": t} for t in args.story_temperature or STORY_TEMPERATURES]
+    if args.target == "edit":
+        axes = {
+            "guidance_scale": args.guidance or EDIT_GRID["guidance_scale"],
+            "image_guidance_scale": args.image_guidance or EDIT_GRID["image_guidance_scale"],
+        }
+        return _product(axes)
     axes = dict(RERANK_GRID)
     if args.target == "defaults":
         axes = {k: tuple(dict.fromkeys(s[k] for s in CODE_SAMPLING_GRID_FINE)) for k in axes}
@@ -202,6 +236,11 @@ def grid_of(args: argparse.Namespace, defaults: dict) -> list[dict]:
     axes.update({k: v for k, v in given.items() if v is not None})
     if not axes:
         raise UserInputError("the model has none of the grid's settings; give --guidance")
+    return _product(axes)
+
+
+def _product(axes: dict[str, tuple]) -> list[dict]:
+    """Every combination of the axes' values, each checked as Options."""
     grid = [{}]
     for key, values in axes.items():
         grid = [{**s, key: v} for s in grid for v in values]
@@ -235,25 +274,28 @@ def table(choice: dict, target: str) -> str:
             note = " (the extension)"
         cells = [str(r[k]) for k in keys] + [f"{r['validation_right']}{note}"]
         lines.append("| " + " | ".join(cells) + " |")
-    what = {"rerank": "the `rerank` block", "defaults": "the defaults"}.get(target, "the default")
-    unit = "scenes" if target == "story" else "prompts"
+    what = {"rerank": "the `rerank` block", "defaults": "the defaults", "edit": "the defaults"}.get(
+        target, "the default"
+    )
+    unit = {"story": "scenes", "edit": "edits"}.get(target, "prompts")
     if choice["chosen"] is None:
         verdict = (
             f"No setting beats the plain defaults ({plain['validation_right']}) by "
             f"{choice['margin']} {unit}, so {what} "
-            + {"rerank": "is left out.", "defaults": "are the plain settings."}.get(
-                target, "is the plain setting."
-            )
+            + {
+                "rerank": "is left out.",
+                "defaults": "are the plain settings.",
+                "edit": "are the plain settings.",
+            }.get(target, "is the plain setting.")
         )
     else:
         setting = ", ".join(f"{names.get(k, k)} {v}" for k, v in choice["chosen"].items())
         verdict = f"Chosen, as {what}: {setting}."
     seeds = " and ".join(str(s) for s in choice["seeds"])
-    where = (
-        f"validation stories (shapes-eval story, {choice['n']} stories: seeds {seeds})"
-        if target == "story"
-        else f"validation prompts (shapes-eval t2i, seeds {seeds})"
-    )
+    where = {
+        "story": f"validation stories (shapes-eval story, {choice['n']} stories: seeds {seeds})",
+        "edit": f"validation edits (shapes-eval edit, seeds {seeds})",
+    }.get(target, f"validation prompts (shapes-eval t2i, seeds {seeds})")
     rule = (
         f"Chosen by `recipes/choose_sampling.py --target {target}` on {where}, by its rule: "
         f"the best setting replaces the plain defaults only if it gets at least "
@@ -332,6 +374,25 @@ def choose_story_temperature(
     return {"n": n * len(seeds), "scenes": sum(scenes.values()), **choice}
 
 
+def choose_editor_guidance(model, grid: list[dict], args: argparse.Namespace, rule: dict) -> dict:
+    """``choose_edit_setting`` over an editor's guidance pairs, against its own defaults
+    (or ``--plain``'s), on ``args.select_n`` validation edits per seed."""
+    if not callable(getattr(model, "edit", None)):
+        raise UserInputError(f"model {model.name!r} ({model.family}) does not edit images")
+    return choose_edit_setting(
+        lambda image, instruction, seed, setting: model.edit(
+            image, instruction, Options(seed=seed, progress=False, **setting)
+        ).images[0],
+        grid,
+        {**model.defaults, **(args.plain or {})},
+        n=rule["n"],
+        seeds=rule["seeds"],
+        margin=rule["margin"],
+        size=getattr(model, "default_size", 64),
+        desc=f"edit guidance of {model.name}",
+    )
+
+
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     source = resolve(args.model)
@@ -359,6 +420,8 @@ def main(argv: list[str]) -> None:
     rule["extend_temperatures"] = extend
     if args.target == "story":
         choice = choose_story_temperature(model, grid, **rule)
+    elif args.target == "edit":
+        choice = choose_editor_guidance(model, grid, args, rule)
     elif args.target == "rerank":
         scorer = (
             model if args.reranker is None else load_generator(args.reranker, device=args.device)

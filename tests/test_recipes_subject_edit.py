@@ -989,6 +989,61 @@ def test_bundled_shapes_edit_meets_its_bar():
     assert report.overall >= 0.85, report.table()
 
 
+def test_choose_sampling_re_chooses_an_editors_guidance(dit_editor, tmp_path, capsys):
+    """``recipes/choose_sampling.py --target edit`` scores each guidance pair on validation
+    edits exactly as shapes-eval's edit suite does, writes its choice (or the plain pair)
+    into a copy of the editor, with the table in the card; its flags are checked."""
+    from anygen.eval.suites import run_edit
+
+    out = tmp_path / "choice"
+    argv = ["train", str(RECIPES / "choose_sampling.py"), "--model", str(dit_editor)]
+    argv += ["--target", "edit", "--select-n", "2", "--seeds", "1000", "--margin", "1"]
+    reset_accelerate()
+    assert (
+        cli([*argv, "--guidance", "2,6", "--image-guidance", "1.5", "--output-dir", str(out)]) == 0
+    )
+    choice = json.loads((out / "choice.json").read_text())
+    assert [(r["guidance_scale"], r["image_guidance_scale"]) for r in choice["grid"]] == [
+        (2.0, 1.5),
+        (6.0, 1.5),
+    ]
+    editor = load_generator(str(dit_editor))
+    for row in choice["grid"]:
+        setting = {k: row[k] for k in ("guidance_scale", "image_guidance_scale")}
+        report = run_edit(
+            lambda image, instruction, s, setting=setting: editor.edit(
+                image, instruction, Options(seed=s, progress=False, **setting)
+            ).images[0],
+            n=2,
+            seed=1000,
+            size=32,
+            progress=False,
+        )
+        assert row["validation_right"] == sum(r.ok for r in report.records)
+    plain = {k: editor.defaults[k] for k in ("guidance_scale", "image_guidance_scale")}
+    assert {k: choice["plain"][k] for k in plain} == plain and choice["n"] == 2
+    written = json.loads((out / "model" / "anygen.json").read_text())
+    want = choice["chosen"] or plain
+    assert {k: written[k] for k in want} == {k: want[k] for k in want}
+    card = (out / "model" / "README.md").read_text()
+    assert (
+        "<!-- anygen:edit_reselection -->" in card and "validation edits (shapes-eval edit" in card
+    )
+
+    for flags, message in (
+        (["--temperature", "0.5"], "--temperature: not for --target edit"),
+        (
+            ["--target", "defaults", "--image-guidance", "2"],
+            "--image-guidance applies to --target edit",
+        ),
+    ):
+        reset_accelerate()
+        with pytest.raises(SystemExit):
+            cli([*argv, *flags, "--output-dir", str(tmp_path / "no")])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
+
+
 def test_instruct_edit_refuses_a_corrupt_base_record(tmp_path):
     from anygen.training import load_recipe
 

@@ -416,6 +416,37 @@ def choose_setting(
     return {"n": n * len(seeds), **choose_by_rule(right, grid, defaults, seeds=seeds, **rule)}
 
 
+def choose_edit_setting(
+    edit: Callable[[Image.Image, str, int, dict], Image.Image],
+    grid: Sequence[dict],
+    defaults: dict,
+    *,
+    n: int = 100,
+    seeds: Sequence[int] = (1000, 2000),
+    margin: int = 6,
+    size: int = 64,
+    desc: str = "validation",
+) -> dict:
+    """``choose_setting`` for editors: each setting of ``grid`` (e.g. ``{"guidance_scale":
+    4.0, "image_guidance_scale": 3.5}``) and the plain one edit ``n`` validation edits of
+    each seed with ``edit(image, instruction, seed, setting)``, and ``choose_by_rule``
+    chooses by the edits right. The training recipe's choice (``select_edit_settings``:
+    one validation set, the best wins) is the simpler rule this refines."""
+
+    def right(setting: dict, seed: int) -> int:
+        report = run_edit(
+            lambda image, instruction, s: edit(image, instruction, s, setting),
+            n=n,
+            seed=seed,
+            size=size,
+            progress=False,
+        )
+        return sum(r.ok for r in report.records)
+
+    choice = choose_by_rule(right, grid, defaults, seeds=seeds, margin=margin, desc=desc)
+    return {"n": n * len(seeds), **choice}
+
+
 def choose_by_rule(
     right: Callable[[dict, int], int],
     grid: Sequence[dict],
