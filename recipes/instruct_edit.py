@@ -2,8 +2,8 @@
 
 The editor is the base model (default: the bundled shapes-ldm; ``--model shapes-dit`` for a
 DiT) with its denoiser widened from 4 to 8 input channels (a UNet's first convolution, a
-DiT's patch embedding: ``widen_denoiser_inputs``): the noisy latents of the edited image, then the latents of
-the source image (the VAE posterior's mode, unscaled, exactly as diffusers'
+DiT's patch embedding: ``widen_denoiser_inputs``): the noisy latents of the edited image,
+then the latents of the source image (the VAE posterior's mode, unscaled, exactly as diffusers'
 ``StableDiffusionInstructPix2PixPipeline`` feeds them). The new channels' weights start
 at zero, so training starts from the text-to-image model unchanged. It trains on
 shapes-world edit triples (source, instruction, target; ``ShapesEditDataset``, train
@@ -430,7 +430,7 @@ def save_editor(
     with atomic_directory(directory, marker="model_index.json") as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         forget_source_paths(tmp)
-        (tmp / ANYGEN_FILE).write_text(editor_settings(defaults, "diffusers"))
+        (tmp / ANYGEN_FILE).write_text(editor_settings(defaults))
     return directory
 
 
@@ -448,11 +448,9 @@ def check_bundle_target(folder: Path) -> None:
         )
 
 
-def editor_settings(defaults: dict, family: str) -> str:
-    """The editor's anygen.json: what load_generator reads as its defaults ("diffusers":
-    run by diffusers' InstructPix2Pix pipeline; "ldm": by anygen's ``LatentDiffusion``)."""
-    task = {"task": "edit"} if family == "diffusers" else {}
-    return json.dumps({"family": family, **task, **defaults}, indent=2) + "\n"
+def editor_settings(defaults: dict) -> str:
+    """A UNet editor's anygen.json: what load_generator reads as its defaults."""
+    return json.dumps({"family": "diffusers", "task": "edit", **defaults}, indent=2) + "\n"
 
 
 def card(facts: dict, report=None) -> str:
