@@ -1295,8 +1295,8 @@ def test_models_command_lists_bundled_and_catalogue(capsys):
 
 def test_default_model_precedence(tmp_path, monkeypatch):
     """ANYGEN_MODEL, then $XDG_CONFIG_HOME/anygen/config.toml (its [models] entry for the
-    command, then its model), then the command's bundled model: shapes-ldm, or shapes-fusion
-    for the commands that read images, tell stories or edit."""
+    command, then its model), then the command's bundled model: shapes-ldm, shapes-fusion
+    for the commands that read images or tell stories, shapes-edit for edits."""
     from anygen.userconfig import default_model, user_default
 
     monkeypatch.delenv("ANYGEN_MODEL", raising=False)
@@ -1304,7 +1304,7 @@ def test_default_model_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
     assert default_model() == "shapes-ldm" == default_model("generate")
     tasks = ("caption", "ask", "story", "edit")
-    assert [default_model(t) for t in tasks] == ["shapes-fusion"] * 4
+    assert [default_model(t) for t in tasks] == ["shapes-fusion"] * 3 + ["shapes-edit"]
     config = tmp_path / "anygen" / "config.toml"
     config.parent.mkdir()
     config.write_text('model = "sdxl "\ndevice = " cpu"\n')  # spaces stripped, as in [models]
