@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import string
+import types
 from pathlib import Path
 
 import numpy as np
@@ -799,6 +800,8 @@ def test_widened_dit_computes_what_the_original_did():
     assert after.shape == (2, 4, 16, 16) and torch.allclose(before, after, atol=1e-6)
     assert dit.config.in_channels == 8 and dit.config.out_channels == 4
     assert reads_source_image(dit, 4) and not reads_source_image(dit, 8)
+    inpainting = types.SimpleNamespace(config=types.SimpleNamespace(in_channels=9))
+    assert not reads_source_image(inpainting, 4)
     # a config without out_channels: widening must not let the output follow the input
     loose = PixArtTransformer2DModel.from_config(
         {**dit.config, "in_channels": 4, "out_channels": None}

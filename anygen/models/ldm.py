@@ -290,9 +290,10 @@ def widen_denoiser_inputs(denoiser: torch.nn.Module, extra_channels: int) -> tor
 
 
 def reads_source_image(denoiser: torch.nn.Module, latent_channels: int) -> bool:
-    """Whether ``denoiser`` is an InstructPix2Pix one: it takes more channels than the
-    latents it denoises (the source image's latents, ``widen_denoiser_inputs``)."""
-    return int(denoiser.config.in_channels) > latent_channels
+    """Whether ``denoiser`` is an InstructPix2Pix one: it takes the latents it denoises and
+    as many again, the source image's (``widen_denoiser_inputs``). An inpainting UNet's 9
+    channels (latents, mask, masked image) are not that."""
+    return int(denoiser.config.in_channels) == 2 * latent_channels
 
 
 def make_sampler(name: str, training_scheduler) -> object:

@@ -226,30 +226,20 @@ def _read_lora_file(file: Path) -> tuple[dict, dict]:
 
 def _lora_config(state: dict, meta: dict):
     """The peft ``LoraConfig`` of one model's part of a LoRA file: from the file's metadata
-    where it has one, else inferred from the weights (each module's rank from its
-    ``lora_B`` rows, alpha equal to the rank: scale 1, as diffusers infers it too)."""
+    where it has one, else inferred from the weights by diffusers' own rule
+    (``get_peft_kwargs``: the most common ``lora_B`` rank, alpha equal to each rank)."""
     import dataclasses
 
+    from diffusers.utils.peft_utils import get_peft_kwargs
     from peft import LoraConfig
 
     if meta:
         fields = {f.name for f in dataclasses.fields(LoraConfig)}
         return LoraConfig(**{k: v for k, v in meta.items() if k in fields})
-    ranks = {
-        key.removesuffix(".lora_B.weight"): value.shape[1]
-        for key, value in state.items()
-        if key.endswith(".lora_B.weight") and value.ndim > 1
-    }
+    ranks = {k: v.shape[1] for k, v in state.items() if "lora_B" in k and v.ndim > 1}
     if not ranks:
         raise ValueError("it holds no lora_A / lora_B weight pairs")
-    rank = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common
-    return LoraConfig(
-        r=rank,
-        lora_alpha=rank,
-        target_modules=sorted(ranks),
-        rank_pattern={f"^{k}$": r for k, r in ranks.items() if r != rank},
-        alpha_pattern={f"^{k}$": r for k, r in ranks.items() if r != rank},
-    )
+    return LoraConfig(**get_peft_kwargs(ranks, network_alpha_dict=None, peft_state_dict=state))
 
 
 def _load_with_peft(models: dict, specs: Sequence[LoraSpec]) -> list[str]:
