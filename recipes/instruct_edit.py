@@ -12,7 +12,11 @@ samples drop the instruction, 5% the source image and 5% both, so that sampling 
 guide by text and by image separately (--guidance, --image-guidance). The text encoder
 trains too by default: shapes-ldm's never read an instruction ("make", "move",
 "remove" are words of its tokenizer that its captions never used);
---freeze-text-encoder keeps it as it is, as InstructPix2Pix keeps CLIP. After training,
+--freeze-text-encoder keeps it as it is, as InstructPix2Pix keeps CLIP. The loss is the
+base recipe's Min-SNR loss; --snr-floor and --terminal-fraction train the high-noise
+timesteps, where a zero-terminal-SNR base such as shapes-dit decides its layout (what an
+edit moves or removes), as recipes/ldm_shapes.py does, and --change-weight weighs the
+latent positions an edit changes above the many it copies. After training,
 the default (text, image) guidance pair is chosen from EDIT_GUIDANCE_GRID on --select-n
 validation edits (seed 1000; the reported score uses seed 0). A run records the base it
 started from (OUT/train/base.json: a fingerprint of the VAE and vocabulary, which stay
@@ -44,6 +48,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from diffusers import PixArtTransformer2DModel
 from torch import nn
 from torch.utils.data import Dataset
@@ -57,7 +62,13 @@ from anygen.hub import (
     read_json_object,
     with_history,
 )
-from anygen.models.ldm import denoiser_loss, make_sampler, tokenize, widen_denoiser_inputs
+from anygen.models.ldm import (
+    check_loss_weighting,
+    denoiser_loss,
+    make_sampler,
+    tokenize,
+    widen_denoiser_inputs,
+)
 from anygen.output import write_text_atomic
 from anygen.pipelines import Options, load_generator
 from anygen.pipelines.text_to_image import ANYGEN_FILE
@@ -86,6 +97,7 @@ EDIT_GUIDANCE_GRID: tuple[dict, ...] = tuple(
     for ig in (1.5, 2.5, 3.5)
 )
 EDIT_SELECT_N = 100
+CHANGED = 0.02  # a pixel an edit changed differs by more than this (images in [-1, 1])
 
 
 class ConditioningDropout(Dataset):
@@ -110,11 +122,23 @@ class ConditioningDropout(Dataset):
 class EditTrainer(nn.Module):
     """Denoiser (UNet or DiT, 8 input channels) + text encoder over latents of a frozen VAE."""
 
-    def __init__(self, denoiser: nn.Module, text_encoder: nn.Module, vae: nn.Module, scheduler):
+    def __init__(
+        self,
+        denoiser: nn.Module,
+        text_encoder: nn.Module,
+        vae: nn.Module,
+        scheduler,
+        snr_floor: float | None = None,
+        terminal_fraction: float = 0.0,
+        change_weight: float = 1.0,
+    ):
         super().__init__()
         self.denoiser, self.text_encoder = denoiser, text_encoder
         self.vae = vae.requires_grad_(False).eval()
         self.scheduler = scheduler
+        self.snr_floor, self.terminal_fraction = snr_floor, terminal_fraction
+        self.change_weight = change_weight
+        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)  # pixels per latent
 
     def forward(self, batch: dict) -> dict:
         with torch.no_grad():
@@ -123,6 +147,11 @@ class EditTrainer(nn.Module):
             # the pipeline conditions on the unscaled mode of the source's posterior
             source = self.vae.encode(batch["source"]).latent_dist.mode()  # (B, 4, h, w)
             source = source * batch["keep_image"].to(source.dtype)[:, None, None, None]
+            region = None
+            if self.change_weight != 1.0:
+                region = change_weights(
+                    batch["source"], batch["target"], self.factor, self.change_weight
+                )
         return denoiser_loss(
             self.denoiser,
             self.text_encoder,
@@ -130,7 +159,24 @@ class EditTrainer(nn.Module):
             target,
             batch["input_ids"],
             image_latents=source,
+            snr_floor=self.snr_floor,
+            terminal_fraction=self.terminal_fraction,
+            region_weight=region,
         )
+
+
+def change_weights(
+    source: torch.Tensor, target: torch.Tensor, factor: int, weight: float
+) -> torch.Tensor:
+    """Loss weights (B, 1, S / factor, S / factor) for edit pairs (B, 3, S, S) in [-1, 1]:
+    ``weight`` on the latent positions whose pixels the edit changes, and on their
+    neighbours (a decoder draws a position from the latents around it too), 1 elsewhere.
+    Most of an edit's target copies its source, so the plain loss is mostly about copying;
+    moving or removing an object changes a few positions, which this weighs up."""
+    changed = (target - source).abs().amax(dim=1, keepdim=True) > CHANGED
+    cells = F.max_pool2d(changed.float(), factor)  # any changed pixel in the position
+    cells = F.max_pool2d(cells, 3, stride=1, padding=1)
+    return 1.0 + (weight - 1.0) * cells
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -149,6 +195,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ema-decay", type=float, default=0.999, help="0: no EMA")
     p.add_argument("--conditioning-dropout", type=float, default=0.05)
     p.add_argument("--freeze-text-encoder", action="store_true")
+    p.add_argument(
+        "--snr-floor",
+        type=float,
+        default=None,
+        help="raise the loss weight of high-noise timesteps, where the layout (what moves,"
+        " what goes) is decided, to at least this (anygen.models.ldm.denoiser_loss)",
+    )
+    p.add_argument(
+        "--change-weight",
+        type=float,
+        default=1.0,
+        help="weigh the loss at the latent positions the edit changes (and their neighbours)"
+        " this many times those it copies (1: the plain loss; change_weights)",
+    )
+    p.add_argument(
+        "--terminal-fraction",
+        type=float,
+        default=0.0,
+        help="train this fraction of each batch at the last timestep, where sampling starts"
+        " (on a zero-terminal-SNR base such as shapes-dit: pure noise; needs --snr-floor)",
+    )
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
@@ -195,6 +262,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name in ("steps", "batch_size", "sample_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not args.change_weight > 0:  # also refuses nan
+        p.error(f"--change-weight must be > 0, got {args.change_weight}")
     if not 0 <= args.conditioning_dropout <= 1 / 3:
         p.error("--conditioning-dropout must be in [0, 1/3] (three disjoint shares of it)")
     return args
@@ -208,12 +277,22 @@ def main(argv: list[str]) -> None:
     c = base.components
     size = base.default_size
     fingerprint = base_fingerprint(c.vae, c.tokenizer)
+    zero_terminal_snr = bool(c.scheduler.config.get("rescale_betas_zero_snr", False))
+    check_loss_weighting(args.snr_floor, 1.0, args.terminal_fraction, zero_terminal_snr)
     check_base(args.output_dir / "train", args.model, fingerprint, resume=args.resume)
     torch.manual_seed(args.seed)
     widen_denoiser_inputs(c.denoiser, c.vae.config.latent_channels)
     c.text_encoder.requires_grad_(not args.freeze_text_encoder)
     c.denoiser.requires_grad_(True)
-    trainer = EditTrainer(c.denoiser, c.text_encoder, c.vae, c.scheduler)
+    trainer = EditTrainer(
+        c.denoiser,
+        c.text_encoder,
+        c.vae,
+        c.scheduler,
+        args.snr_floor,
+        args.terminal_fraction,
+        args.change_weight,
+    )
     params = list(c.denoiser.parameters())
     if not args.freeze_text_encoder:
         params += list(c.text_encoder.parameters())
@@ -275,6 +354,9 @@ def main(argv: list[str]) -> None:
         "ema_decay": args.ema_decay or None,
         "conditioning_dropout": args.conditioning_dropout,
         "text_encoder_trained": not args.freeze_text_encoder,
+        "snr_floor": args.snr_floor,
+        "terminal_fraction": args.terminal_fraction,
+        "change_weight": args.change_weight,
         "final_loss": result.loss,
         "train_s": round(train_s, 1),
         "s_per_step": round(s_per_step, 3),
@@ -453,6 +535,18 @@ def editor_settings(defaults: dict) -> str:
     return json.dumps({"family": "diffusers", "task": "edit", **defaults}, indent=2) + "\n"
 
 
+def weighting(facts: dict) -> str:
+    """The loss weighting, as the card names it (nothing for the plain Min-SNR loss)."""
+    parts = []
+    if facts.get("snr_floor") is not None:
+        parts.append(f"SNR floor {facts['snr_floor']}")
+    if facts.get("terminal_fraction"):
+        parts.append(f"{facts['terminal_fraction']:g} of each batch at the last timestep")
+    if facts.get("change_weight", 1.0) != 1.0:
+        parts.append(f"changed positions weighed {facts['change_weight']:g}x")
+    return "".join(f", {p}" for p in parts)
+
+
 def card(facts: dict, report=None) -> str:
     summary = f"instruction editor (InstructPix2Pix) from {facts['base_model']}, shapes world"
     front = "\n".join(
@@ -499,7 +593,7 @@ def card(facts: dict, report=None) -> str:
 widened to 8 input channels (zero-initialised), trained by `{facts["recipe"]}` on
 shapes-world edit triples (train split) for {facts["steps"]} steps (batch
 {facts["batch_size"]}, lr {facts["learning_rate"]}, seed {facts["seed"]}, text encoder
-{"trained" if facts["text_encoder_trained"] else "frozen"}) in {facts["train_s"]} s
+{"trained" if facts["text_encoder_trained"] else "frozen"}{weighting(facts)}) in {facts["train_s"]} s
 ({facts["s_per_step"]} s/step) on {facts["device"]}.
 
     anygen edit scene.png "make the red circle blue" --model {this} --seed 0 -o out.png

@@ -60,6 +60,7 @@ from anygen.models.ldm import (
     LdmComponents,
     build_components,
     build_scheduler,
+    check_loss_weighting,
     denoiser_loss,
     tokenize,
     vae_loss,
@@ -350,12 +351,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     warn_if_unscored_bundle(args.bundle, args.eval_n, BUNDLED_MODELS / args.name)
-    if args.snr_floor is not None and args.snr_floor <= 0:  # before any stage trains
-        raise UserInputError(f"--snr-floor must be positive, got {args.snr_floor}")
-    if args.timestep_shift <= 0:
-        raise UserInputError(f"--timestep-shift must be positive, got {args.timestep_shift}")
-    if not 0.0 <= args.terminal_fraction <= 1.0:
-        raise UserInputError(f"--terminal-fraction must be in [0, 1], got {args.terminal_fraction}")
+    # before any stage trains (the schedule's zero terminal SNR is checked once it is known)
+    check_loss_weighting(args.snr_floor, args.timestep_shift, args.terminal_fraction, False)
     if args.keep_checkpoints < 0:
         raise UserInputError(f"--keep-checkpoints must be >= 0, got {args.keep_checkpoints}")
     if args.decoder_steps < 0:
@@ -381,12 +378,9 @@ def main(argv: list[str]) -> None:
         cfg.prediction_type = args.prediction_type
     if args.zero_terminal_snr is not None:
         cfg.zero_terminal_snr = args.zero_terminal_snr
-    if cfg.zero_terminal_snr and args.terminal_fraction > 0 and args.snr_floor is None:
-        raise UserInputError(  # Min-SNR's v weight min(SNR, 5) / (SNR + 1) is 0 at SNR 0
-            "--terminal-fraction rows sit at SNR 0 under --zero-terminal-snr, where the Min-SNR "
-            "weight is 0 and they would teach nothing: pass --snr-floor (1 weights them as "
-            "the plain v-prediction loss does)"
-        )
+    check_loss_weighting(
+        args.snr_floor, args.timestep_shift, args.terminal_fraction, cfg.zero_terminal_snr
+    )
     torch.manual_seed(args.seed)
     tokenizer = load_text_tokenizer(args.tokenizer)
     started = time.time()

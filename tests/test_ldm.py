@@ -809,6 +809,31 @@ def test_denoiser_loss_weights_each_timestep_by_its_clamped_snr(model, predictio
     assert seen_low  # the seeds reach the high-noise timesteps the floor is for
 
 
+def test_denoiser_loss_region_weight_is_a_weighted_mean_over_positions(model):
+    """Weights on the left and the right halves split the plain loss into its two halves'
+    means; a constant weight changes nothing."""
+    from anygen.models.ldm import denoiser_loss, tokenize
+
+    c = model.components
+    latents = torch.randn(
+        2, c.vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(1)
+    )
+    ids = tokenize(c.tokenizer, ["a red circle", "a blue square"])
+
+    def loss(weight: torch.Tensor | None) -> float:
+        gen = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            args = (c.denoiser, c.text_encoder, c.scheduler, latents, ids, gen)
+            return float(denoiser_loss(*args, region_weight=weight)["loss"])
+
+    left = torch.zeros(2, 1, 8, 8)
+    left[..., :4] = 1.0
+    plain, a, b = loss(None), loss(left), loss(1.0 - left)
+    assert a != pytest.approx(b, rel=1e-3)
+    assert plain == pytest.approx((a + b) / 2, rel=1e-5)
+    assert loss(torch.full((2, 1, 8, 8), 3.0)) == pytest.approx(plain, rel=1e-5)
+
+
 def test_sample_timesteps_shift_moves_draws_to_high_noise():
     from anygen.models.ldm import sample_timesteps
 

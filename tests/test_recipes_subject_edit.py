@@ -629,6 +629,88 @@ def test_instruct_edit_resume_of_a_finished_run_keeps_its_training_time(base, tm
     assert "whose VAE or tokenizer differs from --model" in capsys.readouterr().err
 
 
+def test_instruct_edit_snr_floor_trains_the_layout_steps_of_a_zero_terminal_snr_base(
+    tmp_path, capsys
+):
+    """On a zero-terminal-SNR v-prediction base (as shapes-dit), the last timestep is pure
+    noise, where Min-SNR weighs the loss 0: terminal rows teach nothing unless --snr-floor
+    lifts that weight. The recipe refuses --terminal-fraction without a floor before it
+    trains, and a run with both records them in training.json and its card."""
+    import dataclasses
+
+    from anygen.data.datasets import ShapesEditDataset
+    from anygen.models.ldm import tokenize
+    from anygen.training import load_recipe
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(
+        LDM_PRESETS["tiny"], denoiser="dit", prediction_type="v_prediction", zero_terminal_snr=True
+    )
+    components = build_components(cfg, load_text_tokenizer("shapes-bpe"))
+    words = json.loads(SHAPES_LDM.read_text())["known_words"]
+    defaults = {"steps": 2, "guidance_scale": 3.0, "known_words": words}
+    LatentDiffusion(components, name="zsnr", defaults=defaults).save_pretrained(tmp_path / "base")
+
+    # the loss itself: all rows at the last timestep weigh 0 without the floor, not with it
+    recipe = load_recipe(RECIPES / "instruct_edit.py")
+    widen_denoiser_inputs(components.denoiser, components.vae.config.latent_channels)
+    c = components
+    items = ShapesEditDataset(2, seed=0, split="train", size=32)
+    batch = {
+        "source": torch.stack([items[i]["source"] for i in range(2)]),
+        "target": torch.stack([items[i]["target"] for i in range(2)]),
+        "keep_image": torch.ones(2),
+        "input_ids": tokenize(c.tokenizer, [items[i]["instruction"] for i in range(2)]),
+    }
+    for floor, zero in ((None, True), (1.0, False)):
+        trainer = recipe.EditTrainer(
+            c.denoiser, c.text_encoder, c.vae, c.scheduler, snr_floor=floor, terminal_fraction=1.0
+        )
+        torch.manual_seed(1)
+        with torch.no_grad():
+            loss = float(trainer(batch)["loss"])
+        assert (loss == 0.0) == zero, (floor, loss)
+
+    run = ("--model", str(tmp_path / "base"), "--output-dir", str(tmp_path / "run"))
+    run += ("--batch-size", "2", "--steps", "2", "--eval-n", "0", "--select-n", "0")
+    reset_accelerate()
+    assert (
+        cli(["train", str(RECIPES / "instruct_edit.py"), *run, "--terminal-fraction", "0.5"]) == 2
+    )
+    assert "pass --snr-floor" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    reset_accelerate()
+    assert cli(["train", str(RECIPES / "instruct_edit.py"), *run, "--snr-floor", "0"]) == 2
+    assert "--snr-floor must be positive, got 0.0" in capsys.readouterr().err
+
+    reset_accelerate()
+    with pytest.raises(SystemExit) as exit_:  # argparse's error: usage, then the line
+        cli(["train", str(RECIPES / "instruct_edit.py"), *run, "--change-weight", "0"])
+    assert exit_.value.code == 2
+    assert "--change-weight must be > 0, got 0.0" in capsys.readouterr().err
+
+    weighting = ("--snr-floor", "1", "--terminal-fraction", "0.5", "--change-weight", "4")
+    run_recipe("instruct_edit.py", *run, *weighting)
+    facts = json.loads((tmp_path / "run" / "model" / "training.json").read_text())
+    assert (facts["snr_floor"], facts["terminal_fraction"], facts["change_weight"]) == (1, 0.5, 4)
+    card = (tmp_path / "run" / "model" / "README.md").read_text()
+    assert "SNR floor 1.0, 0.5 of each batch at the last timestep, changed positions" in card
+
+
+def test_change_weights_weigh_the_positions_an_edit_changes_and_their_neighbours():
+    from anygen.training import load_recipe
+
+    recipe = load_recipe(RECIPES / "instruct_edit.py")
+    source = torch.full((2, 3, 32, 32), -1.0)
+    target = source.clone()
+    target[0, 1, 8:12, 8:12] = 0.5  # pixels of latent position (2, 2) at factor 4
+    target[1, :, 31, 0] = -1.0 + recipe.CHANGED / 2  # below the threshold: unchanged
+    w = recipe.change_weights(source, target, 4, 5.0)
+    want = torch.ones(2, 1, 8, 8)
+    want[0, 0, 1:4, 1:4] = 5.0
+    assert torch.equal(w, want)
+
+
 def test_eval_edit_suite_runs_on_the_editor(editor, capsys, cli_edit_eval):
     from anygen.eval.run import evaluate_model
 

@@ -416,6 +416,7 @@ def denoiser_loss(
     snr_floor: float | None = None,
     timestep_shift: float = 1.0,
     terminal_fraction: float = 0.0,
+    region_weight: torch.Tensor | None = None,
 ) -> dict:
     """DDPM noise-prediction loss on scaled latents (B, C, h, w) given caption ids (B, L).
 
@@ -431,6 +432,9 @@ def denoiser_loss(
     any other: the recipe decides which rows are dropped. ``image_latents`` (B, C', h, w),
     for an InstructPix2Pix denoiser (``widen_denoiser_inputs``), are concatenated to the noisy
     latents along channels, as diffusers' ``StableDiffusionInstructPix2PixPipeline`` does.
+    ``region_weight`` (B, 1, h, w), positive, weighs each latent position's squared error
+    in its sample's mean (a weighted mean, so the loss keeps its scale): an editor's recipe
+    weighs the positions its edit changes above those it copies.
     """
     # fp32 noising: under bf16 autocast the latents arrive in bf16, and diffusers' add_noise
     # casts the schedule to their dtype (1 - alpha_bar at t = 0 rounds to 0 in bf16)
@@ -456,7 +460,12 @@ def denoiser_loss(
         target = scheduler.get_velocity(latents, noise, t)
     else:
         target = noise
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    squared = F.mse_loss(pred.float(), target.float(), reduction="none")
+    mse = squared.mean(dim=(1, 2, 3))  # (B,)
+    per_sample = mse
+    if region_weight is not None:
+        w = region_weight.float().expand_as(squared)
+        per_sample = (w * squared).sum(dim=(1, 2, 3)) / w.sum(dim=(1, 2, 3))
     if snr_gamma is None and snr_floor is None:
         return {"loss": per_sample.mean()}
     alphas = scheduler.alphas_cumprod.to(latents.device)[t]  # (B,)
@@ -465,4 +474,30 @@ def denoiser_loss(
     weight = clamped / snr
     if scheduler.config.prediction_type == "v_prediction":
         weight = clamped / (snr + 1)
-    return {"loss": (weight * per_sample).mean(), "mse": per_sample.mean().detach()}
+    return {"loss": (weight * per_sample).mean(), "mse": mse.mean().detach()}
+
+
+def check_loss_weighting(
+    snr_floor: float | None,
+    timestep_shift: float,
+    terminal_fraction: float,
+    zero_terminal_snr: bool,
+) -> None:
+    """Refuse ``denoiser_loss`` settings that are out of range, or that would train nothing.
+
+    Recipes call this before anything trains. Under a zero-terminal-SNR schedule the last
+    timestep sits at SNR 0, where the Min-SNR v weight min(SNR, 5) / (SNR + 1) is 0, so
+    ``terminal_fraction`` rows teach nothing without a ``snr_floor``.
+    """
+    if snr_floor is not None and snr_floor <= 0:
+        raise UserInputError(f"--snr-floor must be positive, got {snr_floor}")
+    if timestep_shift <= 0:
+        raise UserInputError(f"--timestep-shift must be positive, got {timestep_shift}")
+    if not 0.0 <= terminal_fraction <= 1.0:
+        raise UserInputError(f"--terminal-fraction must be in [0, 1], got {terminal_fraction}")
+    if zero_terminal_snr and terminal_fraction > 0 and snr_floor is None:
+        raise UserInputError(
+            "--terminal-fraction rows sit at SNR 0 under --zero-terminal-snr, where the Min-SNR "
+            "weight is 0 and they would teach nothing: pass --snr-floor (1 weights them as "
+            "the plain v-prediction loss does)"
+        )
