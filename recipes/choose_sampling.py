@@ -31,10 +31,10 @@ diffusion model (shapes-ldm) the grid is its guidance scales (``--guidance 1.5,2
 ``--target edit`` chooses an editor's text and image guidance (``--guidance``,
 ``--image-guidance``; default the training recipe's grid with image guidance 5 added) on
 validation edits (shapes-eval edit, ``--select-n`` edits per seed, default 100), as
-shapes-edit's pair was re-chosen off the recipe's grid:
+shapes-edit's pair (the recipe grid's lowest corner) was re-checked around it:
 
     anygen train recipes/choose_sampling.py --model shapes-edit --target edit \\
-        --guidance 3,4,5.5 --image-guidance 3.5,5 --output-dir runs/edit-guidance --bundle
+        --guidance 1.5,2,3 --image-guidance 1,1.5,2 --output-dir runs/edit-guidance --bundle
 
 ``--target story`` chooses a fusion model's ``story_temperature`` (the temperature its
 story events are written at) on validation stories (shapes-eval story, ``--select-n``
