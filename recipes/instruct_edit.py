@@ -21,9 +21,9 @@ trained with ``--snr-floor 1 --terminal-fraction 0.5``; the editor trained witho
 drew 89 of 200 validation edits right, this one 150, and one with ``--change-weight 4``
 added 128 (docs/results.md). After training, the default (text, image) guidance pair is
 chosen from EDIT_GUIDANCE_GRID on --select-n validation edits (seed 1000; the reported
-score uses seed 0). A run records the base it
-started from (OUT/train/base.json: a fingerprint of the VAE and vocabulary, which stay
-frozen and out of its checkpoints), and --resume refuses another base.
+score uses seed 0). A run records the base it started from (OUT/train/base.json: a
+fingerprint of the VAE and vocabulary, which stay frozen and out of its checkpoints), and
+--resume refuses another base.
 
 The result, OUT/model, is a diffusers ``StableDiffusionInstructPix2PixPipeline``
 directory (plus anygen.json with its default settings and README.md with the recipe,
@@ -206,18 +206,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         " what goes) is decided, to at least this (anygen.models.ldm.denoiser_loss)",
     )
     p.add_argument(
-        "--change-weight",
-        type=float,
-        default=1.0,
-        help="weigh the loss at the latent positions the edit changes (and their neighbours)"
-        " this many times those it copies (1: the plain loss; change_weights)",
-    )
-    p.add_argument(
         "--terminal-fraction",
         type=float,
         default=0.0,
         help="train this fraction of each batch at the last timestep, where sampling starts"
         " (on a zero-terminal-SNR base such as shapes-dit: pure noise; needs --snr-floor)",
+    )
+    p.add_argument(
+        "--change-weight",
+        type=float,
+        default=1.0,
+        help="weigh the loss at the latent positions the edit changes (and their neighbours)"
+        " this many times those it copies (1: the plain loss; change_weights)",
     )
     p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
