@@ -497,7 +497,7 @@ def check_loss_weighting(
         raise UserInputError(f"--terminal-fraction must be in [0, 1], got {terminal_fraction}")
     if zero_terminal_snr and terminal_fraction > 0 and snr_floor is None:
         raise UserInputError(
-            "--terminal-fraction rows sit at SNR 0 on a zero-terminal-SNR schedule, where the Min-SNR "
-            "weight is 0 and they would teach nothing: pass --snr-floor (1 weights them as "
-            "the plain v-prediction loss does)"
+            "--terminal-fraction rows sit at SNR 0 on a zero-terminal-SNR schedule, where the "
+            "Min-SNR weight is 0 and they would teach nothing: pass --snr-floor (1 weights them "
+            "as the plain v-prediction loss does)"
         )
