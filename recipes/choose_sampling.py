@@ -45,10 +45,10 @@ reached, over ``--story-temperature`` (default 0, 0.5, 1):
         --output-dir runs/fusion-story --bundle
 
 The result is OUT/choice.json and OUT/model, a copy of the model with the settings written
-into its ``anygen.json`` and its card (front matter ``rerank_selection`` or
-``sampling_reselection``, ``edit_reselection`` or ``story_selection``, and a table between ``<!-- anygen:KEY -->``
-markers, appended
-when the card has none); ``--bundle`` also replaces the bundled model of that name. A block
+into its ``anygen.json`` and its card (front matter ``rerank_selection``,
+``sampling_reselection``, ``edit_reselection`` or ``story_selection``, and a table between
+``<!-- anygen:KEY -->`` markers, appended when the card has none); ``--bundle`` also
+replaces the bundled model of that name. A block
 is removed when no setting beats the plain defaults by the margin.
 """
 

@@ -141,7 +141,6 @@ class EditTrainer(nn.Module):
         self.scheduler = scheduler
         self.snr_floor, self.terminal_fraction = snr_floor, terminal_fraction
         self.change_weight = change_weight
-        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)  # pixels per latent
 
     def forward(self, batch: dict) -> dict:
         with torch.no_grad():
@@ -153,7 +152,7 @@ class EditTrainer(nn.Module):
             region = None
             if self.change_weight != 1.0:
                 region = change_weights(
-                    batch["source"], batch["target"], self.factor, self.change_weight
+                    batch["source"], batch["target"], target.shape[-2:], self.change_weight
                 )
         return denoiser_loss(
             self.denoiser,
@@ -169,15 +168,15 @@ class EditTrainer(nn.Module):
 
 
 def change_weights(
-    source: torch.Tensor, target: torch.Tensor, factor: int, weight: float
+    source: torch.Tensor, target: torch.Tensor, latent_size: tuple[int, int], weight: float
 ) -> torch.Tensor:
-    """Loss weights (B, 1, S / factor, S / factor) for edit pairs (B, 3, S, S) in [-1, 1]:
-    ``weight`` on the latent positions whose pixels the edit changes, and on their
+    """Loss weights (B, 1, h, w) at ``latent_size`` (h, w) for edit pairs (B, 3, S, S) in
+    [-1, 1]: ``weight`` on the latent positions whose pixels the edit changes, and on their
     neighbours (a decoder draws a position from the latents around it too), 1 elsewhere.
     Most of an edit's target copies its source, so the plain loss is mostly about copying;
     moving or removing an object changes a few positions, which this weighs up."""
     changed = (target - source).abs().amax(dim=1, keepdim=True) > CHANGED
-    cells = F.max_pool2d(changed.float(), factor)  # any changed pixel in the position
+    cells = F.adaptive_max_pool2d(changed.float(), latent_size)  # any changed pixel in it
     cells = F.max_pool2d(cells, 3, stride=1, padding=1)
     return 1.0 + (weight - 1.0) * cells
 

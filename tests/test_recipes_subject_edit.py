@@ -703,9 +703,9 @@ def test_change_weights_weigh_the_positions_an_edit_changes_and_their_neighbours
     recipe = load_recipe(RECIPES / "instruct_edit.py")
     source = torch.full((2, 3, 32, 32), -1.0)
     target = source.clone()
-    target[0, 1, 8:12, 8:12] = 0.5  # pixels of latent position (2, 2) at factor 4
+    target[0, 1, 8:12, 8:12] = 0.5  # the pixels of latent position (2, 2) of 8 x 8
     target[1, :, 31, 0] = -1.0 + recipe.CHANGED / 2  # below the threshold: unchanged
-    w = recipe.change_weights(source, target, 4, 5.0)
+    w = recipe.change_weights(source, target, (8, 8), 5.0)
     want = torch.ones(2, 1, 8, 8)
     want[0, 0, 1:4, 1:4] = 5.0
     assert torch.equal(w, want)

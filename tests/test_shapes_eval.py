@@ -720,6 +720,32 @@ def test_select_edit_settings_keeps_the_setting_that_edits_best_on_validation_ed
     assert seen == [1000, 1001, 1002, 1003] * 3
 
 
+def test_choose_edit_setting_replaces_the_plain_pair_only_by_the_margin():
+    """An oracle editor that edits only under image guidance 2.0 (else returns the source),
+    on two validation seeds: every setting is scored on both seeds' edits, the plain pair
+    gets none right, and 2.0 replaces it by the rule's margin, but not by a larger one."""
+    from anygen.eval.suites import choose_edit_setting
+
+    def edit(image, instruction, seed, setting):
+        if setting["image_guidance_scale"] != 2.0:
+            return image
+        for base in (1000, 2000):
+            for i in range(3):
+                candidate = sample_edit(sample_rng(base, "eval-edit", i), "test")
+                if candidate.instruction == instruction:
+                    return render_image(candidate.target)
+        raise AssertionError(f"{instruction!r} is not a validation edit")
+
+    plain = {"guidance_scale": 4.0, "image_guidance_scale": 1.5}
+    grid = [{"guidance_scale": 4.0, "image_guidance_scale": g} for g in (1.5, 2.0)]
+    won = choose_edit_setting(edit, grid, plain, n=3, seeds=(1000, 2000), margin=6)
+    assert won["chosen"] == {"guidance_scale": 4.0, "image_guidance_scale": 2.0}
+    assert [row["validation_right"] for row in won["grid"]] == [0, 6]
+    assert won["plain"]["validation_right"] == 0 and won["n"] == 6
+    kept = choose_edit_setting(edit, grid, plain, n=3, seeds=(1000, 2000), margin=7)
+    assert kept["chosen"] is None
+
+
 def test_score_folder_export_and_generated(tmp_path):
     for task in ("t2i", "story", "edit", "subject", "vqa"):
         out = write_shapes(task, 6, seed=3, output_dir=tmp_path / task, size=64, split="test")
