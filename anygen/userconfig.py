@@ -32,7 +32,7 @@ DEFAULT_MODEL = "shapes-ldm"
 # without a user default, these commands use shapes-fusion: shapes-ldm cannot caption, answer
 # or tell stories, and it edits by img2img, reading the instruction as a caption (validation
 # edits, seeds 1000 and 2000: 16 of 200 right, against shapes-fusion's 71). Edits go to
-# shapes-edit, the instruction editor on shapes-dit (validation edits, seed 1000: 76 of 100
+# shapes-edit, the instruction editor on shapes-dit (validation edits, seed 1000: 89 of 100
 # right as shipped, against shapes-fusion's 36)
 TASK_DEFAULTS = {
     "caption": "shapes-fusion",
