@@ -17,13 +17,13 @@ base recipe's Min-SNR loss; --snr-floor and --terminal-fraction train the high-n
 timesteps, where a zero-terminal-SNR base such as shapes-dit decides its layout (what an
 edit moves or removes), as recipes/ldm_shapes.py does, and --change-weight weighs the
 latent positions an edit changes above the many it copies. The bundled shapes-edit was
-trained with ``--snr-floor 1 --terminal-fraction 0.5`` for 10,000 steps; without them
-5,000 steps drew 89 of 200 validation edits right, with them 150 (178 after 10,000), and
-with ``--change-weight 4`` added 128 (docs/results.md). After training, the default (text, image) guidance pair is
-chosen from EDIT_GUIDANCE_GRID on --select-n validation edits (seed 1000; the reported
-score uses seed 0). A run records the base it started from (OUT/train/base.json: a
-fingerprint of the VAE and vocabulary, which stay frozen and out of its checkpoints), and
---resume refuses another base.
+trained with ``--snr-floor 1 --terminal-fraction 0.5`` for 10,000 steps; in 5,000 steps,
+the editor trained without them drew 89 of 200 validation edits right, one with them 150
+(178 after 10,000) and one with ``--change-weight 4`` added 128 (docs/results.md). After
+training, the default (text, image) guidance pair is chosen from EDIT_GUIDANCE_GRID on
+--select-n validation edits (seed 1000; the reported score uses seed 0). A run records
+the base it started from (OUT/train/base.json: a fingerprint of the VAE and vocabulary,
+which stay frozen and out of its checkpoints), and --resume refuses another base.
 
 The result, OUT/model, is a diffusers ``StableDiffusionInstructPix2PixPipeline``
 directory (plus anygen.json with its default settings and README.md with the recipe,
