@@ -228,6 +228,26 @@ def resolve(name_or_path: str | os.PathLike, kind: str | None = None) -> Path:
     )
 
 
+def resolve_add_on(source: str | os.PathLike, what: str) -> Path:
+    """The local path of weights added on top of a model (``what``: "LoRA", "embedding"),
+    given as a file, a folder or a hub id. Bundled and catalogue names are models, not
+    add-ons, so they are not looked up. Raises ``ModelNotFoundError``."""
+    text = os.fspath(source)
+    if not text.strip():
+        raise ModelNotFoundError(
+            f"empty {what} name: give a .safetensors file, a folder or a hub id"
+        )
+    path = Path(text).expanduser()
+    if path.exists():
+        return path.resolve()
+    if not _looks_like_path(text) and _is_hub_id(text):
+        return _download(text, None)
+    raise ModelNotFoundError(
+        f"no such {what} file or folder: {text} (give a .safetensors file, a folder holding "
+        "one, or a hub id org/name)"
+    )
+
+
 # What a model needs from a hub repo: configs, tokenizer files and safetensors weights.
 # Pickle weights are never fetched (they are refused anyway), nor half-precision variants
 # (``*.fp16.safetensors``: anygen loads the default files and casts).

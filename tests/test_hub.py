@@ -60,6 +60,22 @@ def test_resolve_unknown_name_lists_bundled_names():
         resolve("shapes-bpe", kind="pipeline")
 
 
+def test_add_on_sources_are_files_folders_or_hub_ids_never_model_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lora").mkdir()
+    assert hub.resolve_add_on("lora", "LoRA") == tmp_path / "lora"
+    # a bundled model's name is not a LoRA, even though resolve() knows it
+    assert resolve("shapes-ldm").is_dir()
+    with pytest.raises(ModelNotFoundError, match=r"^no such LoRA file or folder: shapes-ldm \("):
+        hub.resolve_add_on("shapes-ldm", "LoRA")
+    with pytest.raises(
+        ModelNotFoundError, match="no such embedding file or folder: x/y.safetensors"
+    ):
+        hub.resolve_add_on("x/y.safetensors", "embedding")
+    with pytest.raises(ModelNotFoundError, match="empty LoRA name"):
+        hub.resolve_add_on(" ", "LoRA")
+
+
 def test_uncached_hub_id_offline_fails_fast_with_the_fix(tmp_path, monkeypatch):
     from huggingface_hub import constants
 

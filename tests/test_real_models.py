@@ -493,7 +493,7 @@ def test_two_loras_combine_and_specs_parse(saved, lora_file):
 
 def test_lora_refusals(saved, tmp_path, lora_file):
     path = str(saved("sd"))
-    with pytest.raises(ModelNotFoundError, match="no such file"):
+    with pytest.raises(ModelNotFoundError, match="no such LoRA file or folder: .*missing"):
         load_generator(path, device="cpu", loras=[str(tmp_path / "missing.safetensors")])
     pickle = tmp_path / "lora.bin"
     pickle.write_bytes(b"not a tensor file")

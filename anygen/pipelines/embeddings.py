@@ -35,9 +35,9 @@ EMBEDDINGS_NAME = "learned_embeds.safetensors"  # as diffusers' textual_inversio
 
 def embedding_file(source: str | os.PathLike) -> Path:
     """The one safetensors file ``source`` names (a file, a folder, or a hub id)."""
-    from anygen.hub import PICKLE_SUFFIXES, resolve
+    from anygen.hub import PICKLE_SUFFIXES, resolve_add_on
 
-    path = resolve(source)
+    path = resolve_add_on(source, "embedding")
     if path.is_dir():
         if (path / EMBEDDINGS_NAME).is_file():
             return path / EMBEDDINGS_NAME

@@ -84,10 +84,10 @@ DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 def _lora_file(spec: LoraSpec) -> Path:
     """The one safetensors file a spec names (a file, a folder, a hub id, or a file in a
     hub repo as ``org/name/FILE.safetensors``); pickle files are refused."""
-    from anygen.hub import PICKLE_SUFFIXES, download_file, resolve
+    from anygen.hub import PICKLE_SUFFIXES, download_file, resolve_add_on
 
     repo_file = _hub_file(spec.source)
-    path = download_file(*repo_file) if repo_file else resolve(spec.source)
+    path = download_file(*repo_file) if repo_file else resolve_add_on(spec.source, "LoRA")
     if path.is_dir():
         files = sorted(path.glob("*.safetensors"))
         if not files:
