@@ -319,7 +319,7 @@ def _load(args: argparse.Namespace, task: str = "generate"):
 def _require(generator, method: str, what: str) -> None:
     if not callable(getattr(generator, method, None)):
         raise UserInputError(
-            f"model {generator.name} cannot {what}; see `anygen models` for models that can"
+            f"model {generator.name!r} cannot {what}; see `anygen models` for models that can"
         )
 
 

@@ -225,7 +225,7 @@ def test_a_user_default_lacking_a_capability_says_so_in_one_line(
         argv.append("x.png")
     assert cli(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith(f"anygen {argv[0]}: error: model shapes-ldm {what}")
+    assert err[-1].startswith(f"anygen {argv[0]}: error: model 'shapes-ldm' {what}")
     assert len([line for line in err if "error" in line]) == 1
 
 
