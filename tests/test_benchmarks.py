@@ -428,8 +428,9 @@ def test_cli_runs_and_writes_json(tmp_path, capsys):
     assert meta["torch"] == torch.__version__ and meta["attention_auto"] == auto_backend("cpu")
     assert [r["benchmark"] for r in data["rows"]] == ["train"]
     assert meta["goals"][0]["goal"].startswith("train tiny eager")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         bench_main(["run", "nope"])
+    assert exit_.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
 
 
 def test_scripts_still_run_as_files(tmp_path):

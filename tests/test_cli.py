@@ -131,7 +131,8 @@ def test_train_runs_a_recipe_by_path(tmp_path):
         )
         == 0
     )
-    assert (out / "metrics.jsonl").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 20  # --max-steps reached the recipe (its default is 300)
 
 
 def test_train_missing_recipe_is_one_line(tmp_path, capsys):

@@ -483,7 +483,9 @@ def test_caption_answer_and_interleaved_generation(pipe):
         if s is not None
     ]
     again = pipe.generate(["a red circle", image], Options(seed=3, max_images=1))
-    assert [type(s) for s in streamed] == [type(s) for s in again.segments]
+    assert len(streamed) == len(again.segments)
+    for s, t in zip(streamed, again.segments, strict=True):  # the same text and pixels
+        assert s == t if isinstance(s, str) else np.array_equal(np.asarray(s), np.asarray(t))
     assert again.settings["text_temperature"] == pipe.defaults["story_temperature"]
 
 
@@ -1212,9 +1214,15 @@ def test_greedy_captions_refuse_top_k_and_top_p_but_ranked_ones_pass_them_on(pip
     image = scene_image(pipe.default_size)
     with pytest.raises(UserInputError, match="text is greedy unless a temperature above 0"):
         pipe.caption([image], Options(top_p=0.9))
-    assert pipe.caption([image], Options(top_p=0.9, temperature=0.7, seed=1))
+    greedy = pipe.caption([image], Options(seed=1))
+    # top-k 1 leaves only the likeliest token: sampling at any temperature is then greedy
+    assert pipe.caption([image], Options(top_k=1, temperature=0.7, seed=1)) == greedy
     if not pipe.config.continuous:
         ((text, kept, _),) = pipe.best_captions([image], 2, Options(top_p=0.9, seed=1))
         assert kept in (0, 1)
         if kept == 0:  # the plain candidate is the greedy caption
-            assert text == pipe.caption([image], Options(seed=1))[0]
+            assert text == greedy[0]
+        # the sampled candidate took top-k 1 too: it is the greedy caption, and a tie keeps
+        # the plain one
+        ((text, kept, _),) = pipe.best_captions([image], 2, Options(top_k=1, temperature=0.7))
+        assert (text, kept) == (greedy[0], 0)

@@ -280,7 +280,9 @@ def test_sharded_safetensors(tmp_path):
         }
     }
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-    assert sorted(load_state_dict(tmp_path)) == ["a", "b"]
+    state = load_state_dict(tmp_path)
+    assert sorted(state) == ["a", "b"]
+    assert torch.equal(state["a"], torch.ones(2)) and torch.equal(state["b"], torch.zeros(3))
 
 
 def test_mismatched_weights_list_the_keys():

@@ -652,8 +652,18 @@ def test_an_explicit_sdpa_switches_diffusers_models_back(saved):
     assert {type(p) for p in unet.attn_processors.values()} == {AttnProcessor2_0}
     assert {type(p) for p in gen.components.vae.attn_processors.values()} <= {AttnProcessor2_0}
     # models of other processors (SD3's joint attention) run SDPA as loaded: left alone
+    plain = load_generator(str(saved("sd3")), device="cpu")
     sd3 = load_generator(str(saved("sd3")), device="cpu", attention="sdpa")
-    assert sd3.generate("a red circle", Options(seed=0, width=W, height=H, **OPTS)).images
+
+    def kinds(gen):
+        return [type(p) for p in gen.pipe.transformer.attn_processors.values()]
+
+    assert kinds(sd3) == kinds(plain) and AttnProcessor2_0 not in kinds(sd3)
+    opts = Options(seed=0, width=W, height=H, **OPTS)
+    assert np.array_equal(
+        pixels(sd3.generate("a red circle", opts).images),
+        pixels(plain.generate("a red circle", opts).images),
+    )
 
 
 def test_xformers_on_this_machine_fails_in_one_line(saved):
@@ -1091,6 +1101,7 @@ def test_chameleon_reads_images_and_says_why_it_cannot_draw(chameleon_dir):
     opts = Options(max_new_tokens=6, progress=False)
     captions = gen.caption(images, opts)
     assert len(captions) == 2 and captions == gen.caption(images, opts)
+    assert not any("IMGIMG" in c for c in captions)  # no image code's name in a caption
     # the model may never write an image code: Chameleon masks them in text generation
     inputs = gen.processor_inputs(images[:1], [gen.question_prompt("what?")])
     out = gen.model.generate(**inputs, max_new_tokens=6, do_sample=False)

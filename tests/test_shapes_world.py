@@ -630,7 +630,16 @@ def test_datasets_items(task):
     for k, v in items[3].items():
         assert torch.equal(v, again[k]) if isinstance(v, torch.Tensor) else v == again[k]
     batch = collate(items)
-    assert len(batch) == len(items[0])
+    assert list(batch) == list(items[0])
+    for k, v in batch.items():
+        values = [it[k] for it in items]
+        tensors = all(isinstance(x, torch.Tensor) for x in values)
+        if tensors and len({x.shape for x in values}) == 1:  # stacked in item order
+            assert torch.equal(v, torch.stack(values))
+        else:  # kept as the items' list: story pictures vary in number, texts are strings
+            assert len(v) == 6 and all(
+                torch.equal(a, b) if tensors else a == b for a, b in zip(v, values, strict=True)
+            )
     with pytest.raises(IndexError):
         ds[6]
 

@@ -138,7 +138,12 @@ def test_story_record_holds_its_settings_and_never_replaces_files_unasked(gen, t
     again = generate_story(
         gen, "a small red circle", 2, seed=3, options=Options(**record["settings"])
     )
-    assert again.texts == story.texts  # the record reproduces the story
+    assert again.texts == story.texts  # the record reproduces the story, pictures too
+    assert len(again.images) == len(story.images) == 2
+    assert all(
+        np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(again.images, story.images, strict=True)
+    )
     notes = tmp_path / "b"
     notes.mkdir()
     (notes / "story.md").write_text("my notes")

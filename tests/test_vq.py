@@ -21,6 +21,7 @@ from anygen.tokenizers.vq import (
     ImageTokenizer,
     PatchDiscriminator,
     VitVQGAN,
+    foreground_mask,
     load_image_tokenizer,
     psnr,
     vq_loss,
@@ -132,10 +133,15 @@ def test_perceptual_loss_is_the_users_module():
 
     def perceptual(a, b):
         calls.append(a.shape)
-        return (a - b).abs().mean(dim=(1, 2, 3))
+        value = (a - b).abs().mean(dim=(1, 2, 3))
+        calls.append(value.detach().mean())
+        return value
 
     out = vq_loss(tiny(), images(), perceptual=perceptual, perceptual_weight=2.0)
-    assert calls == [(4, 3, 32, 32)] and "perceptual" in out
+    assert calls[0] == (4, 3, 32, 32) and len(calls) == 2
+    assert torch.equal(out["perceptual"], calls[1])  # the user's value, weighted into the loss
+    want = out["l1"] + out["l2"] + out["vq"] + 2.0 * out["perceptual"]
+    assert torch.allclose(out["loss"].detach(), want)
 
 
 def test_a_few_steps_reduce_the_reconstruction_loss():
@@ -300,7 +306,6 @@ def test_foreground_mask_finds_the_objects_of_a_scene():
     from anygen.data import sample_scene
     from anygen.data.render import render_scene
     from anygen.data.world import BACKGROUND
-    from anygen.tokenizers.vq import foreground_mask
 
     arr = render_scene(sample_scene(random.Random(3), None, "test"), 64)  # (64, 64, 3) uint8
     x = torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 127.5 - 1
@@ -316,7 +321,14 @@ def test_foreground_weight_reweights_the_reconstruction_terms():
     plain = vq_loss(tok, x)
     torch.manual_seed(1)
     weighted = vq_loss(tok, x, foreground_weight=10.0)
-    assert not torch.allclose(plain["l1"], weighted["l1"])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        recon = tok(x)[0]
+    mask = 1 + 10.0 * foreground_mask(x)  # the objects' pixels weigh 11 times the background's
+    mask = mask / mask.mean()  # normalised to mean 1: the loss keeps its scale
+    assert torch.allclose(plain["l1"], (recon - x).abs().mean())
+    assert torch.allclose(weighted["l1"], (mask * (recon - x).abs()).mean())
+    assert torch.allclose(weighted["l2"], (mask * (recon - x) ** 2).mean())
 
 
 def test_foreground_margin_weighs_colour_bled_around_an_object():
