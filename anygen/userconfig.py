@@ -16,9 +16,10 @@ Looked up in this order, first found wins, per key:
        story = "shapes-fusion"
 
 3. built-in: the bundled model that does the command's task best (``shapes-fusion`` for
-   ``caption``, ``ask``, ``story`` and ``edit``, which read images or write text and
-   pictures; ``shapes-ldm`` for ``generate``), device and dtype chosen by
-   ``anygen.pipelines.pick_device`` / ``pick_dtype``. Both run offline.
+   ``caption``, ``ask`` and ``story``, which read images or write text and pictures;
+   ``shapes-edit``, the instruction editor, for ``edit``; ``shapes-ldm`` for ``generate``),
+   device and dtype chosen by ``anygen.pipelines.pick_device`` / ``pick_dtype``. Both run
+   offline.
 """
 
 from __future__ import annotations
